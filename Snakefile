@@ -1,0 +1,32 @@
+# kdflow: knowledge distillation on CIFAR-10, reproducibly.
+# Rules are declared in rules/*.smk; the work is done by the `kdflow` library
+# through thin scripts in scripts/. Config reference: config/schema.yaml.
+
+import os
+
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: os.path.join(workflow.basedir, "config", "config.yaml")
+
+
+# Scripts import the kdflow library from this checkout, also inside conda
+# environments and on cluster nodes (which re-read this file).
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    p for p in (workflow.basedir, os.environ.get("PYTHONPATH")) if p
+)
+
+
+include: "rules/common.smk"
+include: "rules/data.smk"
+include: "rules/train.smk"
+include: "rules/evaluate.smk"
+include: "rules/report.smk"
+
+
+rule all:
+    input:
+        rules.report.output.html,
+    default_target: True

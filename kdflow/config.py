@@ -1,0 +1,58 @@
+"""Config validation against config/schema.yaml, with defaults filled in."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import jsonschema
+import yaml
+
+from kdflow import KdflowError
+
+SCHEMA_PATH = Path(__file__).resolve().parent.parent / "config" / "schema.yaml"
+
+
+def load_schema(path: str | Path = SCHEMA_PATH) -> dict:
+    with open(path) as f:
+        return yaml.safe_load(f)
+
+
+def _fill_defaults(schema: dict, value, root: dict):
+    """Fill defaults recursively, following `$ref`s into `$defs`."""
+    if "$ref" in schema:
+        name = schema["$ref"].rsplit("/", 1)[-1]
+        schema = {**root["$defs"][name], **{k: v for k, v in schema.items() if k != "$ref"}}
+    if schema.get("type") == "object" and isinstance(value, dict):
+        for key, sub in schema.get("properties", {}).items():
+            if key not in value and "default" in sub:
+                value[key] = copy.deepcopy(sub["default"])
+            if key in value:
+                value[key] = _fill_defaults(sub, value[key], root)
+    return value
+
+
+def _where(error: jsonschema.ValidationError) -> str:
+    path = ".".join(str(p) for p in error.absolute_path)
+    return path or "(top level)"
+
+
+def validate(config: dict, schema: dict | None = None) -> dict:
+    """Return the config with defaults filled in, or raise KdflowError naming
+    the offending key, its value and what is allowed."""
+    schema = schema or load_schema()
+    config = _fill_defaults(schema, copy.deepcopy(dict(config)), schema)
+    validator = jsonschema.Draft202012Validator(schema)
+    errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
+    if errors:
+        lines = []
+        for e in errors:
+            if e.validator == "additionalProperties":
+                lines.append(f"  {_where(e)}: {e.message} (a typo? see config/schema.yaml)")
+            else:
+                lines.append(f"  {_where(e)}: {e.message}")
+        raise KdflowError(
+            "invalid config (see config/schema.yaml for every key and its allowed "
+            "values):\n" + "\n".join(lines)
+        )
+    return config

@@ -1,0 +1,86 @@
+"""Test-set evaluation of one trained model, written as JSON."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from kdflow import checkpoint, provenance
+from kdflow.data import Normalizer
+from kdflow.engine import predict_logits, resolve_device
+from kdflow.losses import teacher_kl
+from kdflow.models import count_parameters, parameter_bytes
+
+log = logging.getLogger(__name__)
+
+
+def write_json(obj, path: str | os.PathLike) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".part")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def evaluate(model_path: str, dataset: str, out: str, *, arm: str, seed: int,
+             device: str = "auto", teacher: Optional[str] = None,
+             threads: Optional[int] = None) -> dict:
+    """Accuracy, loss, per-class accuracy, confusion matrix, size; and for a
+    student, its agreement with the teacher on the test set."""
+    if threads:
+        torch.set_num_threads(threads)
+    dev = resolve_device(device)
+    with np.load(dataset) as d:
+        x = torch.from_numpy(d["x_test"]).to(dev)
+        y = torch.from_numpy(d["y_test"]).to(dev)
+        classes = [str(c) for c in d["classes"]]
+    normalize = Normalizer(dev)
+    model, ckpt = checkpoint.load_model(model_path, dev)
+    logits = predict_logits(model, x, normalize)
+    pred = logits.argmax(1)
+    k = len(classes)
+    confusion = torch.bincount(y * k + pred, minlength=k * k).view(k, k).cpu()
+    per_class = (confusion.diag().double() / confusion.sum(1).clamp(min=1)).tolist()
+
+    metrics = {
+        "arm": arm,
+        "seed": seed,
+        "model": ckpt["model"],
+        "role": ckpt["role"],
+        "test_images": len(y),
+        "accuracy": (pred == y).sum().item() / len(y),
+        "loss": F.cross_entropy(logits, y).item(),
+        "per_class_accuracy": dict(zip(classes, per_class)),
+        "confusion_matrix": confusion.tolist(),  # rows: true class, cols: predicted
+        "classes": classes,
+        "parameters": count_parameters(model),
+        "parameter_bytes": parameter_bytes(model),
+        "checkpoint_bytes": os.path.getsize(model_path),
+        "best_epoch": ckpt["best_epoch"],
+        "best_val_accuracy": ckpt["best_val_accuracy"],
+        "last_epoch": ckpt["last_epoch"],
+        "last_val_accuracy": ckpt["last_val_accuracy"],
+        "train_seconds": ckpt["train_seconds"],
+        "config": ckpt["config"],
+        "checkpoint": str(model_path),
+        "trained_with": ckpt["provenance"],
+        "evaluated_with": provenance.collect(dev),
+    }
+    if teacher is not None:
+        t_model, _ = checkpoint.load_model(teacher, dev)
+        t_logits = predict_logits(t_model, x, normalize)
+        metrics["teacher_agreement"] = (pred == t_logits.argmax(1)).sum().item() / len(y)
+        metrics["teacher_kl"] = teacher_kl(logits, t_logits).item()
+        metrics["teacher_checkpoint"] = str(teacher)
+    write_json(metrics, out)
+    log.info("%s seed %d: test accuracy %.2f%%, loss %.4f%s", arm, seed,
+             100 * metrics["accuracy"], metrics["loss"],
+             f", agreement with teacher {100 * metrics['teacher_agreement']:.2f}%"
+             if teacher else "")
+    return metrics

@@ -1,0 +1,123 @@
+"""One training job: a teacher, a plain student or a distilled student."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from kdflow import checkpoint, provenance
+from kdflow.data import CifarSplits, Normalizer
+from kdflow.engine import fit, predict_logits, resolve_device
+from kdflow.losses import kd_loss
+from kdflow.models import build_model, count_parameters
+
+log = logging.getLogger(__name__)
+
+ROLES = ("teacher", "student_baseline", "student_kd")
+
+
+def write_history(rows: list[dict], path: str | os.PathLike) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".part")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+def train(
+    role: str,
+    *,
+    dataset: str,
+    split: str,
+    out_model: str,
+    out_history: str,
+    model_cfg: dict,
+    seed: int,
+    device: str = "auto",
+    threads: Optional[int] = None,
+    teacher: Optional[str] = None,
+    kd: Optional[dict] = None,
+) -> None:
+    """Train one model and save its best-validation checkpoint and history.
+
+    model_cfg: {model, epochs, batch_size, lr}. Students get the `teacher`
+    checkpoint of their seed: the baseline only to measure agreement with it,
+    the KD student (`kd` = {temperature, soft_target_weight}) to learn from it.
+    """
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {ROLES}")
+    if threads:
+        torch.set_num_threads(threads)
+    dev = resolve_device(device)
+    log.info("%s, seed %d, on %s (%s)", role, seed, dev, provenance.device_name(dev))
+    data = CifarSplits(dataset, split, dev)
+    normalize = Normalizer(dev)
+    log.info("data: %d train, %d validation images, %d classes",
+             len(data.train_y), len(data.val_y), data.num_classes)
+
+    teacher_val = teacher_train = None
+    teacher_record = None
+    if teacher is not None:
+        t_model, t_ckpt = checkpoint.load_model(teacher, dev)
+        teacher_record = {"path": str(teacher), "model": t_ckpt["model"],
+                          "best_epoch": t_ckpt["best_epoch"],
+                          "best_val_accuracy": t_ckpt["best_val_accuracy"]}
+        teacher_val = predict_logits(t_model, data.val_x, normalize)
+        if kd is not None:
+            # Without augmentation the teacher (eval mode, no dropout) gives the
+            # same logits for an image every epoch: computing them once is
+            # exact and removes the teacher's forward pass from every step.
+            teacher_train = predict_logits(t_model, data.train_x, normalize)
+        del t_model
+
+    # Initial weights depend on the seed alone, so the plain and the
+    # distilled student of one seed start from the same weights; seeding here
+    # also fixes the dropout masks.
+    torch.manual_seed(seed)
+    model = build_model(model_cfg["model"], data.num_classes)
+    log.info("model %s: %d parameters", model_cfg["model"], count_parameters(model))
+
+    if kd is None:
+        def loss_fn(logits, targets, idx):
+            return F.cross_entropy(logits, targets)
+    else:
+        def loss_fn(logits, targets, idx):
+            return kd_loss(logits, teacher_train[idx], targets,
+                           kd["temperature"], kd["soft_target_weight"])
+
+    result = fit(model, data.train_x, data.train_y, data.val_x, data.val_y,
+                 loss_fn=loss_fn, epochs=model_cfg["epochs"],
+                 batch_size=model_cfg["batch_size"], lr=model_cfg["lr"], seed=seed,
+                 teacher_val_logits=teacher_val)
+    last = result.history[-1]
+    log.info("best epoch %d (val acc %.2f%%), last epoch %d (val acc %.2f%%)",
+             result.best_epoch, 100 * result.best_val_accuracy,
+             last["epoch"], 100 * last["val_accuracy"])
+
+    Path(out_model).parent.mkdir(parents=True, exist_ok=True)
+    write_history(result.history, out_history)
+    checkpoint.save(
+        out_model,
+        state_dict=result.best_state,
+        model=model_cfg["model"],
+        num_classes=data.num_classes,
+        classes=data.classes,
+        role=role,
+        seed=seed,
+        config={"model": dict(model_cfg), "kd": dict(kd) if kd else None},
+        best_epoch=result.best_epoch,
+        best_val_accuracy=result.best_val_accuracy,
+        last_epoch=last["epoch"],
+        last_val_accuracy=last["val_accuracy"],
+        train_seconds=sum(r["seconds"] for r in result.history),
+        teacher=teacher_record,
+        provenance=provenance.collect(dev),
+    )

@@ -1,0 +1,22 @@
+# Test-set evaluation of every trained model; students are also compared with
+# their teacher. Runs on the training device, hence gpu=1 as well.
+
+
+rule evaluate:
+    input:
+        model="results/seed{seed}/{arm}/model.pt",
+        dataset=DATASET,
+        teacher=teacher_of,
+    output:
+        metrics="results/seed{seed}/{arm}/metrics.json",
+    params:
+        device=config["device"],
+    threads: 2
+    resources:
+        gpu=1,
+    log:
+        "results/logs/seed{seed}/evaluate_{arm}.log",
+    conda:
+        "../envs/kdflow.yaml"
+    script:
+        "../scripts/evaluate.py"

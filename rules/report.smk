@@ -1,0 +1,40 @@
+# All metrics -> tidy tables (pandas) -> figures (seaborn) -> one HTML file.
+
+
+rule aggregate:
+    input:
+        metrics=expand("results/seed{seed}/{arm}/metrics.json", seed=SEEDS, arm=ARMS),
+        histories=expand("results/seed{seed}/{arm}/history.csv", seed=SEEDS, arm=ARMS),
+        benchmarks=expand(
+            "results/benchmarks/seed{seed}/train_{arm}.tsv", seed=SEEDS, arm=ARMS
+        ),
+    output:
+        metrics="results/summary/metrics.csv",
+        history="results/summary/history.csv",
+        arms="results/summary/arms.csv",
+        gain="results/summary/kd_gain.csv",
+        headline="results/summary/headline.json",
+    log:
+        "results/logs/aggregate.log",
+    conda:
+        "../envs/kdflow.yaml"
+    script:
+        "../scripts/aggregate.py"
+
+
+rule report:
+    input:
+        **rules.aggregate.output,
+    output:
+        html="results/report.html",
+    params:
+        title=config["report"]["title"],
+        # Shown in the report; every one of these also reruns the jobs it
+        # affects, so the report is rebuilt with them anyway.
+        experiment={k: config[k] for k in ("data", "seeds", "device", "teacher", "student", "kd")},
+    log:
+        "results/logs/report.log",
+    conda:
+        "../envs/kdflow.yaml"
+    script:
+        "../scripts/report.py"

@@ -1,0 +1,16 @@
+from kdflow.cli import run_step
+from kdflow.evaluate import evaluate
+
+run_step(
+    snakemake.log[0],
+    lambda: evaluate(
+        snakemake.input.model,
+        snakemake.input.dataset,
+        snakemake.output.metrics,
+        arm=snakemake.wildcards.arm,
+        seed=int(snakemake.wildcards.seed),
+        teacher=snakemake.input.teacher or None,
+        device=snakemake.params.device,
+        threads=snakemake.threads,
+    ),
+)

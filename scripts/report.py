@@ -1,0 +1,12 @@
+from kdflow.cli import run_step
+from kdflow.report import render_report
+
+run_step(
+    snakemake.log[0],
+    lambda: render_report(
+        tables=dict(snakemake.input.items()),
+        out=snakemake.output.html,
+        title=snakemake.params.title,
+        experiment=snakemake.params.experiment,
+    ),
+)

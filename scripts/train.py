@@ -1,0 +1,21 @@
+# Trains a teacher, plain student or distilled student; the role is the rule
+# name without its "train_" prefix.
+from kdflow.cli import run_step
+from kdflow.train import train
+
+run_step(
+    snakemake.log[0],
+    lambda: train(
+        snakemake.rule.removeprefix("train_"),
+        dataset=snakemake.input.dataset,
+        split=snakemake.input.split,
+        teacher=snakemake.input.get("teacher"),
+        out_model=snakemake.output.model,
+        out_history=snakemake.output.history,
+        model_cfg=snakemake.params.model_cfg,
+        kd=snakemake.params.get("kd"),
+        seed=int(snakemake.wildcards.seed),
+        device=snakemake.params.device,
+        threads=snakemake.threads,
+    ),
+)
