@@ -18,17 +18,39 @@ def load_schema(path: str | Path = SCHEMA_PATH) -> dict:
         return yaml.safe_load(f)
 
 
-def _fill_defaults(schema: dict, value, root: dict):
-    """Fill defaults recursively, following `$ref`s into `$defs`."""
+def _coerce(schema_type, value):
+    """`snakemake --config key={a: 1}` parses nested values as strings
+    (YAML BaseLoader): turn them back into the numbers the schema asks for."""
+    if not isinstance(value, str):
+        return value
+    try:
+        if schema_type == "integer":
+            return int(value)
+        if schema_type == "number":
+            return float(value)
+    except ValueError:
+        pass  # left as is: validation then names the key and the bad value
+    if schema_type == "boolean" and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    return value
+
+
+def _complete(schema: dict, value, root: dict):
+    """Fill defaults and coerce types recursively, following `$ref`s."""
     if "$ref" in schema:
         name = schema["$ref"].rsplit("/", 1)[-1]
         schema = {**root["$defs"][name], **{k: v for k, v in schema.items() if k != "$ref"}}
-    if schema.get("type") == "object" and isinstance(value, dict):
+    kind = schema.get("type")
+    if kind == "object" and isinstance(value, dict):
         for key, sub in schema.get("properties", {}).items():
             if key not in value and "default" in sub:
                 value[key] = copy.deepcopy(sub["default"])
             if key in value:
-                value[key] = _fill_defaults(sub, value[key], root)
+                value[key] = _complete(sub, value[key], root)
+    elif kind == "array" and isinstance(value, list) and "items" in schema:
+        value = [_complete(schema["items"], v, root) for v in value]
+    else:
+        value = _coerce(kind, value)
     return value
 
 
@@ -41,7 +63,7 @@ def validate(config: dict, schema: dict | None = None) -> dict:
     """Return the config with defaults filled in, or raise KdflowError naming
     the offending key, its value and what is allowed."""
     schema = schema or load_schema()
-    config = _fill_defaults(schema, copy.deepcopy(dict(config)), schema)
+    config = _complete(schema, copy.deepcopy(dict(config)), schema)
     validator = jsonschema.Draft202012Validator(schema)
     errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
     if errors:

@@ -9,6 +9,7 @@ batches are index slices of it (airbench's recipe; REFERENCE.md §4). On a
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -28,6 +29,15 @@ EVAL_BATCH = 1000
 # loss(student_logits, targets, batch_indices) -> scalar loss. The indices let
 # a distillation loss look up the teacher's logits for exactly this batch.
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def set_threads(threads: Optional[int]) -> None:
+    """Use `threads` intra-op threads, never more than the cores we may run on:
+    oversubscribed cores slow PyTorch's CPU kernels down sharply."""
+    if threads:
+        available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
+            else os.cpu_count() or 1
+        torch.set_num_threads(max(1, min(threads, available)))
 
 
 def resolve_device(name: str) -> torch.device:

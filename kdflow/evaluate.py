@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from kdflow import checkpoint, provenance
 from kdflow.data import Normalizer
-from kdflow.engine import predict_logits, resolve_device
+from kdflow.engine import set_threads, predict_logits, resolve_device
 from kdflow.losses import teacher_kl
 from kdflow.models import count_parameters, parameter_bytes
 
@@ -33,8 +33,7 @@ def evaluate(model_path: str, dataset: str, out: str, *, arm: str, seed: int,
              threads: Optional[int] = None) -> dict:
     """Accuracy, loss, per-class accuracy, confusion matrix, size; and for a
     student, its agreement with the teacher on the test set."""
-    if threads:
-        torch.set_num_threads(threads)
+    set_threads(threads)
     dev = resolve_device(device)
     with np.load(dataset) as d:
         x = torch.from_numpy(d["x_test"]).to(dev)

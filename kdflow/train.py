@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from kdflow import checkpoint, provenance
 from kdflow.data import CifarSplits, Normalizer
-from kdflow.engine import fit, predict_logits, resolve_device
+from kdflow.engine import set_threads, fit, predict_logits, resolve_device
 from kdflow.losses import kd_loss
 from kdflow.models import build_model, count_parameters
 
@@ -54,8 +54,7 @@ def train(
     """
     if role not in ROLES:
         raise ValueError(f"role must be one of {ROLES}")
-    if threads:
-        torch.set_num_threads(threads)
+    set_threads(threads)
     dev = resolve_device(device)
     log.info("%s, seed %d, on %s (%s)", role, seed, dev, provenance.device_name(dev))
     data = CifarSplits(dataset, split, dev)
