@@ -13,10 +13,9 @@ configfile: os.path.join(workflow.basedir, "config", "config.yaml")
 
 
 # Scripts import the kdflow library from this checkout, also inside conda
-# environments and on cluster nodes (which re-read this file).
-os.environ["PYTHONPATH"] = os.pathsep.join(
-    p for p in (workflow.basedir, os.environ.get("PYTHONPATH")) if p
-)
+# environments and on cluster nodes (which re-read this file). Set, not
+# extended: a user's PYTHONPATH must not shadow the checkout's library.
+os.environ.update(PYTHONPATH=workflow.basedir)
 
 
 include: "rules/common.smk"
@@ -27,6 +26,6 @@ include: "rules/report.smk"
 
 
 rule all:
+    default_target: True
     input:
         rules.report.output.html,
-    default_target: True

@@ -11,13 +11,13 @@ localrules:
 rule download:
     output:
         "results/data/cifar-10-python.tar.gz",
-    params:
-        url=config["data"]["url"],
-        md5=config["data"]["md5"],
     log:
         "results/logs/download.log",
     conda:
         "../envs/kdflow.yaml"
+    params:
+        url=config["data"]["url"],
+        md5=config["data"]["md5"],
     script:
         "../scripts/download.py"
 
@@ -40,12 +40,12 @@ rule split:
         rules.convert.output,
     output:
         SPLIT,
-    params:
-        val_size=config["data"]["val_size"],
-        seed=config["data"]["split_seed"],
     log:
         "results/logs/split.log",
     conda:
         "../envs/kdflow.yaml"
+    params:
+        val_size=config["data"]["val_size"],
+        seed=config["data"]["split_seed"],
     script:
         "../scripts/split.py"

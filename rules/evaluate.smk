@@ -9,14 +9,14 @@ rule evaluate:
         teacher=teacher_of,
     output:
         metrics="results/seed{seed}/{arm}/metrics.json",
-    params:
-        device=config["device"],
-    threads: 2
-    resources:
-        gpu=1,
     log:
         "results/logs/seed{seed}/evaluate_{arm}.log",
     conda:
         "../envs/kdflow.yaml"
+    threads: 2
+    resources:
+        gpu=1,
+    params:
+        device=config["device"],
     script:
         "../scripts/evaluate.py"

@@ -27,14 +27,17 @@ rule report:
         **rules.aggregate.output,
     output:
         html="results/report.html",
-    params:
-        title=config["report"]["title"],
-        # Shown in the report; every one of these also reruns the jobs it
-        # affects, so the report is rebuilt with them anyway.
-        experiment={k: config[k] for k in ("data", "seeds", "device", "teacher", "student", "kd")},
     log:
         "results/logs/report.log",
     conda:
         "../envs/kdflow.yaml"
+    params:
+        title=config["report"]["title"],
+        # Shown in the report; every one of these also reruns the jobs it
+        # affects, so the report is rebuilt with them anyway.
+        experiment={
+            k: config[k]
+            for k in ("data", "seeds", "device", "teacher", "student", "kd")
+        },
     script:
         "../scripts/report.py"

@@ -11,18 +11,18 @@ rule train_teacher:
     output:
         model="results/seed{seed}/teacher/model.pt",
         history="results/seed{seed}/teacher/history.csv",
-    params:
-        model_cfg=config["teacher"],
-        device=config["device"],
-    threads: 4
-    resources:
-        gpu=1,
     log:
         "results/logs/seed{seed}/train_teacher.log",
     benchmark:
         "results/benchmarks/seed{seed}/train_teacher.tsv"
     conda:
         "../envs/kdflow.yaml"
+    threads: 4
+    resources:
+        gpu=1,
+    params:
+        model_cfg=config["teacher"],
+        device=config["device"],
     script:
         "../scripts/train.py"
 
@@ -35,18 +35,18 @@ rule train_student_baseline:
     output:
         model="results/seed{seed}/student_baseline/model.pt",
         history="results/seed{seed}/student_baseline/history.csv",
-    params:
-        model_cfg=config["student"],
-        device=config["device"],
-    threads: 4
-    resources:
-        gpu=1,
     log:
         "results/logs/seed{seed}/train_student_baseline.log",
     benchmark:
         "results/benchmarks/seed{seed}/train_student_baseline.tsv"
     conda:
         "../envs/kdflow.yaml"
+    threads: 4
+    resources:
+        gpu=1,
+    params:
+        model_cfg=config["student"],
+        device=config["device"],
     script:
         "../scripts/train.py"
 
@@ -59,18 +59,18 @@ rule train_student_kd:
     output:
         model="results/seed{seed}/student_kd/model.pt",
         history="results/seed{seed}/student_kd/history.csv",
-    params:
-        model_cfg=config["student"],
-        kd=config["kd"],
-        device=config["device"],
-    threads: 4
-    resources:
-        gpu=1,
     log:
         "results/logs/seed{seed}/train_student_kd.log",
     benchmark:
         "results/benchmarks/seed{seed}/train_student_kd.tsv"
     conda:
         "../envs/kdflow.yaml"
+    threads: 4
+    resources:
+        gpu=1,
+    params:
+        model_cfg=config["student"],
+        kd=config["kd"],
+        device=config["device"],
     script:
         "../scripts/train.py"

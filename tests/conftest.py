@@ -1,0 +1,137 @@
+"""Shared fixtures: a tiny CIFAR-10-format archive and a real workflow run.
+
+The archive is built here, in the official layout (cifar-10-batches-py/
+data_batch_1..5, test_batch, batches.meta as pickled dicts), from synthetic
+images whose colour depends on the class, so models can learn something in
+one epoch. The workflow is run for real through Snakemake on it.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import io
+import os
+import pickle
+import re
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
+CLASSES = ["airplane", "automobile", "bird", "cat", "deer",
+           "dog", "frog", "horse", "ship", "truck"]
+
+
+def synthetic_images(n: int, rng: np.random.Generator) -> tuple[np.ndarray, list[int]]:
+    """n images (N, 3072) uint8, class-balanced, colour and stripes by class."""
+    labels = [i % 10 for i in range(n)]
+    rng.shuffle(labels)
+    base = np.linspace(40, 215, 10)
+    imgs = np.empty((n, 3, 32, 32), np.float32)
+    for i, c in enumerate(labels):
+        img = rng.normal(0, 30, (3, 32, 32))
+        img[c % 3] += base[c]
+        img[:, :: 2 + c % 4, :] += 40  # class-dependent stripes
+        imgs[i] = img + 60
+    return np.clip(imgs, 0, 255).astype(np.uint8).reshape(n, -1), labels
+
+
+def _add(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
+    info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
+    info.size, info.mode = len(payload), 0o644
+    tar.addfile(info, io.BytesIO(payload))
+
+
+def build_archive(path: Path, n_train: int = 300, n_test: int = 100, seed: int = 0,
+                  members: dict[str, bytes] | None = None) -> str:
+    """Write a CIFAR-10 python archive at `path`; returns its md5.
+
+    `members` replaces or adds raw members (for malicious-pickle tests).
+    """
+    rng = np.random.default_rng(seed)
+    x, y = synthetic_images(n_train, rng)
+    xt, yt = synthetic_images(n_test, rng)
+    payloads = {"batches.meta": pickle.dumps(
+        {b"label_names": [c.encode() for c in CLASSES],
+         b"num_cases_per_batch": n_train // 5, b"num_vis": 3072}, protocol=2)}
+    for i, idx in enumerate(np.array_split(np.arange(n_train), 5), 1):
+        payloads[f"data_batch_{i}"] = pickle.dumps(
+            {b"batch_label": f"training batch {i} of 5".encode(), b"data": x[idx],
+             b"labels": [y[j] for j in idx],
+             b"filenames": [f"img{j}.png".encode() for j in idx]}, protocol=2)
+    payloads["test_batch"] = pickle.dumps(
+        {b"batch_label": b"testing batch 1 of 1", b"data": xt, b"labels": yt,
+         b"filenames": [f"t{j}.png".encode() for j in range(n_test)]}, protocol=2)
+    payloads.update(members or {})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w:gz") as tar:
+        for name, payload in payloads.items():
+            _add(tar, name, payload)
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="session")
+def tiny_archive(tmp_path_factory) -> tuple[Path, str]:
+    path = tmp_path_factory.mktemp("archive") / "cifar-10-python.tar.gz"
+    return path, build_archive(path)
+
+
+def base_config(archive: Path, md5: str) -> dict:
+    """The test experiment: tiny data, 1 epoch, 2 seeds, small batches."""
+    return {
+        "data": {"url": archive.as_uri(), "md5": md5, "val_size": 50},
+        "seeds": [0, 1],
+        "device": "cpu",
+        "teacher": {"model": "deepnn", "epochs": 1, "batch_size": 32},
+        "student": {"model": "lightnn", "epochs": 1, "batch_size": 32},
+        "kd": {"temperature": 2.0, "soft_target_weight": 0.25},
+        "report": {"title": "kdflow test report"},
+    }
+
+
+def deep_update(base: dict, change: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in change.items():
+        out[k] = deep_update(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def snakemake(workdir: Path, config: dict, *args: str, name: str = "config.yaml",
+              check: bool = True) -> subprocess.CompletedProcess:
+    """Run the repository's workflow in `workdir` with `config` (a file there)."""
+    cfg = workdir / name
+    cfg.write_text(yaml.safe_dump(config))
+    cmd = [SNAKEMAKE, "-s", str(REPO / "Snakefile"), "--directory", str(workdir),
+           "--configfile", str(cfg), "--cores", "2", "--resources", "gpu=1", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"snakemake failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def planned_jobs(workdir: Path, config: dict) -> dict[str, int]:
+    """Jobs a dry run would execute, as {rule: count}; {} when up to date."""
+    proc = snakemake(workdir, config, "-n", "--quiet", "rules", name="dryrun.yaml")
+    out = proc.stdout + proc.stderr
+    if "Nothing to be done" in out:
+        return {}
+    table = out.split("Job stats:", 1)[1]
+    jobs = dict((m[0], int(m[1])) for m in re.findall(r"^(\w+)\s+(\d+)$", table, re.M))
+    jobs.pop("total", None)
+    return jobs
+
+
+@pytest.fixture(scope="session")
+def workflow_run(tmp_path_factory, tiny_archive) -> tuple[Path, dict]:
+    """The whole test experiment, run once for real; returns (workdir, config)."""
+    workdir = tmp_path_factory.mktemp("workflow")
+    config = base_config(*tiny_archive)
+    snakemake(workdir, config)
+    return workdir, config
