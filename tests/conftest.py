@@ -60,15 +60,15 @@ def build_archive(path: Path, n_train: int = 300, n_test: int = 100, seed: int =
     xt, yt = synthetic_images(n_test, rng)
     payloads = {"batches.meta": pickle.dumps(
         {b"label_names": [c.encode() for c in CLASSES],
-         b"num_cases_per_batch": n_train // 5, b"num_vis": 3072}, protocol=2)}
+         b"num_cases_per_batch": n_train // 5, b"num_vis": 3072}, protocol=4)}
     for i, idx in enumerate(np.array_split(np.arange(n_train), 5), 1):
         payloads[f"data_batch_{i}"] = pickle.dumps(
             {b"batch_label": f"training batch {i} of 5".encode(), b"data": x[idx],
              b"labels": [y[j] for j in idx],
-             b"filenames": [f"img{j}.png".encode() for j in idx]}, protocol=2)
+             b"filenames": [f"img{j}.png".encode() for j in idx]}, protocol=4)
     payloads["test_batch"] = pickle.dumps(
         {b"batch_label": b"testing batch 1 of 1", b"data": xt, b"labels": yt,
-         b"filenames": [f"t{j}.png".encode() for j in range(n_test)]}, protocol=2)
+         b"filenames": [f"t{j}.png".encode() for j in range(n_test)]}, protocol=4)
     payloads.update(members or {})
     path.parent.mkdir(parents=True, exist_ok=True)
     with tarfile.open(path, "w:gz") as tar:

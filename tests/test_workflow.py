@@ -1,0 +1,215 @@
+"""The real workflow, run through Snakemake on the tiny archive."""
+
+import json
+import re
+from html.parser import HTMLParser
+
+import pandas as pd
+import pytest
+import torch
+
+from tests.conftest import REPO, SNAKEMAKE, base_config, build_archive, deep_update, planned_jobs, snakemake
+
+ARMS = ["teacher", "student_baseline", "student_kd"]
+
+
+def test_run_produces_every_output(workflow_run):
+    workdir, config = workflow_run
+    res = workdir / "results"
+    for seed in config["seeds"]:
+        for arm in ARMS:
+            for name in ("model.pt", "history.csv", "metrics.json"):
+                assert (res / f"seed{seed}" / arm / name).is_file()
+            assert (res / "logs" / f"seed{seed}" / f"train_{arm}.log").is_file()
+            assert (res / "benchmarks" / f"seed{seed}" / f"train_{arm}.tsv").is_file()
+    assert (res / "report.html").is_file()
+    assert not list(res.rglob("*.part*")), "temporary files left behind"
+
+
+def test_checkpoints_are_self_describing_and_safe_to_load(workflow_run):
+    workdir, config = workflow_run
+    for arm, section in (("teacher", "teacher"), ("student_kd", "student")):
+        ckpt = torch.load(workdir / f"results/seed1/{arm}/model.pt", weights_only=True)
+        assert ckpt["seed"] == 1 and ckpt["role"] == arm
+        for key, value in config[section].items():
+            assert ckpt["config"]["model"][key] == value
+        assert ckpt["config"]["model"]["lr"] == 0.001  # schema default, filled in
+        assert ckpt["provenance"]["torch"] == torch.__version__
+        # The kept weights are those of the best validation epoch.
+        hist = pd.read_csv(workdir / f"results/seed1/{arm}/history.csv")
+        assert ckpt["best_val_accuracy"] == pytest.approx(hist["val_accuracy"].max())
+        assert ckpt["last_epoch"] == len(hist)
+    kd = torch.load(workdir / "results/seed1/student_kd/model.pt", weights_only=True)
+    assert kd["config"]["kd"] == config["kd"]
+
+
+def test_students_of_a_seed_start_from_the_same_weights(workflow_run):
+    """Paired comparison: same init, same batches; only the loss differs.
+    With soft-target weight 0 the KD student must equal the baseline."""
+    from kdflow.config import validate
+    from kdflow.train import train
+    workdir, config = workflow_run
+    res = workdir / "results"
+    common = dict(dataset=str(res / "data/cifar10.npz"), split=str(res / "data/split.npz"),
+                  model_cfg=validate(config)["student"], seed=0, device="cpu",
+                  teacher=str(res / "seed0/teacher/model.pt"))
+    out = workdir / "pairing"
+    out.mkdir()
+    train("student_kd", out_model=str(out / "kd.pt"), out_history=str(out / "kd.csv"),
+          kd={"temperature": 2.0, "soft_target_weight": 0.0}, **common)
+    base = torch.load(res / "seed0/student_baseline/model.pt", weights_only=True)
+    kd = torch.load(out / "kd.pt", weights_only=True)
+    for k, v in base["state_dict"].items():
+        assert torch.equal(v, kd["state_dict"][k]), k
+
+
+def test_student_history_records_agreement_with_teacher(workflow_run):
+    workdir, _ = workflow_run
+    for arm in ("student_baseline", "student_kd"):
+        h = pd.read_csv(workdir / f"results/seed0/{arm}/history.csv")
+        for col in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr",
+                    "seconds", "val_teacher_agreement", "val_teacher_kl"):
+            assert col in h and h[col].notna().all(), col
+        assert h["val_teacher_agreement"].between(0, 1).all()
+        m = json.loads((workdir / f"results/seed0/{arm}/metrics.json").read_text())
+        assert 0 <= m["teacher_agreement"] <= 1 and m["teacher_kl"] >= 0
+
+
+def test_metrics_are_complete(workflow_run):
+    workdir, _ = workflow_run
+    m = json.loads((workdir / "results/seed0/teacher/metrics.json").read_text())
+    assert m["parameters"] == 1_186_986 and m["test_images"] == 100
+    cm = m["confusion_matrix"]
+    assert len(cm) == 10 and sum(map(sum, cm)) == 100
+    assert sum(cm[i][i] for i in range(10)) / 100 == pytest.approx(m["accuracy"])
+    assert set(m["per_class_accuracy"]) == set(m["classes"])
+    assert "teacher_agreement" not in m
+
+
+class _Text(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.text, self.srcs = [], []
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+    def handle_starttag(self, tag, attrs):
+        self.srcs += [v for k, v in attrs if k in ("src", "href") and v]
+
+
+def test_report_shows_the_numbers_in_the_metrics_files(workflow_run):
+    workdir, config = workflow_run
+    html = (workdir / "results/report.html").read_text()
+    parser = _Text()
+    parser.feed(html)
+    text = " ".join(parser.text)
+    assert config["report"]["title"] in text
+    # Self-contained: every image is embedded, nothing is fetched.
+    assert all(s.startswith("data:image/png;base64,") for s in parser.srcs)
+    assert len(parser.srcs) >= 4
+    accs = {}
+    for seed in config["seeds"]:
+        for arm in ARMS:
+            m = json.loads((workdir / f"results/seed{seed}/{arm}/metrics.json").read_text())
+            accs[seed, arm] = m["accuracy"]
+            assert f"{100 * m['accuracy']:.2f}" in text
+            assert f"results/seed{seed}/{arm}/metrics.json" in text
+    gains = [accs[s, "student_kd"] - accs[s, "student_baseline"] for s in config["seeds"]]
+    mean_gain = sum(gains) / len(gains)
+    assert re.search(rf'id="kd-gain">\s*{re.escape(f"{100 * mean_gain:+.2f}")} pts', html)
+    for g in gains:
+        assert f"{100 * g:+.2f}" in text
+    head = json.loads((workdir / "results/summary/headline.json").read_text())
+    assert head["gain_mean"] == pytest.approx(mean_gain)
+    for n in ("1,186,986", "267,738"):
+        assert n in text
+    assert "soft_target_weight: 0.25" in text  # the experiment's config
+    assert "cannot be judged" in text           # 2 seeds: says so honestly
+
+
+def test_summary_table_is_tidy(workflow_run):
+    workdir, config = workflow_run
+    table = pd.read_csv(workdir / "results/summary/metrics.csv")
+    assert len(table) == len(config["seeds"]) * 3
+    assert not table.duplicated(["seed", "arm"]).any()
+    arms = pd.read_csv(workdir / "results/summary/arms.csv")
+    assert arms.set_index("arm")["n"].tolist() == [2, 2, 2]
+
+
+# ---------------------------------------------------------------------------
+# Only stale steps rerun: dry runs after the real run, one per change.
+# ---------------------------------------------------------------------------
+
+STUDENT_JOBS = {"train_student_baseline": 2, "train_student_kd": 2, "evaluate": 4,
+                "aggregate": 1, "report": 1, "all": 1}
+
+
+@pytest.mark.parametrize("change,expected", [
+    pytest.param({}, {}, id="nothing-changed"),
+    pytest.param({"student": {"lr": 0.002}}, STUDENT_JOBS, id="student-setting"),
+    pytest.param({"kd": {"temperature": 4.0}},
+                 {"train_student_kd": 2, "evaluate": 2, "aggregate": 1, "report": 1, "all": 1},
+                 id="kd-setting"),
+    pytest.param({"teacher": {"epochs": 2}},
+                 {"train_teacher": 2, **STUDENT_JOBS, "evaluate": 6}, id="teacher-setting"),
+    pytest.param({"seeds": [0, 1, 2]},
+                 {"train_teacher": 1, "train_student_baseline": 1, "train_student_kd": 1,
+                  "evaluate": 3, "aggregate": 1, "report": 1, "all": 1}, id="added-seed"),
+    pytest.param({"report": {"title": "Another title"}}, {"report": 1, "all": 1},
+                 id="report-setting"),
+])
+def test_only_stale_steps_rerun(workflow_run, change, expected):
+    workdir, config = workflow_run
+    assert planned_jobs(workdir, deep_update(config, change)) == expected
+
+
+def test_default_config_plans_the_full_experiment(tmp_path):
+    jobs = planned_jobs(tmp_path, {})
+    assert jobs == {"download": 1, "convert": 1, "split": 1, "train_teacher": 3,
+                    "train_student_baseline": 3, "train_student_kd": 3, "evaluate": 9,
+                    "aggregate": 1, "report": 1, "all": 1}
+
+
+# ---------------------------------------------------------------------------
+# Bad input: a clear message, nothing half-written.
+# ---------------------------------------------------------------------------
+
+def test_corrupted_archive_fails_clearly_and_leaves_nothing(tmp_path, tiny_archive):
+    archive, md5 = tiny_archive
+    corrupt = tmp_path / "cifar-10-python.tar.gz"
+    data = bytearray(archive.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte, as in a bad transfer
+    corrupt.write_bytes(bytes(data))
+    config = base_config(corrupt, md5)  # the md5 of the good archive
+    proc = snakemake(tmp_path, config, check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "md5 mismatch" in out and "data.md5" in out
+    assert "Traceback" not in out
+    data_dir = tmp_path / "results" / "data"
+    assert not data_dir.exists() or list(data_dir.iterdir()) == []
+    assert not (tmp_path / "results" / "seed0").exists()
+
+
+@pytest.mark.parametrize("change,key", [
+    ({"teacher": {"model": "resnet999"}}, "teacher.model"),
+    ({"student": {"epochs": 0}}, "student.epochs"),
+    ({"kd": {"temperature": -2}}, "kd.temperature"),
+    ({"kd": {"soft_target_weight": 1.5}}, "kd.soft_target_weight"),
+])
+def test_bad_config_stops_before_any_job(tmp_path, tiny_archive, change, key):
+    config = deep_update(base_config(*tiny_archive), change)
+    proc = snakemake(tmp_path, config, check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert key in out and "invalid config" in out
+    assert not (tmp_path / "results").exists()
+
+
+def test_lint_is_clean():
+    import subprocess
+    proc = subprocess.run([SNAKEMAKE, "--lint", "-s", str(REPO / "Snakefile")],
+                          capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Congratulations, your workflow is in a good condition!" in proc.stdout + proc.stderr
