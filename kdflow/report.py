@@ -23,6 +23,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 import yaml  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape  # noqa: E402
 
 from kdflow.aggregate import ARM_LABELS, ARM_ORDER  # noqa: E402
@@ -99,6 +100,8 @@ def fig_curves(history: pd.DataFrame) -> str:
                     hue_order=[ARM_LABELS[a] for a in ARM_ORDER],
                     height=3.4, aspect=1.2, marker="o")
     g.set_axis_labels("epoch", "accuracy (%)")
+    for ax in g.axes.flat:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     g.set_titles("{col_name}")
     g.legend.set_title("")
     return _png(g.figure)
@@ -120,6 +123,8 @@ def fig_agreement(history: pd.DataFrame) -> str | None:
                  palette=palette, marker="o", ax=axes[1], legend=False)
     axes[1].set(ylabel="KL(teacher ‖ student)", title="Divergence from the teacher")
     axes[0].legend(title="")
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     return _png(fig)
 
