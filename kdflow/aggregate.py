@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from kdflow import KdflowError
+from kdflow import KdflowError, checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -32,20 +32,24 @@ def _benchmark(path: str) -> dict:
             "max_rss_mb": float(b["max_rss"].iloc[0]) if "max_rss" in b else np.nan}
 
 
-def collect(metrics: list[str], histories: list[str],
-            benchmarks: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """One row per model, and one row per model and epoch.
+def collect(metrics: list[str], histories: list[str], benchmarks: list[str],
+            checkpoints: list[str]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """One row per model, one per model and epoch, and each model's provenance.
 
-    The three lists are parallel: entry i of each belongs to the same model
-    (the workflow expands them over the same seeds x arms).
+    The lists are parallel: entry i of each belongs to the same model (the
+    workflow expands them over the same seeds x arms).
     """
-    if not (len(metrics) == len(histories) == len(benchmarks)):
-        raise KdflowError("aggregate needs one history and benchmark per metrics file")
-    rows, curves = [], []
-    for m_path, h_path in zip(metrics, histories):
-        if Path(m_path).parent != Path(h_path).parent:
-            raise KdflowError(f"{m_path} and {h_path} belong to different models")
+    if not (len(metrics) == len(histories) == len(benchmarks) == len(checkpoints)):
+        raise KdflowError("aggregate needs one history, benchmark and checkpoint "
+                          "per metrics file")
+    rows, curves, prov = [], [], []
+    for m_path, h_path, c_path in zip(metrics, histories, checkpoints):
+        if not Path(m_path).parent == Path(h_path).parent == Path(c_path).parent:
+            raise KdflowError(f"{m_path}, {h_path} and {c_path} belong to different models")
         m = json.loads(Path(m_path).read_text())
+        ckpt = checkpoint.load(c_path)
+        prov.append({"seed": m["seed"], "arm": m["arm"], **ckpt["provenance"],
+                     "source": str(c_path)})
         rows.append({
             "seed": m["seed"], "arm": m["arm"], "model": m["model"],
             "accuracy": m["accuracy"], "loss": m["loss"],
@@ -53,8 +57,9 @@ def collect(metrics: list[str], histories: list[str],
             "teacher_kl": m.get("teacher_kl", np.nan),
             "best_epoch": m["best_epoch"], "best_val_accuracy": m["best_val_accuracy"],
             "last_val_accuracy": m["last_val_accuracy"],
-            "parameters": m["parameters"], "checkpoint_bytes": m["checkpoint_bytes"],
-            "train_seconds": m["train_seconds"], "source": str(m_path),
+            "parameters": m["parameters"], "parameter_bytes": m["parameter_bytes"],
+            "checkpoint_bytes": os.path.getsize(c_path),
+            "train_seconds": ckpt["train_seconds"], "source": str(m_path),
         })
         h = pd.read_csv(h_path)
         h.insert(0, "arm", m["arm"])
@@ -66,7 +71,7 @@ def collect(metrics: list[str], histories: list[str],
     table = pd.concat([table, bench], axis=1)
     table["arm"] = pd.Categorical(table["arm"], ARM_ORDER, ordered=True)
     table = table.sort_values(["arm", "seed"]).reset_index(drop=True)
-    return table, pd.concat(curves, ignore_index=True)
+    return table, pd.concat(curves, ignore_index=True), pd.DataFrame(prov)
 
 
 def summarize_arms(table: pd.DataFrame) -> pd.DataFrame:
@@ -136,10 +141,11 @@ def _write_csv(df: pd.DataFrame, path: str) -> None:
 
 
 def aggregate(metrics: list[str], histories: list[str], benchmarks: list[str],
-              out: dict[str, str]) -> None:
-    """Write out['metrics'], ['history'], ['arms'], ['gain'] (CSV) and the
-    headline numbers as JSON beside the gain table."""
-    table, curves = collect(metrics, histories, benchmarks)
+              checkpoints: list[str], out: dict[str, str]) -> None:
+    """Write out['metrics'], ['history'], ['arms'], ['gain'], ['provenance']
+    (CSV) and out['headline'] (JSON)."""
+    table, curves, prov = collect(metrics, histories, benchmarks, checkpoints)
+    _write_csv(prov, out["provenance"])
     gain = kd_gain(table)
     _write_csv(table, out["metrics"])
     _write_csv(curves, out["history"])

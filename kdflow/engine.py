@@ -2,12 +2,14 @@
 
 Data never goes through PIL or DataLoader workers: a split lives in memory as
 one uint8 tensor on the training device, each epoch draws one permutation and
-batches are index slices of it (airbench's recipe; REFERENCE.md §4). On a
-2-core machine DataLoader workers would fight the training threads.
+batches are index slices of it; augmentation and normalisation are batched
+tensor operations (airbench's recipe; REFERENCE.md §4). On a 2-core machine
+DataLoader workers would fight the training threads for the cores.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -26,10 +28,16 @@ log = logging.getLogger(__name__)
 
 EVAL_BATCH = 1000
 
-# loss(student_logits, targets, batch_indices) -> scalar loss. The indices let
-# a distillation loss look up the teacher's logits for exactly this batch.
-LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# loss(student_logits, targets, teacher_logits or None) -> scalar loss
+LossFn = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
+# teacher_logits(batch_indices, normalised_batch) -> the teacher's logits for
+# exactly the images the student sees in this step
+TeacherFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
+
+# --------------------------------------------------------------------------
+# Device, threads, precision, determinism
+# --------------------------------------------------------------------------
 
 def set_threads(threads: Optional[int]) -> None:
     """Use `threads` intra-op threads, never more than the cores we may run on:
@@ -52,14 +60,103 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+@dataclass(frozen=True)
+class EngineOptions:
+    """How to run, not what to learn (config section `engine`)."""
+
+    precision: str = "auto"      # auto | fp32 | bf16
+    compile: bool = False        # torch.compile the training model
+    deterministic: bool = False  # bitwise reproducible kernels (slower on CUDA)
+
+    @classmethod
+    def from_config(cls, cfg: Optional[dict]) -> "EngineOptions":
+        return cls(**(cfg or {}))
+
+
+def autocast_dtype(device: torch.device, precision: str) -> Optional[torch.dtype]:
+    """bf16 where it pays: on CUDA with bf16 support under 'auto'. On CPUs
+    'auto' stays fp32: bf16 autocast only helps with AVX-512 BF16 / AMX
+    hardware and there it must be shown to keep accuracy (ask for it
+    explicitly with precision: bf16)."""
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
+def autocast(device: torch.device, dtype: Optional[torch.dtype]):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def configure(device: torch.device, options: EngineOptions) -> None:
+    """Global flags for determinism or speed; call before any CUDA work."""
+    if options.deterministic:
+        # cuBLAS needs a fixed workspace to be deterministic; must be set
+        # before the first cuBLAS call.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    elif device.type == "cuda":
+        # Fixed shapes every step: let cuDNN time its algorithms once.
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+# --------------------------------------------------------------------------
+# Augmentation, batched on the device
+# --------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Augment:
+    """crop: random translation by up to ±crop pixels with zero padding (the
+    classic RandomCrop(32, padding=crop)); flip: random horizontal flips."""
+
+    crop: int = 0
+    flip: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        return self.crop > 0 or self.flip
+
+
+def augment_batch(x: torch.Tensor, aug: Augment, gen: torch.Generator) -> torch.Tensor:
+    """Augment a uint8 NCHW batch; per-sample randomness drawn from `gen`."""
+    n, _, h, w = x.shape
+    dev = x.device
+    if aug.flip:
+        flip = torch.rand(n, generator=gen, device=dev) < 0.5
+        x = torch.where(flip.view(n, 1, 1, 1), x.flip(3), x)
+    if aug.crop > 0:
+        p = aug.crop
+        padded = F.pad(x, (p, p, p, p)).permute(0, 2, 3, 1)  # N, H+2p, W+2p, C
+        dy = torch.randint(0, 2 * p + 1, (n, 1), generator=gen, device=dev)
+        dx = torch.randint(0, 2 * p + 1, (n, 1), generator=gen, device=dev)
+        rows = (dy + torch.arange(h, device=dev)).view(n, h, 1)
+        cols = (dx + torch.arange(w, device=dev)).view(n, 1, w)
+        x = padded[torch.arange(n, device=dev).view(n, 1, 1), rows, cols].permute(0, 3, 1, 2)
+    return x
+
+
+# --------------------------------------------------------------------------
+# Inference and training
+# --------------------------------------------------------------------------
+
 @torch.no_grad()
 def predict_logits(model: nn.Module, x: torch.Tensor, normalize: Normalizer,
-                   batch_size: int = EVAL_BATCH) -> torch.Tensor:
+                   batch_size: int = EVAL_BATCH,
+                   amp_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """Logits (float32) for uint8 images `x`, in eval mode without gradients."""
     was_training = model.training
     model.eval()
-    out = [model(normalize(x[i:i + batch_size])).float()
-           for i in range(0, len(x), batch_size)]
+    with autocast(x.device, amp_dtype):
+        out = [model(normalize(x[i:i + batch_size])).float()
+               for i in range(0, len(x), batch_size)]
     model.train(was_training)
     if not out:
         return torch.empty(0, 0, device=x.device)
@@ -81,26 +178,35 @@ def fit(
     val_x: torch.Tensor,
     val_y: torch.Tensor,
     *,
-    loss_fn: LossFn,
     epochs: int,
     batch_size: int,
     lr: float,
     seed: int,
+    loss_fn: Optional[LossFn] = None,
+    teacher_logits: Optional[TeacherFn] = None,
     teacher_val_logits: Optional[torch.Tensor] = None,
+    augment: Augment = Augment(),
+    options: EngineOptions = EngineOptions(),
 ) -> FitResult:
     """Train with Adam and keep the weights of the best validation epoch.
 
-    Selection uses the validation split only, never the test set. With
-    `teacher_val_logits` each epoch also records the student's agreement with
-    its teacher on the validation split (top-1 agreement and mean KL).
+    Selection uses the validation split only, never the test set. The loss
+    gets the teacher's logits for the step's batch when `teacher_logits` is
+    given (distillation). With `teacher_val_logits` each epoch also records
+    the student's agreement with its teacher on the validation split.
     """
     device = train_x.device
+    configure(device, options)
+    amp = autocast_dtype(device, options.precision)
+    loss_fn = loss_fn or (lambda logits, targets, _t: F.cross_entropy(logits, targets))
     normalize = Normalizer(device)
     model.to(device).to(memory_format=torch.channels_last)
+    step_model = torch.compile(model) if options.compile else model
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    # The batch order depends on the seed alone, so two students of one seed
-    # (plain and distilled) see the same batches in the same order.
+    # Batch order and augmentation depend on the seed alone, so two students
+    # of one seed (plain and distilled) see the same views in the same order.
     order = torch.Generator().manual_seed(seed)
+    aug_gen = torch.Generator(device=device).manual_seed(seed + 1)
     n = len(train_x)
     if n == 0:
         raise KdflowError("the training split is empty; lower data.val_size")
@@ -115,21 +221,27 @@ def fit(
         correct = torch.zeros((), device=device, dtype=torch.long)
         for start in range(0, n, batch_size):
             idx = perm[start:start + batch_size]
-            logits = model(normalize(train_x[idx]))
+            xb = train_x[idx]
+            if augment.enabled:
+                xb = augment_batch(xb, augment, aug_gen)
+            xb = normalize(xb)
             targets = train_y[idx]
-            loss = loss_fn(logits, targets, idx)
+            with autocast(device, amp):
+                t_logits = teacher_logits(idx, xb) if teacher_logits else None
+                logits = step_model(xb)
+                loss = loss_fn(logits, targets, t_logits)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             # Accumulated on the device: no host sync per step on CUDA.
-            loss_sum += loss.detach() * len(idx)
+            loss_sum += loss.detach().float() * len(idx)
             correct += (logits.detach().argmax(1) == targets).sum()
         row = {
             "epoch": epoch,
             "train_loss": loss_sum.item() / n,
             "train_accuracy": correct.item() / n,
         }
-        val_logits = predict_logits(model, val_x, normalize)
+        val_logits = predict_logits(model, val_x, normalize, amp_dtype=amp)
         row["val_loss"] = F.cross_entropy(val_logits, val_y).item()
         row["val_accuracy"] = (val_logits.argmax(1) == val_y).sum().item() / len(val_y)
         if teacher_val_logits is not None:

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kdflow import checkpoint, provenance
+from kdflow import checkpoint
 from kdflow.data import Normalizer
 from kdflow.engine import set_threads, predict_logits, resolve_device
 from kdflow.losses import teacher_kl
@@ -32,7 +32,12 @@ def evaluate(model_path: str, dataset: str, out: str, *, arm: str, seed: int,
              device: str = "auto", teacher: Optional[str] = None,
              threads: Optional[int] = None) -> dict:
     """Accuracy, loss, per-class accuracy, confusion matrix, size; and for a
-    student, its agreement with the teacher on the test set."""
+    student, its agreement with the teacher on the test set.
+
+    The file holds results only, no timings, dates or hosts, so with
+    deterministic training two runs give byte-identical metrics files;
+    provenance stays in the checkpoint.
+    """
     set_threads(threads)
     dev = resolve_device(device)
     with np.load(dataset) as d:
@@ -60,16 +65,12 @@ def evaluate(model_path: str, dataset: str, out: str, *, arm: str, seed: int,
         "classes": classes,
         "parameters": count_parameters(model),
         "parameter_bytes": parameter_bytes(model),
-        "checkpoint_bytes": os.path.getsize(model_path),
         "best_epoch": ckpt["best_epoch"],
         "best_val_accuracy": ckpt["best_val_accuracy"],
         "last_epoch": ckpt["last_epoch"],
         "last_val_accuracy": ckpt["last_val_accuracy"],
-        "train_seconds": ckpt["train_seconds"],
         "config": ckpt["config"],
         "checkpoint": str(model_path),
-        "trained_with": ckpt["provenance"],
-        "evaluated_with": provenance.collect(dev),
     }
     if teacher is not None:
         t_model, _ = checkpoint.load_model(teacher, dev)

@@ -140,7 +140,9 @@ def render_report(tables: dict[str, str], out: str, title: str, experiment: dict
     sns.set_theme(style="whitegrid", context="notebook")
 
     arms["label"] = arms["arm"].map(ARM_LABELS)
-    provenance = json.loads(Path(metrics["source"].iloc[0]).read_text())["trained_with"]
+    prov = pd.read_csv(tables["provenance"])
+    provenance = prov.drop(columns=["seed", "arm", "source"]).iloc[0].to_dict()
+    provenance["models trained on"] = ", ".join(sorted(set(prov["device_name"].astype(str))))
 
     env = Environment(loader=PackageLoader("kdflow", "templates"),
                       autoescape=select_autoescape(["html", "j2"]),

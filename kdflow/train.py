@@ -9,11 +9,11 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from kdflow import checkpoint, provenance
 from kdflow.data import CifarSplits, Normalizer
-from kdflow.engine import set_threads, fit, predict_logits, resolve_device
+from kdflow.engine import (Augment, EngineOptions, TeacherFn, autocast_dtype, configure, fit,
+                           predict_logits, resolve_device, set_threads)
 from kdflow.losses import kd_loss
 from kdflow.models import build_model, count_parameters
 
@@ -45,37 +45,41 @@ def train(
     threads: Optional[int] = None,
     teacher: Optional[str] = None,
     kd: Optional[dict] = None,
+    engine: Optional[dict] = None,
 ) -> None:
     """Train one model and save its best-validation checkpoint and history.
 
-    model_cfg: {model, epochs, batch_size, lr}. Students get the `teacher`
-    checkpoint of their seed: the baseline only to measure agreement with it,
-    the KD student (`kd` = {temperature, soft_target_weight}) to learn from it.
+    model_cfg: {model, epochs, batch_size, lr, augment}. Students get the
+    `teacher` checkpoint of their seed: the baseline only to measure agreement
+    with it, the KD student (`kd` = {temperature, soft_target_weight}) to learn
+    from it. engine: {precision, compile, deterministic}.
     """
     if role not in ROLES:
         raise ValueError(f"role must be one of {ROLES}")
     set_threads(threads)
+    options = EngineOptions.from_config(engine)
+    aug = Augment(**model_cfg.get("augment", {}))
     dev = resolve_device(device)
-    log.info("%s, seed %d, on %s (%s)", role, seed, dev, provenance.device_name(dev))
+    configure(dev, options)
+    amp = autocast_dtype(dev, options.precision)
+    log.info("%s, seed %d, on %s (%s), %s, augmentation %s", role, seed, dev,
+             provenance.device_name(dev), amp or "fp32", aug if aug.enabled else "off")
     data = CifarSplits(dataset, split, dev)
     normalize = Normalizer(dev)
     log.info("data: %d train, %d validation images, %d classes",
              len(data.train_y), len(data.val_y), data.num_classes)
 
-    teacher_val = teacher_train = None
+    teacher_val = None
+    teacher_fn = None
     teacher_record = None
     if teacher is not None:
         t_model, t_ckpt = checkpoint.load_model(teacher, dev)
         teacher_record = {"path": str(teacher), "model": t_ckpt["model"],
                           "best_epoch": t_ckpt["best_epoch"],
                           "best_val_accuracy": t_ckpt["best_val_accuracy"]}
-        teacher_val = predict_logits(t_model, data.val_x, normalize)
+        teacher_val = predict_logits(t_model, data.val_x, normalize, amp_dtype=amp)
         if kd is not None:
-            # Without augmentation the teacher (eval mode, no dropout) gives the
-            # same logits for an image every epoch: computing them once is
-            # exact and removes the teacher's forward pass from every step.
-            teacher_train = predict_logits(t_model, data.train_x, normalize)
-        del t_model
+            teacher_fn = teacher_signal(t_model, data.train_x, normalize, aug, amp)
 
     # Initial weights depend on the seed alone, so the plain and the
     # distilled student of one seed start from the same weights; seeding here
@@ -84,18 +88,17 @@ def train(
     model = build_model(model_cfg["model"], data.num_classes)
     log.info("model %s: %d parameters", model_cfg["model"], count_parameters(model))
 
-    if kd is None:
-        def loss_fn(logits, targets, idx):
-            return F.cross_entropy(logits, targets)
-    else:
-        def loss_fn(logits, targets, idx):
-            return kd_loss(logits, teacher_train[idx], targets,
-                           kd["temperature"], kd["soft_target_weight"])
+    loss_fn = None
+    if kd is not None:
+        def loss_fn(logits, targets, t_logits):
+            return kd_loss(logits, t_logits, targets, kd["temperature"],
+                           kd["soft_target_weight"])
 
     result = fit(model, data.train_x, data.train_y, data.val_x, data.val_y,
-                 loss_fn=loss_fn, epochs=model_cfg["epochs"],
+                 loss_fn=loss_fn, teacher_logits=teacher_fn,
+                 teacher_val_logits=teacher_val, epochs=model_cfg["epochs"],
                  batch_size=model_cfg["batch_size"], lr=model_cfg["lr"], seed=seed,
-                 teacher_val_logits=teacher_val)
+                 augment=aug, options=options)
     last = result.history[-1]
     log.info("best epoch %d (val acc %.2f%%), last epoch %d (val acc %.2f%%)",
              result.best_epoch, 100 * result.best_val_accuracy,
@@ -111,7 +114,8 @@ def train(
         classes=data.classes,
         role=role,
         seed=seed,
-        config={"model": dict(model_cfg), "kd": dict(kd) if kd else None},
+        config={"model": dict(model_cfg), "kd": dict(kd) if kd else None,
+                "engine": dict(engine) if engine else None},
         best_epoch=result.best_epoch,
         best_val_accuracy=result.best_val_accuracy,
         last_epoch=last["epoch"],
@@ -120,3 +124,25 @@ def train(
         teacher=teacher_record,
         provenance=provenance.collect(dev),
     )
+
+
+def teacher_signal(t_model, train_x, normalize, aug: Augment, amp) -> TeacherFn:
+    """The teacher's logits for each training step.
+
+    Without augmentation the teacher (eval mode: dropout off) gives the same
+    logits for an image every epoch, so they are computed once, exactly, and
+    looked up by index: the teacher's forward pass leaves the training loop.
+    With augmentation the teacher must see the very view the student sees in
+    that step (Beyer et al. 2022, "consistent teaching"), so it runs online.
+    """
+    if not aug.enabled:
+        cache = predict_logits(t_model, train_x, normalize, amp_dtype=amp)
+        return lambda idx, xb: cache[idx]
+
+    t_model.eval()
+
+    @torch.no_grad()
+    def online(idx, xb):
+        return t_model(xb).float()
+
+    return online

@@ -5,6 +5,7 @@ rule aggregate:
     input:
         metrics=expand("results/seed{seed}/{arm}/metrics.json", seed=SEEDS, arm=ARMS),
         histories=expand("results/seed{seed}/{arm}/history.csv", seed=SEEDS, arm=ARMS),
+        checkpoints=expand("results/seed{seed}/{arm}/model.pt", seed=SEEDS, arm=ARMS),
         benchmarks=expand(
             "results/benchmarks/seed{seed}/train_{arm}.tsv", seed=SEEDS, arm=ARMS
         ),
@@ -14,6 +15,7 @@ rule aggregate:
         arms="results/summary/arms.csv",
         gain="results/summary/kd_gain.csv",
         headline="results/summary/headline.json",
+        provenance="results/summary/provenance.csv",
     log:
         "results/logs/aggregate.log",
     conda:
@@ -37,7 +39,15 @@ rule report:
         # affects, so the report is rebuilt with them anyway.
         experiment={
             k: config[k]
-            for k in ("data", "seeds", "device", "teacher", "student", "kd")
+            for k in (
+                "data",
+                "seeds",
+                "device",
+                "engine",
+                "teacher",
+                "student",
+                "kd",
+            )
         },
     script:
         "../scripts/report.py"

@@ -23,6 +23,7 @@ rule train_teacher:
     params:
         model_cfg=config["teacher"],
         device=config["device"],
+        engine=config["engine"],
     script:
         "../scripts/train.py"
 
@@ -47,6 +48,7 @@ rule train_student_baseline:
     params:
         model_cfg=config["student"],
         device=config["device"],
+        engine=config["engine"],
     script:
         "../scripts/train.py"
 
@@ -72,5 +74,6 @@ rule train_student_kd:
         model_cfg=config["student"],
         kd=config["kd"],
         device=config["device"],
+        engine=config["engine"],
     script:
         "../scripts/train.py"

@@ -7,6 +7,7 @@ run_step(
         metrics=list(snakemake.input.metrics),
         histories=list(snakemake.input.histories),
         benchmarks=list(snakemake.input.benchmarks),
+        checkpoints=list(snakemake.input.checkpoints),
         out=dict(snakemake.output.items()),
     ),
 )

@@ -16,6 +16,7 @@ run_step(
         kd=snakemake.params.get("kd"),
         seed=int(snakemake.wildcards.seed),
         device=snakemake.params.device,
+        engine=snakemake.params.engine,
         threads=snakemake.threads,
     ),
 )

@@ -44,7 +44,8 @@ def test_soft_term_is_scaled_by_t_squared(batch):
 
 def test_kl_is_averaged_per_sample_not_per_element(batch):
     s, t, _ = batch
-    per_element = F.kl_div(F.log_softmax(s, 1), F.softmax(t, 1), reduction="mean")
+    # What reduction="mean" computes: the sum over batch *and* classes.
+    per_element = F.kl_div(F.log_softmax(s, 1), F.softmax(t, 1), reduction="sum") / s.numel()
     assert soft_target_loss(s, t, 1.0).item() == pytest.approx(10 * per_element.item(), rel=1e-5)
 
 
