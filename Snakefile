@@ -12,6 +12,9 @@ min_version("9.0")
 configfile: os.path.join(workflow.basedir, "config", "config.yaml")
 
 
+report: "report/workflow.rst"
+
+
 # Scripts import the kdflow library from this checkout, also inside conda
 # environments and on cluster nodes (which re-read this file). Set, not
 # extended: a user's PYTHONPATH must not shadow the checkout's library.

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from kdflow import KdflowError, checkpoint
+from kdflow.stats import mean_ci, paired_comparison
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +24,9 @@ ARM_LABELS = {
     "student_baseline": "Student (CE only)",
     "student_kd": "Student (KD)",
 }
+# Per-model inputs, parallel lists in this order of keys.
+MODEL_FILES = ("metrics", "speed", "histories", "checkpoints", "train_benchmarks",
+               "eval_benchmarks")
 
 
 def _benchmark(path: str) -> dict:
@@ -32,66 +36,94 @@ def _benchmark(path: str) -> dict:
             "max_rss_mb": float(b["max_rss"].iloc[0]) if "max_rss" in b else np.nan}
 
 
-def collect(metrics: list[str], histories: list[str], benchmarks: list[str],
-            checkpoints: list[str]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """One row per model, one per model and epoch, and each model's provenance.
+def _read_json(path) -> dict:
+    return json.loads(Path(path).read_text())
 
-    The lists are parallel: entry i of each belongs to the same model (the
-    workflow expands them over the same seeds x arms).
+
+def collect(files: dict[str, list[str]]) -> dict[str, pd.DataFrame]:
+    """Read every model's files into tidy tables.
+
+    `files` maps each key of MODEL_FILES to a list; entry i of every list
+    belongs to the same model (the workflow expands them over the same seeds
+    x arms), which is checked.
     """
-    if not (len(metrics) == len(histories) == len(benchmarks) == len(checkpoints)):
-        raise KdflowError("aggregate needs one history, benchmark and checkpoint "
-                          "per metrics file")
-    rows, curves, prov = [], [], []
-    for m_path, h_path, c_path in zip(metrics, histories, checkpoints):
-        if not Path(m_path).parent == Path(h_path).parent == Path(c_path).parent:
-            raise KdflowError(f"{m_path}, {h_path} and {c_path} belong to different models")
-        m = json.loads(Path(m_path).read_text())
-        ckpt = checkpoint.load(c_path)
-        prov.append({"seed": m["seed"], "arm": m["arm"], **ckpt["provenance"],
-                     "source": str(c_path)})
-        rows.append({
-            "seed": m["seed"], "arm": m["arm"], "model": m["model"],
+    lists = [files[k] for k in MODEL_FILES]
+    if len({len(v) for v in lists}) != 1:
+        raise KdflowError("aggregate needs the same number of files of each kind per model")
+    models, curves, per_class, confusion, calib, jobs, prov = [], [], [], [], [], [], []
+    for m_path, s_path, h_path, c_path, tb_path, eb_path in zip(*lists):
+        if len({Path(p).parent for p in (m_path, s_path, h_path, c_path)}) != 1:
+            raise KdflowError(f"{m_path}, {s_path}, {h_path} and {c_path} "
+                              "belong to different models")
+        m, speed, ckpt = _read_json(m_path), _read_json(s_path), checkpoint.load(c_path)
+        key = {"seed": m["seed"], "arm": m["arm"]}
+        train_job, eval_job = _benchmark(tb_path), _benchmark(eb_path)
+        models.append({
+            **key, "model": m["model"],
             "accuracy": m["accuracy"], "loss": m["loss"],
+            "ece": m["calibration"]["ece"],
             "teacher_agreement": m.get("teacher_agreement", np.nan),
             "teacher_kl": m.get("teacher_kl", np.nan),
             "best_epoch": m["best_epoch"], "best_val_accuracy": m["best_val_accuracy"],
             "last_val_accuracy": m["last_val_accuracy"],
             "parameters": m["parameters"], "parameter_bytes": m["parameter_bytes"],
+            "macs_per_image": m["macs_per_image"],
             "checkpoint_bytes": os.path.getsize(c_path),
-            "train_seconds": ckpt["train_seconds"], "source": str(m_path),
+            "latency_ms_batch1": speed["latency_ms_batch1"],
+            "throughput_images_per_s": speed["throughput_images_per_s"],
+            "speed_device": speed["device_name"],
+            "train_seconds": ckpt["train_seconds"],
+            "wall_seconds": train_job["wall_seconds"], "max_rss_mb": train_job["max_rss_mb"],
+            "source": str(m_path),
         })
         h = pd.read_csv(h_path)
-        h.insert(0, "arm", m["arm"])
-        h.insert(0, "seed", m["seed"])
-        h["source"] = str(h_path)
-        curves.append(h)
-    table = pd.DataFrame(rows)
-    bench = pd.DataFrame([_benchmark(b) for b in benchmarks])
-    table = pd.concat([table, bench], axis=1)
-    table["arm"] = pd.Categorical(table["arm"], ARM_ORDER, ordered=True)
-    table = table.sort_values(["arm", "seed"]).reset_index(drop=True)
-    return table, pd.concat(curves, ignore_index=True), pd.DataFrame(prov)
+        curves.append(h.assign(**key, source=str(h_path)))
+        per_class += [{**key, "class": c, "accuracy": a, "source": str(m_path)}
+                      for c, a in m["per_class_accuracy"].items()]
+        classes = m["classes"]
+        confusion += [{**key, "true": classes[i], "predicted": classes[j], "count": n,
+                       "source": str(m_path)}
+                      for i, row in enumerate(m["confusion_matrix"]) for j, n in enumerate(row)]
+        calib += [{**key, "bin": b, **row, "source": str(m_path)}
+                  for b, row in enumerate(m["calibration"]["bins"])]
+        jobs += [{**key, "job": "train", **train_job, "source": str(tb_path)},
+                 {**key, "job": "evaluate", **eval_job, "source": str(eb_path)}]
+        prov.append({**key, **ckpt["provenance"], "source": str(c_path)})
+
+    def frame(rows):
+        df = pd.DataFrame(rows)
+        df["arm"] = pd.Categorical(df["arm"], ARM_ORDER, ordered=True)
+        first = ["seed", "arm"]
+        df = df[first + [c for c in df.columns if c not in first]]
+        return df.sort_values(["arm", "seed"], kind="stable").reset_index(drop=True)
+
+    history = pd.concat(curves, ignore_index=True)
+    return {"metrics": frame(models), "history": frame(history), "per_class": frame(per_class),
+            "confusion": frame(confusion), "calibration": frame(calib), "jobs": frame(jobs),
+            "provenance": frame(prov)}
 
 
 def summarize_arms(table: pd.DataFrame) -> pd.DataFrame:
-    """Mean, sample sd and n of each arm's results over seeds."""
-    g = table.groupby("arm", observed=True)
-    out = g.agg(
-        model=("model", "first"),
-        n=("seed", "nunique"),
-        parameters=("parameters", "first"),
-        checkpoint_bytes=("checkpoint_bytes", "first"),
-        accuracy_mean=("accuracy", "mean"),
-        accuracy_sd=("accuracy", "std"),
-        loss_mean=("loss", "mean"),
-        best_val_accuracy_mean=("best_val_accuracy", "mean"),
-        teacher_agreement_mean=("teacher_agreement", "mean"),
-        teacher_agreement_sd=("teacher_agreement", "std"),
-        teacher_kl_mean=("teacher_kl", "mean"),
-        wall_seconds_mean=("wall_seconds", "mean"),
-    )
-    return out.reset_index()
+    """Mean, sample sd, n and 95% t-interval of each arm's results over seeds."""
+    rows = []
+    for arm, g in table.groupby("arm", observed=True):
+        mean, lo, hi = mean_ci(g["accuracy"])
+        rows.append({
+            "arm": arm, "model": g["model"].iloc[0], "n": g["seed"].nunique(),
+            "parameters": g["parameters"].iloc[0], "macs_per_image": g["macs_per_image"].iloc[0],
+            "checkpoint_bytes": g["checkpoint_bytes"].iloc[0],
+            "accuracy_mean": mean, "accuracy_sd": g["accuracy"].std(),
+            "accuracy_ci_low": lo, "accuracy_ci_high": hi,
+            "loss_mean": g["loss"].mean(), "ece_mean": g["ece"].mean(),
+            "best_val_accuracy_mean": g["best_val_accuracy"].mean(),
+            "teacher_agreement_mean": g["teacher_agreement"].mean(),
+            "teacher_agreement_sd": g["teacher_agreement"].std(),
+            "teacher_kl_mean": g["teacher_kl"].mean(),
+            "latency_ms_batch1": g["latency_ms_batch1"].median(),
+            "throughput_images_per_s": g["throughput_images_per_s"].median(),
+            "wall_seconds_mean": g["wall_seconds"].mean(),
+        })
+    return pd.DataFrame(rows)
 
 
 def kd_gain(table: pd.DataFrame) -> pd.DataFrame:
@@ -118,19 +150,20 @@ def headline(gain: pd.DataFrame) -> dict:
     n = len(gain)
     means = gain[["teacher", "student_baseline", "student_kd"]].mean()
     gap = means["teacher"] - means["student_baseline"]
-    mean_gain = float(gain["gain"].mean())
+    test = paired_comparison(gain["student_kd"], gain["student_baseline"])
     return {
         "n_seeds": n,
         "teacher_mean": float(means["teacher"]),
         "student_baseline_mean": float(means["student_baseline"]),
         "student_kd_mean": float(means["student_kd"]),
-        "gain_mean": mean_gain,
-        "gain_sd": float(gain["gain"].std()) if n > 1 else None,
+        "gain_mean": test.mean_gain,
+        "gain_sd": test.sd_gain,
         "seeds_kd_better": int((gain["gain"] > 0).sum()),
         # On the means, so that one seed with a tiny gap cannot dominate.
-        "gap_closed": mean_gain / gap if gap > 0 else None,
+        "gap_closed": test.mean_gain / gap if gap > 0 else None,
         "teacher_retained_baseline": float(means["student_baseline"] / means["teacher"]),
         "teacher_retained_kd": float(means["student_kd"] / means["teacher"]),
+        "paired_test": test.as_dict(),
     }
 
 
@@ -140,18 +173,17 @@ def _write_csv(df: pd.DataFrame, path: str) -> None:
     os.replace(tmp, path)
 
 
-def aggregate(metrics: list[str], histories: list[str], benchmarks: list[str],
-              checkpoints: list[str], out: dict[str, str]) -> None:
-    """Write out['metrics'], ['history'], ['arms'], ['gain'], ['provenance']
-    (CSV) and out['headline'] (JSON)."""
-    table, curves, prov = collect(metrics, histories, benchmarks, checkpoints)
-    _write_csv(prov, out["provenance"])
-    gain = kd_gain(table)
-    _write_csv(table, out["metrics"])
-    _write_csv(curves, out["history"])
-    _write_csv(summarize_arms(table), out["arms"])
-    _write_csv(gain, out["gain"])
-    head = headline(gain)
-    Path(out["headline"]).write_text(json.dumps(head, indent=2) + "\n")
+def aggregate(files: dict[str, list[str]], out: dict[str, str]) -> None:
+    """Write every table of `collect` plus arms, gain (CSV) and headline (JSON)
+    to the paths in `out`."""
+    tables = collect(files)
+    tables["arms"] = summarize_arms(tables["metrics"])
+    tables["gain"] = kd_gain(tables["metrics"])
+    for name, df in tables.items():
+        _write_csv(df, out[name])
+    head = headline(tables["gain"])
+    tmp = out["headline"] + ".part"
+    Path(tmp).write_text(json.dumps(head, indent=2) + "\n")
+    os.replace(tmp, out["headline"])
     log.info("%d models over %d seeds; KD gain %+.2f points (mean)",
-             len(table), head["n_seeds"], 100 * head["gain_mean"])
+             len(tables["metrics"]), head["n_seeds"], 100 * head["gain_mean"])

@@ -12,7 +12,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kdflow import checkpoint
+from kdflow import checkpoint, provenance
+from kdflow.efficiency import count_macs, measure_speed
+from kdflow.stats import calibration
 from kdflow.data import Normalizer
 from kdflow.engine import set_threads, predict_logits, resolve_device
 from kdflow.losses import teacher_kl
@@ -30,13 +32,14 @@ def write_json(obj, path: str | os.PathLike) -> None:
 
 def evaluate(model_path: str, dataset: str, out: str, *, arm: str, seed: int,
              device: str = "auto", teacher: Optional[str] = None,
-             threads: Optional[int] = None) -> dict:
+             threads: Optional[int] = None, out_speed: Optional[str] = None) -> dict:
     """Accuracy, loss, per-class accuracy, confusion matrix, size; and for a
     student, its agreement with the teacher on the test set.
 
     The file holds results only, no timings, dates or hosts, so with
     deterministic training two runs give byte-identical metrics files;
-    provenance stays in the checkpoint.
+    provenance stays in the checkpoint. Measured latency and throughput go
+    to `out_speed`, with the device they were measured on.
     """
     set_threads(threads)
     dev = resolve_device(device)
@@ -65,6 +68,8 @@ def evaluate(model_path: str, dataset: str, out: str, *, arm: str, seed: int,
         "classes": classes,
         "parameters": count_parameters(model),
         "parameter_bytes": parameter_bytes(model),
+        "macs_per_image": count_macs(model),
+        "calibration": calibration(torch.softmax(logits, 1).cpu().numpy(), y.cpu().numpy()),
         "best_epoch": ckpt["best_epoch"],
         "best_val_accuracy": ckpt["best_val_accuracy"],
         "last_epoch": ckpt["last_epoch"],
@@ -79,6 +84,13 @@ def evaluate(model_path: str, dataset: str, out: str, *, arm: str, seed: int,
         metrics["teacher_kl"] = teacher_kl(logits, t_logits).item()
         metrics["teacher_checkpoint"] = str(teacher)
     write_json(metrics, out)
+    if out_speed is not None:
+        speed = {"arm": arm, "seed": seed, "device": str(dev),
+                 "device_name": provenance.device_name(dev),
+                 **measure_speed(model, dev)}
+        write_json(speed, out_speed)
+        log.info("latency %.2f ms (batch 1), throughput %.0f images/s",
+                 speed["latency_ms_batch1"], speed["throughput_images_per_s"])
     log.info("%s seed %d: test accuracy %.2f%%, loss %.4f%s", arm, seed,
              100 * metrics["accuracy"], metrics["loss"],
              f", agreement with teacher {100 * metrics['teacher_agreement']:.2f}%"

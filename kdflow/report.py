@@ -1,7 +1,8 @@
 """The HTML report: seaborn figures embedded in one Jinja2-rendered file.
 
 Everything shown is read from the tables the aggregate step wrote, and the
-report lists those files, so each number can be traced back.
+report names those files, so each number can be traced back. Each figure is
+also written as a PNG of its own (for `snakemake --report` and for papers).
 """
 
 from __future__ import annotations
@@ -20,49 +21,65 @@ import matplotlib
 matplotlib.use("Agg")  # no display on cluster nodes and CI
 
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 import yaml  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
 from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from kdflow.aggregate import ARM_LABELS, ARM_ORDER  # noqa: E402
+from kdflow.provenance import config_hash  # noqa: E402
 
 log = logging.getLogger(__name__)
 
-PALETTE = {"teacher": "#4c72b0", "student_baseline": "#8c8c8c", "student_kd": "#dd8452"}
+PALETTE = {ARM_LABELS["teacher"]: "#4c72b0", ARM_LABELS["student_baseline"]: "#8c8c8c",
+           ARM_LABELS["student_kd"]: "#dd8452"}
+LABEL_ORDER = [ARM_LABELS[a] for a in ARM_ORDER]
+FIGURES = ("accuracy", "paired", "curves", "agreement", "per_class", "confusion",
+           "reliability", "efficiency")
+
+
+def _missing(x) -> bool:
+    return x is None or (isinstance(x, float) and math.isnan(x))
 
 
 def pct(x, digits: int = 2) -> str:
     """A fraction as a percentage, or an en dash when undefined (n = 1 sd)."""
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "–"
-    return f"{100 * x:.{digits}f}"
+    return "–" if _missing(x) else f"{100 * x:.{digits}f}"
 
 
 def signed_pct(x, digits: int = 2) -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "–"
-    return f"{100 * x:+.{digits}f}"
+    return "–" if _missing(x) else f"{100 * x:+.{digits}f}"
 
 
-def _png(fig) -> str:
+def num(x, fmt: str = "{:,.0f}") -> str:
+    return "–" if _missing(x) else fmt.format(x)
+
+
+def _labelled(df: pd.DataFrame) -> pd.DataFrame:
+    return df.assign(label=pd.Categorical(df["arm"].map(ARM_LABELS), LABEL_ORDER, ordered=True))
+
+
+def _png(fig) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    return buf.getvalue()
 
 
-def fig_accuracy(metrics: pd.DataFrame) -> str:
+def _integer_epochs(axes) -> None:
+    for ax in np.ravel(axes):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def fig_accuracy(metrics: pd.DataFrame) -> bytes:
     """Test accuracy of each arm: one dot per seed, mean ± sd beside it."""
-    df = metrics.assign(acc=100 * metrics["accuracy"],
-                        label=metrics["arm"].map(ARM_LABELS))
-    order = [ARM_LABELS[a] for a in ARM_ORDER]
-    palette = {ARM_LABELS[a]: c for a, c in PALETTE.items()}
+    df = _labelled(metrics).assign(acc=100 * metrics["accuracy"])
     fig, ax = plt.subplots(figsize=(6, 3.6))
-    sns.stripplot(data=df, x="label", y="acc", hue="label", order=order,
-                  palette=palette, size=7, jitter=0.08, ax=ax, legend=False)
-    sns.pointplot(data=df, x="label", y="acc", order=order, errorbar="sd",
+    sns.stripplot(data=df, x="label", y="acc", hue="label", order=LABEL_ORDER,
+                  palette=PALETTE, size=7, jitter=0.08, ax=ax, legend=False)
+    sns.pointplot(data=df, x="label", y="acc", order=LABEL_ORDER, errorbar="sd",
                   color="black", markers="_", markersize=18, linestyle="none",
                   capsize=0.15, ax=ax)
     ax.set(xlabel="", ylabel="test accuracy (%)",
@@ -70,101 +87,189 @@ def fig_accuracy(metrics: pd.DataFrame) -> str:
     return _png(fig)
 
 
-def fig_gain(gain: pd.DataFrame) -> str:
+def fig_paired(gain: pd.DataFrame) -> bytes:
     """Baseline and KD student of each seed, joined: the paired comparison."""
-    fig, ax = plt.subplots(figsize=(4.5, 3.6))
+    long = gain.melt(id_vars="seed", value_vars=["student_baseline", "student_kd"],
+                     var_name="arm", value_name="acc")
+    long["acc"] *= 100
+    long["label"] = long["arm"].map(ARM_LABELS)
+    long["KD better"] = long["seed"].map(dict(zip(gain["seed"], gain["gain"] > 0)))
+    fig, ax = plt.subplots(figsize=(4.8, 3.6))
+    sns.lineplot(data=long, x="label", y="acc", units="seed", estimator=None,
+                 hue="KD better", palette={True: "#dd8452", False: "#8c8c8c"},
+                 marker="o", ax=ax)
     for _, r in gain.iterrows():
-        ax.plot([0, 1], [100 * r["student_baseline"], 100 * r["student_kd"]],
-                color="#dd8452" if r["gain"] > 0 else "#8c8c8c", marker="o")
-        ax.annotate(f"seed {int(r['seed'])}", (1.03, 100 * r["student_kd"]),
-                    fontsize=8, va="center")
-    ax.set_xticks([0, 1], [ARM_LABELS["student_baseline"], ARM_LABELS["student_kd"]])
-    ax.set_xlim(-0.3, 1.4)
-    ax.set(ylabel="test accuracy (%)", title="Same seed, with and without KD")
-    sns.despine(ax=ax)
+        ax.annotate(f"seed {int(r['seed'])}", (1.04, 100 * r["student_kd"]),
+                    xycoords=("data", "data"), fontsize=8, va="center")
+    ax.set(xlabel="", ylabel="test accuracy (%)", title="Same seed, with and without KD")
+    ax.set_xlim(-0.3, 1.45)
     return _png(fig)
 
 
-def fig_curves(history: pd.DataFrame) -> str:
-    """Train and validation accuracy per epoch, mean with a band of ± sd."""
-    long = history.melt(id_vars=["seed", "arm", "epoch"],
-                        value_vars=["train_accuracy", "val_accuracy"],
-                        var_name="split", value_name="acc")
-    long["acc"] *= 100
-    long["split"] = long["split"].map({"train_accuracy": "train",
-                                       "val_accuracy": "validation"})
-    long["label"] = long["arm"].map(ARM_LABELS)
-    palette = {ARM_LABELS[a]: c for a, c in PALETTE.items()}
-    g = sns.relplot(data=long, x="epoch", y="acc", hue="label", col="split",
-                    kind="line", errorbar="sd", palette=palette,
-                    hue_order=[ARM_LABELS[a] for a in ARM_ORDER],
-                    height=3.4, aspect=1.2, marker="o")
-    g.set_axis_labels("epoch", "accuracy (%)")
-    for ax in g.axes.flat:
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    g.set_titles("{col_name}")
+def fig_curves(history: pd.DataFrame) -> bytes:
+    """Train and validation accuracy and loss per epoch, mean with ± sd band."""
+    rows = []
+    for split in ("train", "val"):
+        for metric in ("accuracy", "loss"):
+            part = history[["seed", "arm", "epoch", f"{split}_{metric}"]].rename(
+                columns={f"{split}_{metric}": "value"})
+            if metric == "accuracy":
+                part = part.assign(value=100 * part["value"])
+            rows.append(part.assign(split="train" if split == "train" else "validation",
+                                    metric="accuracy (%)" if metric == "accuracy" else "loss"))
+    long = _labelled(pd.concat(rows, ignore_index=True))
+    g = sns.relplot(data=long, x="epoch", y="value", hue="label", col="split", row="metric",
+                    kind="line", errorbar="sd", palette=PALETTE, hue_order=LABEL_ORDER,
+                    height=2.8, aspect=1.5, marker="o", facet_kws={"sharey": "row"})
+    g.set_titles("{row_name}, {col_name}")
+    g.set_axis_labels("epoch", "")
     g.legend.set_title("")
+    _integer_epochs(g.axes)
     return _png(g.figure)
 
 
-def fig_agreement(history: pd.DataFrame) -> str | None:
+def fig_agreement(history: pd.DataFrame) -> bytes:
     """How closely each student imitates its teacher on validation images."""
-    if "val_teacher_agreement" not in history:
-        return None
-    df = history.dropna(subset=["val_teacher_agreement"]).copy()
-    df["agreement"] = 100 * df["val_teacher_agreement"]
-    df["label"] = df["arm"].map(ARM_LABELS)
-    palette = {ARM_LABELS[a]: c for a, c in PALETTE.items()}
+    df = _labelled(history.dropna(subset=["val_teacher_agreement"]))
+    df = df.assign(agreement=100 * df["val_teacher_agreement"])
+    students = [ARM_LABELS["student_baseline"], ARM_LABELS["student_kd"]]
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
-    sns.lineplot(data=df, x="epoch", y="agreement", hue="label", errorbar="sd",
-                 palette=palette, marker="o", ax=axes[0])
+    sns.lineplot(data=df, x="epoch", y="agreement", hue="label", hue_order=students,
+                 errorbar="sd", palette=PALETTE, marker="o", ax=axes[0])
     axes[0].set(ylabel="top-1 agreement (%)", title="Agreement with the teacher")
-    sns.lineplot(data=df, x="epoch", y="val_teacher_kl", hue="label", errorbar="sd",
-                 palette=palette, marker="o", ax=axes[1], legend=False)
+    sns.lineplot(data=df, x="epoch", y="val_teacher_kl", hue="label", hue_order=students,
+                 errorbar="sd", palette=PALETTE, marker="o", ax=axes[1], legend=False)
     axes[1].set(ylabel="KL(teacher ‖ student)", title="Divergence from the teacher")
     axes[0].legend(title="")
-    for ax in axes:
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    _integer_epochs(axes)
     fig.tight_layout()
     return _png(fig)
 
 
-def render_report(tables: dict[str, str], out: str, title: str, experiment: dict) -> None:
-    """tables: paths of the aggregate step's metrics, history, arms, gain
-    (CSV) and headline (JSON) files."""
-    metrics = pd.read_csv(tables["metrics"])
-    history = pd.read_csv(tables["history"])
-    arms = pd.read_csv(tables["arms"])
-    gain = pd.read_csv(tables["gain"])
+def fig_per_class(per_class: pd.DataFrame) -> bytes:
+    df = _labelled(per_class).assign(acc=100 * per_class["accuracy"])
+    fig, ax = plt.subplots(figsize=(9, 3.6))
+    sns.barplot(data=df, x="class", y="acc", hue="label", hue_order=LABEL_ORDER,
+                palette=PALETTE, errorbar="sd", ax=ax)
+    ax.set(xlabel="", ylabel="test accuracy (%)", title="Accuracy per class (mean ± sd over seeds)")
+    ax.legend(title="", ncols=3, loc="lower center", bbox_to_anchor=(0.5, -0.32))
+    return _png(fig)
+
+
+def fig_confusion(confusion: pd.DataFrame) -> bytes:
+    """Row-normalised confusion matrices, summed over seeds, one per arm."""
+    classes = list(dict.fromkeys(confusion["true"]))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.6), sharey=True)
+    for ax, arm in zip(axes, ARM_ORDER):
+        m = (confusion[confusion["arm"] == arm]
+             .pivot_table(index="true", columns="predicted", values="count", aggfunc="sum")
+             .reindex(index=classes, columns=classes))
+        share = 100 * m.div(m.sum(axis=1).replace(0, np.nan), axis=0)
+        sns.heatmap(share, ax=ax, cmap="Blues", vmin=0, vmax=100, annot=True, fmt=".0f",
+                    annot_kws={"fontsize": 7}, cbar=arm == "student_kd",
+                    cbar_kws={"label": "% of the true class"})
+        ax.set(title=ARM_LABELS[arm], xlabel="predicted", ylabel="true" if arm == "teacher" else "")
+    fig.tight_layout()
+    return _png(fig)
+
+
+def fig_reliability(calibration: pd.DataFrame, arms: pd.DataFrame) -> bytes:
+    """Reliability diagram: accuracy against confidence, bins pooled over seeds."""
+    c = calibration.dropna(subset=["accuracy"]).copy()
+    c["correct"] = c["accuracy"] * c["count"]
+    c["conf_sum"] = c["confidence"] * c["count"]
+    pooled = c.groupby(["arm", "bin"], observed=True)[["count", "correct", "conf_sum"]].sum()
+    pooled = pooled[pooled["count"] > 0].reset_index()
+    pooled["accuracy"] = 100 * pooled["correct"] / pooled["count"]
+    pooled["confidence"] = 100 * pooled["conf_sum"] / pooled["count"]
+    pooled = _labelled(pooled)
+    ece = dict(zip(arms["arm"], arms["ece_mean"]))
+    fig, ax = plt.subplots(figsize=(5, 4.4))
+    ax.plot([0, 100], [0, 100], ls="--", color="black", lw=1, label="perfect calibration")
+    for arm in ARM_ORDER:
+        d = pooled[pooled["arm"] == arm]
+        ax.plot(d["confidence"], d["accuracy"], marker="o", color=PALETTE[ARM_LABELS[arm]],
+                label=f"{ARM_LABELS[arm]} (ECE {100 * ece[arm]:.1f}%)")
+    ax.set(xlabel="confidence (%)", ylabel="accuracy (%)", xlim=(0, 100), ylim=(0, 100),
+           title="Reliability diagram (test set)")
+    ax.legend(fontsize=8, loc="upper left")
+    return _png(fig)
+
+
+def fig_efficiency(metrics: pd.DataFrame) -> bytes:
+    df = _labelled(metrics).assign(acc=100 * metrics["accuracy"],
+                                   mmacs=metrics["macs_per_image"] / 1e6)
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    sns.scatterplot(data=df, x="mmacs", y="acc", hue="label", hue_order=LABEL_ORDER,
+                    palette=PALETTE, s=70, ax=ax)
+    ax.set_xscale("log")
+    ax.set(xlabel="multiply-accumulates per image (millions, log scale)",
+           ylabel="test accuracy (%)", title="Accuracy against inference cost")
+    ax.legend(title="")
+    return _png(fig)
+
+
+def _provenance(prov: pd.DataFrame, experiment: dict) -> dict:
+    first = prov.drop(columns=["seed", "arm", "source"]).iloc[0].to_dict()
+    return {
+        "kdflow commit": first.get("kdflow_commit"),
+        "working tree dirty": first.get("kdflow_dirty"),
+        "Python": first.get("python"), "torch": first.get("torch"),
+        "torchvision": first.get("torchvision"), "Snakemake": first.get("snakemake"),
+        "training devices": ", ".join(sorted(set(prov["device_name"].astype(str)))),
+        "trained": f"{prov['date'].min()} – {prov['date'].max()}",
+        "config hash (sha256, first 12)": config_hash(experiment),
+        "dataset archive md5": experiment.get("data", {}).get("md5"),
+        "dataset source": experiment.get("data", {}).get("url"),
+    }
+
+
+def render_report(tables: dict[str, str], out: str, title: str, experiment: dict,
+                  figures: dict[str, str] | None = None) -> None:
+    """tables: paths of the aggregate step's CSV files and headline JSON.
+    figures: where to also write figures as PNG files, by name (see FIGURES)."""
+    t = {k: pd.read_csv(v) for k, v in tables.items() if k != "headline"}
     head = json.loads(Path(tables["headline"]).read_text())
     sns.set_theme(style="whitegrid", context="notebook")
-
-    arms["label"] = arms["arm"].map(ARM_LABELS)
-    prov = pd.read_csv(tables["provenance"])
-    provenance = prov.drop(columns=["seed", "arm", "source"]).iloc[0].to_dict()
-    provenance["models trained on"] = ", ".join(sorted(set(prov["device_name"].astype(str))))
+    arms = _labelled(t["arms"])
+    figure_paths = figures or {}
+    figures = {
+        "accuracy": fig_accuracy(t["metrics"]),
+        "paired": fig_paired(t["gain"]),
+        "curves": fig_curves(t["history"]),
+        "agreement": fig_agreement(t["history"]),
+        "per_class": fig_per_class(t["per_class"]),
+        "confusion": fig_confusion(t["confusion"]),
+        "reliability": fig_reliability(t["calibration"], arms),
+        "efficiency": fig_efficiency(t["metrics"]),
+    }
+    for name, path in figure_paths.items():
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_bytes(figures[name])
+    jobs = t["jobs"]
+    cost = (jobs.groupby(["job", "arm"], sort=False)["wall_seconds"]
+            .agg(["count", "sum", "mean"]).reset_index())
+    cost["label"] = cost["arm"].map(ARM_LABELS)
 
     env = Environment(loader=PackageLoader("kdflow", "templates"),
                       autoescape=select_autoescape(["html", "j2"]),
                       undefined=StrictUndefined)
-    env.filters["pct"] = pct
-    env.filters["signed_pct"] = signed_pct
+    env.filters.update(pct=pct, signed_pct=signed_pct, num=num)
     html = env.get_template("report.html.j2").render(
         title=title,
         generated=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         head=head,
+        test=head["paired_test"],
         arms=arms.to_dict("records"),
-        gain=gain.to_dict("records"),
-        metrics=metrics.to_dict("records"),
+        gain=t["gain"].to_dict("records"),
+        metrics=t["metrics"].to_dict("records"),
+        cost=cost.to_dict("records"),
+        total_hours=jobs["wall_seconds"].sum() / 3600,
         labels=ARM_LABELS,
-        figures={
-            "accuracy": fig_accuracy(metrics),
-            "gain": fig_gain(gain),
-            "curves": fig_curves(history),
-            "agreement": fig_agreement(history),
-        },
+        figures={k: "data:image/png;base64," + base64.b64encode(v).decode()
+                 for k, v in figures.items()},
         experiment_yaml=yaml.safe_dump(experiment, sort_keys=False),
-        provenance=provenance,
+        provenance=_provenance(t["provenance"], experiment),
         sources=tables,
     )
     tmp = f"{out}.part"

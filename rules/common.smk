@@ -30,3 +30,17 @@ def teacher_of(wildcards):
     if wildcards.arm == "teacher":
         return []
     return f"results/seed{wildcards.seed}/teacher/model.pt"
+
+
+def figure(name):
+    """A figure of the report, also registered for `snakemake --report`."""
+    return report(
+        f"results/figures/{name}.png",
+        caption=f"../report/{name}.rst",
+        category="Figures",
+    )
+
+
+def per_model(pattern):
+    """`pattern` for every seed x arm, in one fixed order shared by all inputs."""
+    return expand(pattern, seed=SEEDS, arm=ARMS)

@@ -9,8 +9,11 @@ rule evaluate:
         teacher=teacher_of,
     output:
         metrics="results/seed{seed}/{arm}/metrics.json",
+        speed="results/seed{seed}/{arm}/speed.json",
     log:
         "results/logs/seed{seed}/evaluate_{arm}.log",
+    benchmark:
+        "results/benchmarks/seed{seed}/evaluate_{arm}.tsv"
     conda:
         "../envs/kdflow.yaml"
     threads: 2

@@ -3,19 +3,29 @@
 
 rule aggregate:
     input:
-        metrics=expand("results/seed{seed}/{arm}/metrics.json", seed=SEEDS, arm=ARMS),
-        histories=expand("results/seed{seed}/{arm}/history.csv", seed=SEEDS, arm=ARMS),
-        checkpoints=expand("results/seed{seed}/{arm}/model.pt", seed=SEEDS, arm=ARMS),
-        benchmarks=expand(
-            "results/benchmarks/seed{seed}/train_{arm}.tsv", seed=SEEDS, arm=ARMS
-        ),
+        metrics=per_model("results/seed{seed}/{arm}/metrics.json"),
+        speed=per_model("results/seed{seed}/{arm}/speed.json"),
+        histories=per_model("results/seed{seed}/{arm}/history.csv"),
+        checkpoints=per_model("results/seed{seed}/{arm}/model.pt"),
+        train_benchmarks=per_model("results/benchmarks/seed{seed}/train_{arm}.tsv"),
+        eval_benchmarks=per_model("results/benchmarks/seed{seed}/evaluate_{arm}.tsv"),
     output:
         metrics="results/summary/metrics.csv",
         history="results/summary/history.csv",
-        arms="results/summary/arms.csv",
-        gain="results/summary/kd_gain.csv",
-        headline="results/summary/headline.json",
+        per_class="results/summary/per_class.csv",
+        confusion="results/summary/confusion.csv",
+        calibration="results/summary/calibration.csv",
+        jobs="results/summary/jobs.csv",
         provenance="results/summary/provenance.csv",
+        arms=report(
+            "results/summary/arms.csv", caption="../report/arms.rst", category="Tables"
+        ),
+        gain=report(
+            "results/summary/kd_gain.csv",
+            caption="../report/kd_gain.rst",
+            category="Tables",
+        ),
+        headline="results/summary/headline.json",
     log:
         "results/logs/aggregate.log",
     conda:
@@ -28,7 +38,17 @@ rule report:
     input:
         **rules.aggregate.output,
     output:
-        html="results/report.html",
+        html=report(
+            "results/report.html", caption="../report/html.rst", category="Report"
+        ),
+        accuracy=figure("accuracy"),
+        paired=figure("paired"),
+        curves=figure("curves"),
+        agreement=figure("agreement"),
+        per_class=figure("per_class"),
+        confusion=figure("confusion"),
+        reliability=figure("reliability"),
+        efficiency=figure("efficiency"),
     log:
         "results/logs/report.log",
     conda:

@@ -1,13 +1,10 @@
-from kdflow.aggregate import aggregate
+from kdflow.aggregate import MODEL_FILES, aggregate
 from kdflow.cli import run_step
 
 run_step(
     snakemake.log[0],
     lambda: aggregate(
-        metrics=list(snakemake.input.metrics),
-        histories=list(snakemake.input.histories),
-        benchmarks=list(snakemake.input.benchmarks),
-        checkpoints=list(snakemake.input.checkpoints),
+        files={k: list(snakemake.input[k]) for k in MODEL_FILES},
         out=dict(snakemake.output.items()),
     ),
 )

@@ -7,6 +7,7 @@ run_step(
         snakemake.input.model,
         snakemake.input.dataset,
         snakemake.output.metrics,
+        out_speed=snakemake.output.speed,
         arm=snakemake.wildcards.arm,
         seed=int(snakemake.wildcards.seed),
         teacher=snakemake.input.teacher or None,

@@ -6,6 +6,7 @@ run_step(
     lambda: render_report(
         tables=dict(snakemake.input.items()),
         out=snakemake.output.html,
+        figures={k: v for k, v in snakemake.output.items() if k != "html"},
         title=snakemake.params.title,
         experiment=snakemake.params.experiment,
     ),

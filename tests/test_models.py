@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from kdflow.config import load_schema
+from kdflow.efficiency import count_macs
 from kdflow.models import MODELS, build_model, count_parameters
 from kdflow import KdflowError
 
@@ -28,3 +29,8 @@ def test_schema_lists_exactly_the_models():
 def test_unknown_model_is_a_clear_error():
     with pytest.raises(KdflowError, match="unknown model 'resnet'"):
         build_model("resnet")
+
+
+@pytest.mark.parametrize("name,millions", [("deepnn", 94.2), ("lightnn", 1.3)])
+def test_macs_counted_from_the_model_match_the_reference(name, millions):
+    assert count_macs(build_model(name)) / 1e6 == pytest.approx(millions, abs=0.05)

@@ -18,11 +18,15 @@ def test_run_produces_every_output(workflow_run):
     res = workdir / "results"
     for seed in config["seeds"]:
         for arm in ARMS:
-            for name in ("model.pt", "history.csv", "metrics.json"):
+            for name in ("model.pt", "history.csv", "metrics.json", "speed.json"):
                 assert (res / f"seed{seed}" / arm / name).is_file()
             assert (res / "logs" / f"seed{seed}" / f"train_{arm}.log").is_file()
             assert (res / "benchmarks" / f"seed{seed}" / f"train_{arm}.tsv").is_file()
+            assert (res / "benchmarks" / f"seed{seed}" / f"evaluate_{arm}.tsv").is_file()
     assert (res / "report.html").is_file()
+    for name in ("accuracy", "paired", "curves", "agreement", "per_class", "confusion",
+                 "reliability", "efficiency"):
+        assert (res / "figures" / f"{name}.png").stat().st_size > 1000
     assert not list(res.rglob("*.part*")), "temporary files left behind"
 
 
@@ -79,6 +83,11 @@ def test_metrics_are_complete(workflow_run):
     workdir, _ = workflow_run
     m = json.loads((workdir / "results/seed0/teacher/metrics.json").read_text())
     assert m["parameters"] == 1_186_986 and m["test_images"] == 100
+    assert m["macs_per_image"] == 94_245_888
+    cal = m["calibration"]
+    assert 0 <= cal["ece"] <= 1 and sum(b["count"] for b in cal["bins"]) == 100
+    speed = json.loads((workdir / "results/seed0/teacher/speed.json").read_text())
+    assert speed["latency_ms_batch1"] > 0 and speed["throughput_images_per_s"] > 0
     cm = m["confusion_matrix"]
     assert len(cm) == 10 and sum(map(sum, cm)) == 100
     assert sum(cm[i][i] for i in range(10)) / 100 == pytest.approx(m["accuracy"])
@@ -89,13 +98,14 @@ def test_metrics_are_complete(workflow_run):
 class _Text(HTMLParser):
     def __init__(self):
         super().__init__()
-        self.text, self.srcs = [], []
+        self.text, self.srcs, self.links = [], [], []
 
     def handle_data(self, data):
         self.text.append(data)
 
     def handle_starttag(self, tag, attrs):
-        self.srcs += [v for k, v in attrs if k in ("src", "href") and v]
+        self.srcs += [v for k, v in attrs if k == "src"]
+        self.links += [v for k, v in attrs if k == "href"]
 
 
 def test_report_shows_the_numbers_in_the_metrics_files(workflow_run):
@@ -107,7 +117,9 @@ def test_report_shows_the_numbers_in_the_metrics_files(workflow_run):
     assert config["report"]["title"] in text
     # Self-contained: every image is embedded, nothing is fetched.
     assert all(s.startswith("data:image/png;base64,") for s in parser.srcs)
-    assert len(parser.srcs) >= 4
+    assert all(link.startswith("#") for link in parser.links)
+    assert "<script" not in html and "@import" not in html
+    assert len(parser.srcs) == 8
     accs = {}
     for seed in config["seeds"]:
         for arm in ARMS:
@@ -126,6 +138,11 @@ def test_report_shows_the_numbers_in_the_metrics_files(workflow_run):
         assert n in text
     assert "soft_target_weight: 0.25" in text  # the experiment's config
     assert "cannot be judged" in text           # 2 seeds: says so honestly
+    assert 'id="paired-test-impossible"' in html and "p = " not in text
+    for section in ("significance", "classes", "calibration", "efficiency", "cost", "provenance"):
+        assert f'<section id="{section}">' in html
+    for fact in ("kdflow commit", "torchvision", "Snakemake", "config hash", "dataset archive md5"):
+        assert fact in text
 
 
 def test_summary_table_is_tidy(workflow_run):
@@ -213,3 +230,10 @@ def test_lint_is_clean():
                           capture_output=True, text=True, cwd=REPO, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "Congratulations, your workflow is in a good condition!" in proc.stdout + proc.stderr
+
+
+def test_snakemake_report_works(workflow_run):
+    workdir, config = workflow_run
+    proc = snakemake(workdir, config, "--report", str(workdir / "snakemake-report.zip"),
+                     name="report.yaml")
+    assert (workdir / "snakemake-report.zip").stat().st_size > 10_000, proc.stderr
