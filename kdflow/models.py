@@ -17,7 +17,20 @@ from torch import nn
 from kdflow import KdflowError
 
 
-class DeepNN(nn.Module):
+class _FeaturesThenClassifier(nn.Module):
+    """`features` (a conv stack) then `classifier` (an MLP on the flattened map)."""
+
+    features: nn.Module
+    classifier: nn.Module
+
+    def classify(self, features: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(features, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classify(self.features(x))
+
+
+class DeepNN(_FeaturesThenClassifier):
     """Teacher: four 3x3 convolutions in two pooled stages, then a 2-layer MLP.
 
     1,186,986 parameters for 10 classes; ~94 M multiply-accumulates per image.
@@ -44,14 +57,8 @@ class DeepNN(nn.Module):
             nn.Linear(512, num_classes),
         )
 
-    def classify(self, features: torch.Tensor) -> torch.Tensor:
-        return self.classifier(torch.flatten(features, 1))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classify(self.features(x))
-
-
-class LightNN(nn.Module):
+class LightNN(_FeaturesThenClassifier):
     """Student: two 3x3 convolutions with 16 channels, then a 2-layer MLP.
 
     267,738 parameters for 10 classes (a quarter of the teacher's) and ~1.3 M
@@ -74,12 +81,6 @@ class LightNN(nn.Module):
             nn.Dropout(0.1),
             nn.Linear(256, num_classes),
         )
-
-    def classify(self, features: torch.Tensor) -> torch.Tensor:
-        return self.classifier(torch.flatten(features, 1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classify(self.features(x))
 
 
 # A plain dict, not a registry with decorators: the schema's `enum` of model
