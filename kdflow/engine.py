@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdflow import KdflowError
+from kdflow import KdflowError, resume
 from kdflow.data import Normalizer
 from kdflow.losses import teacher_kl
 
@@ -187,6 +187,8 @@ def fit(
     teacher_val_logits: Optional[torch.Tensor] = None,
     augment: Augment = Augment(),
     options: EngineOptions = EngineOptions(),
+    state_path: Optional[str] = None,
+    job: str = "",
 ) -> FitResult:
     """Train with Adam and keep the weights of the best validation epoch.
 
@@ -194,6 +196,10 @@ def fit(
     gets the teacher's logits for the step's batch when `teacher_logits` is
     given (distillation). With `teacher_val_logits` each epoch also records
     the student's agreement with its teacher on the validation split.
+
+    With `state_path`, the full training state is saved there after every
+    epoch and on SIGTERM, and a saved state of the same `job` (a fingerprint
+    of its config and inputs) is resumed; see kdflow.resume.
     """
     device = train_x.device
     configure(device, options)
@@ -213,59 +219,116 @@ def fit(
 
     history: list[dict] = []
     best = FitResult({}, 0, -1.0, history)
-    for epoch in range(1, epochs + 1):
-        t0 = time.perf_counter()
-        model.train()
-        perm = torch.randperm(n, generator=order).to(device)
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device, dtype=torch.long)
-        for start in range(0, n, batch_size):
-            idx = perm[start:start + batch_size]
-            xb = train_x[idx]
-            if augment.enabled:
-                xb = augment_batch(xb, augment, aug_gen)
-            xb = normalize(xb)
-            targets = train_y[idx]
-            with autocast(device, amp):
-                t_logits = teacher_logits(idx, xb) if teacher_logits else None
-                logits = step_model(xb)
-                loss = loss_fn(logits, targets, t_logits)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            # Accumulated on the device: no host sync per step on CUDA.
-            loss_sum += loss.detach().float() * len(idx)
-            correct += (logits.detach().argmax(1) == targets).sum()
-        row = {
-            "epoch": epoch,
-            "train_loss": loss_sum.item() / n,
-            "train_accuracy": correct.item() / n,
-        }
-        val_logits = predict_logits(model, val_x, normalize, amp_dtype=amp)
-        row["val_loss"] = F.cross_entropy(val_logits, val_y).item()
-        row["val_accuracy"] = (val_logits.argmax(1) == val_y).sum().item() / len(val_y)
-        if teacher_val_logits is not None:
-            row["val_teacher_agreement"] = (
-                val_logits.argmax(1) == teacher_val_logits.argmax(1)
-            ).sum().item() / len(val_y)
-            row["val_teacher_kl"] = teacher_kl(val_logits, teacher_val_logits).item()
-        row["lr"] = opt.param_groups[0]["lr"]
-        row["seconds"] = time.perf_counter() - t0
-        history.append(row)
-        improved = row["val_accuracy"] > best.best_val_accuracy
-        if improved:
-            best.best_state = {k: v.detach().to("cpu", copy=True)
-                               for k, v in model.state_dict().items()}
-            best.best_epoch, best.best_val_accuracy = epoch, row["val_accuracy"]
-        log.info(
-            "epoch %d/%d  train loss %.4f acc %.2f%%  val loss %.4f acc %.2f%%%s  "
-            "%.1fs (%.0f img/s)%s",
-            epoch, epochs, row["train_loss"], 100 * row["train_accuracy"],
-            row["val_loss"], 100 * row["val_accuracy"],
-            (f"  agree {100 * row['val_teacher_agreement']:.2f}%"
-             if teacher_val_logits is not None else ""),
-            row["seconds"], n / row["seconds"], "  *best" if improved else "",
-        )
+    first_epoch, partial = 1, None
+    saved = resume.load(state_path, job)
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        order.set_state(saved["rng"]["order"])
+        aug_gen.set_state(saved["rng"]["augment"].to(aug_gen.get_state().device))
+        torch.set_rng_state(saved["rng"]["torch"])
+        if device.type == "cuda" and saved["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(saved["rng"]["cuda"], device)
+        history[:] = saved["history"]
+        best.best_state, best.best_epoch = saved["best_state"], saved["best_epoch"]
+        best.best_val_accuracy = saved["best_val_accuracy"]
+        first_epoch, partial = saved["epoch"] + 1, saved["partial"]
+        where = (f"epoch {first_epoch}, step {partial['next'] // batch_size}"
+                 if partial else f"the end of epoch {saved['epoch']}")
+        log.info("resuming from %s (saved state %s)", where, state_path)
+
+    def save_state(epoch_done: int, partial_epoch: Optional[dict]) -> None:
+        resume.save(state_path, {
+            "job": job, "epoch": epoch_done, "partial": partial_epoch,
+            "model": model.state_dict(), "optimizer": opt.state_dict(),
+            "rng": {"order": order.get_state(), "augment": aug_gen.get_state().cpu(),
+                    "torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
+            "history": history, "best_state": best.best_state,
+            "best_epoch": best.best_epoch, "best_val_accuracy": best.best_val_accuracy,
+        })
+
+    with resume.TermGuard(enabled=state_path is not None) as term:
+        for epoch in range(first_epoch, epochs + 1):
+            t0 = time.perf_counter()
+            model.train()
+            if partial is None:
+                perm = torch.randperm(n, generator=order).to(device)
+                begin, elapsed = 0, 0.0
+                loss_sum = torch.zeros((), device=device)
+                correct = torch.zeros((), device=device, dtype=torch.long)
+            else:
+                perm, begin, elapsed = partial["perm"].to(device), partial["next"], partial["elapsed"]
+                loss_sum = partial["loss_sum"].to(device)
+                correct = partial["correct"].to(device)
+                partial = None
+            for start in range(begin, n, batch_size):
+                if term.requested:
+                    save_state(epoch - 1, {"perm": perm.cpu(), "next": start,
+                                           "loss_sum": loss_sum.cpu(), "correct": correct.cpu(),
+                                           "elapsed": elapsed + time.perf_counter() - t0})
+                    raise resume.Preempted(
+                        f"stopped by SIGTERM in epoch {epoch}; state saved to {state_path}, "
+                        "rerun the job to resume")
+                idx = perm[start:start + batch_size]
+                xb = train_x[idx]
+                if augment.enabled:
+                    xb = augment_batch(xb, augment, aug_gen)
+                xb = normalize(xb)
+                targets = train_y[idx]
+                with autocast(device, amp):
+                    t_logits = teacher_logits(idx, xb) if teacher_logits else None
+                    logits = step_model(xb)
+                    loss = loss_fn(logits, targets, t_logits)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                # Accumulated on the device: no host sync per step on CUDA.
+                loss_sum += loss.detach().float() * len(idx)
+                correct += (logits.detach().argmax(1) == targets).sum()
+            row = _epoch_row(model, epoch, n, loss_sum, correct, val_x, val_y, normalize,
+                             amp, teacher_val_logits)
+            row["lr"] = opt.param_groups[0]["lr"]
+            row["seconds"] = elapsed + time.perf_counter() - t0
+            history.append(row)
+            improved = row["val_accuracy"] > best.best_val_accuracy
+            if improved:
+                best.best_state = {k: v.detach().to("cpu", copy=True)
+                                   for k, v in model.state_dict().items()}
+                best.best_epoch, best.best_val_accuracy = epoch, row["val_accuracy"]
+            _log_epoch(row, epochs, n, improved)
+            if state_path is not None:
+                save_state(epoch, None)
     # Weights are stored contiguous (NCHW): channels_last is a runtime layout.
     best.best_state = {k: v.contiguous() for k, v in best.best_state.items()}
     return best
+
+
+def _epoch_row(model, epoch, n, loss_sum, correct, val_x, val_y, normalize, amp,
+               teacher_val_logits) -> dict:
+    row = {
+        "epoch": epoch,
+        "train_loss": loss_sum.item() / n,
+        "train_accuracy": correct.item() / n,
+    }
+    val_logits = predict_logits(model, val_x, normalize, amp_dtype=amp)
+    row["val_loss"] = F.cross_entropy(val_logits, val_y).item()
+    row["val_accuracy"] = (val_logits.argmax(1) == val_y).sum().item() / len(val_y)
+    if teacher_val_logits is not None:
+        row["val_teacher_agreement"] = (
+            val_logits.argmax(1) == teacher_val_logits.argmax(1)
+        ).sum().item() / len(val_y)
+        row["val_teacher_kl"] = teacher_kl(val_logits, teacher_val_logits).item()
+    return row
+
+
+def _log_epoch(row: dict, epochs: int, n: int, improved: bool) -> None:
+    agree = row.get("val_teacher_agreement")
+    log.info(
+        "epoch %d/%d  train loss %.4f acc %.2f%%  val loss %.4f acc %.2f%%%s  "
+        "%.1fs (%.0f img/s)%s",
+        row["epoch"], epochs, row["train_loss"], 100 * row["train_accuracy"],
+        row["val_loss"], 100 * row["val_accuracy"],
+        f"  agree {100 * agree:.2f}%" if agree is not None else "",
+        row["seconds"], n / row["seconds"], "  *best" if improved else "",
+    )

@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from kdflow import checkpoint, provenance
+from kdflow import checkpoint, provenance, resume
 from kdflow.data import CifarSplits, Normalizer
 from kdflow.engine import (Augment, EngineOptions, TeacherFn, autocast_dtype, configure, fit,
                            predict_logits, resolve_device, set_threads)
@@ -94,11 +94,17 @@ def train(
             return kd_loss(logits, t_logits, targets, kd["temperature"],
                            kd["soft_target_weight"])
 
+    # Resumable state beside the outputs, not one of them (kdflow.resume).
+    state_path = str(Path(out_model).with_name("resume.pt"))
+    job = resume.fingerprint(
+        role=role, model=model_cfg, kd=kd, engine=options, seed=seed,
+        split=resume.file_digest(split), dataset=resume.file_digest(dataset),
+        teacher=resume.file_digest(teacher) if teacher else None)
     result = fit(model, data.train_x, data.train_y, data.val_x, data.val_y,
                  loss_fn=loss_fn, teacher_logits=teacher_fn,
                  teacher_val_logits=teacher_val, epochs=model_cfg["epochs"],
                  batch_size=model_cfg["batch_size"], lr=model_cfg["lr"], seed=seed,
-                 augment=aug, options=options)
+                 augment=aug, options=options, state_path=state_path, job=job)
     last = result.history[-1]
     log.info("best epoch %d (val acc %.2f%%), last epoch %d (val acc %.2f%%)",
              result.best_epoch, 100 * result.best_val_accuracy,
@@ -124,6 +130,7 @@ def train(
         teacher=teacher_record,
         provenance=provenance.collect(dev),
     )
+    resume.remove(state_path)  # outputs complete: nothing left to resume
 
 
 def teacher_signal(t_model, train_x, normalize, aug: Augment, amp) -> TeacherFn:

@@ -1,0 +1,95 @@
+"""Training that survives preemption: resumable state and SIGTERM handling.
+
+SLURM sends SIGTERM at a time limit or preemption, then SIGKILL a little
+later. Training saves its complete state (weights, optimiser, RNG streams,
+history, position in the epoch) at the end of every epoch and, on SIGTERM, at
+the next step boundary; a rerun of the job continues from it and ends with
+the same result as an uninterrupted run. The state lives beside the job's
+outputs but is not one of them, so Snakemake does not delete it when the job
+fails, and it is removed once the outputs are written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import signal
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from kdflow import KdflowError
+
+log = logging.getLogger(__name__)
+
+FORMAT = "kdflow-resume-1"
+
+
+class Preempted(KdflowError):
+    """Raised at a step boundary after SIGTERM, once the state is saved."""
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fingerprint(**what) -> str:
+    """Identity of a training job: a saved state resumes only the same job
+    (same config, seed, data split and teacher), never a changed one."""
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def save(path: str | os.PathLike, state: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".part")
+    torch.save({"format": FORMAT, **state}, tmp)
+    os.replace(tmp, path)  # atomic: a kill mid-write keeps the previous state
+
+
+def load(path: Optional[str | os.PathLike], job: str) -> Optional[dict]:
+    """The saved state of this job, or None (absent, unreadable or another job's)."""
+    if path is None or not Path(path).exists():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a torn or foreign file: start over, say so
+        log.warning("ignoring unreadable resume state %s (%s)", path, e)
+        return None
+    if state.get("format") != FORMAT or state.get("job") != job:
+        log.warning("ignoring resume state %s: it belongs to a different config or input",
+                    path)
+        return None
+    return state
+
+
+def remove(path: Optional[str | os.PathLike]) -> None:
+    if path is not None:
+        Path(path).unlink(missing_ok=True)
+
+
+class TermGuard:
+    """Turns SIGTERM into a flag the training loop checks between steps."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled, self.requested, self._previous = enabled, False, None
+
+    def _handler(self, signum, frame):
+        self.requested = True
+        log.warning("received SIGTERM: saving state at the next step boundary")
+
+    def __enter__(self):
+        if self.enabled:
+            self._previous = signal.signal(signal.SIGTERM, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            signal.signal(signal.SIGTERM, self._previous)
