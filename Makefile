@@ -8,7 +8,7 @@ PYTHON ?= python3.11
 VENV := .venv
 CORES ?= 4
 
-.PHONY: run test lint clean-venv browser
+.PHONY: run test lint clean-venv test-deps
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -19,21 +19,23 @@ $(VENV)/.installed: requirements.txt
 run: $(VENV)/.installed
 	$(VENV)/bin/snakemake --cores $(CORES) --resources gpu=1 $(ARGS)
 
-test: $(VENV)/.installed browser
+test: $(VENV)/.installed test-deps
 	$(VENV)/bin/python -m pytest $(ARGS)
 
-# The report's browser test needs Chromium and ChromeDriver (Debian packages).
-# Installed when missing and possible (root with apt-get); otherwise the test
-# is skipped and says why.
-browser:
-	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+# The browser test needs Chromium and ChromeDriver, the SLURM test slurm-wlm
+# and munge (Debian packages). Installed when missing and possible (root with
+# apt-get); otherwise those tests are skipped and say why.
+TEST_PACKAGES := chromium chromium-driver slurm-wlm munge
+test-deps:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null \
+	    && command -v slurmctld >/dev/null && command -v munged >/dev/null; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	  echo "installing chromium and chromium-driver for the browser test"; \
+	  echo "installing $(TEST_PACKAGES) for the browser and SLURM tests"; \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-	    chromium chromium-driver >/dev/null) \
-	  || echo "kdflow: could not install Chromium; the browser test will be skipped"; \
-	else echo "kdflow: Chromium not found and not installable here (needs root and apt-get);" \
-	  "the browser test will be skipped"; fi
+	    $(TEST_PACKAGES) >/dev/null) \
+	  || echo "kdflow: could not install $(TEST_PACKAGES); their tests will be skipped"; \
+	else echo "kdflow: $(TEST_PACKAGES) missing and not installable here (needs root" \
+	  "and apt-get); the browser and SLURM tests will be skipped"; fi
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/snakemake --lint

@@ -1,4 +1,10 @@
 # All metrics -> tidy tables (pandas) -> figures (seaborn) -> one HTML file.
+# Local rules: seconds of CPU work, not worth a cluster job.
+
+
+localrules:
+    aggregate,
+    report,
 
 
 rule aggregate:

@@ -89,6 +89,7 @@ def base_config(archive: Path, md5: str) -> dict:
         "data": {"url": archive.as_uri(), "md5": md5, "val_size": 50},
         "seeds": [0, 1],
         "device": "cpu",
+        "engine": {"deterministic": True},
         "teacher": {"model": "deepnn", "epochs": 1, "batch_size": 32},
         "student": {"model": "lightnn", "epochs": 1, "batch_size": 32},
         "kd": {"temperature": 2.0, "soft_target_weight": 0.25},
