@@ -39,7 +39,9 @@ def slurm(tmp_path_factory):
 def slurm_jobs() -> list[dict]:
     out = subprocess.run(["scontrol", "show", "jobs", "-o"], capture_output=True,
                          text=True, check=True).stdout
-    return [dict(re.findall(r"(\w+)=(\S*)", line)) for line in out.splitlines() if line.strip()]
+    # one line per job; "No jobs in the system" when there are none
+    return [dict(re.findall(r"(\w+)=(\S*)", line)) for line in out.splitlines()
+            if line.startswith("JobId=")]
 
 
 def test_workflow_runs_through_sbatch_with_gpus(slurm, workflow_run, tmp_path):

@@ -7,7 +7,7 @@
 # Needs Debian's slurm-wlm and munge (`make test` installs them as root).
 set -euo pipefail
 dir=$(realpath -m "$1")
-mkdir -p "$dir"/{state,spool,munge}
+mkdir -p "$dir"/{state,spool}
 host=$(hostname -s)
 mem_mb=$(awk '/MemTotal/ {print int($2 / 1024 * 0.8)}' /proc/meminfo)
 cpus=$(nproc)
@@ -18,11 +18,13 @@ if ! pgrep -x munged >/dev/null; then
   chown munge:munge /etc/munge/munge.key 2>/dev/null || true
   chmod 400 /etc/munge/munge.key
   mkdir -p /run/munge && chown munge:munge /run/munge 2>/dev/null || true
+  # Its pid file stays in /run/munge: the munge user cannot enter DIR.
   if id munge >/dev/null 2>&1; then
-    runuser -u munge -- munged --pid-file="$dir/munge/munged.pid"
+    runuser -u munge -- munged
   else
-    munged --force --pid-file="$dir/munge/munged.pid"
+    munged --force
   fi
+  echo /run/munge/munged.pid >"$dir/munged.pidfile"  # started here: stop.sh stops it
 fi
 
 conf=/etc/slurm/slurm.conf

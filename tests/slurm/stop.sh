@@ -3,7 +3,8 @@
 set -u
 dir=$(realpath -m "$1")
 pids=()
-for pidfile in "$dir/slurmd.pid" "$dir/slurmctld.pid" "$dir/munge/munged.pid"; do
+munge_pidfile=$(cat "$dir/munged.pidfile" 2>/dev/null)
+for pidfile in "$dir/slurmd.pid" "$dir/slurmctld.pid" $munge_pidfile; do
   if [ -s "$pidfile" ]; then
     pid=$(cat "$pidfile")
     kill "$pid" 2>/dev/null && pids+=("$pid")
