@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import io
-import os
 import pickle
 import re
 import subprocess

@@ -1,6 +1,5 @@
 """Training that survives SIGKILL and SIGTERM, and resumes to the same result."""
 
-import json
 import os
 import signal
 import subprocess

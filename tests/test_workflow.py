@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
-from tests.conftest import REPO, SNAKEMAKE, base_config, build_archive, deep_update, planned_jobs, snakemake
+from tests.conftest import REPO, SNAKEMAKE, base_config, deep_update, planned_jobs, snakemake
 
 ARMS = ["teacher", "student_baseline", "student_kd"]
 
