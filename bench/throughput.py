@@ -176,12 +176,12 @@ def kdflow_run(kind, x, y, device, steps, teacher=None) -> tuple[float, float]:
         if device.type == "cuda":
             torch.cuda.synchronize()
         t_once = time.perf_counter() - t0
-        loss_fn = lambda s, t, tl: kd_loss(s, tl, t, 2.0, 0.25)  # noqa: E731
+        loss_fn = lambda s: kd_loss(s.logits, s.teacher_logits, s.targets, 2.0, 0.25)  # noqa: E731
     torch.manual_seed(0)
     model = build_model("deepnn" if kind == "teacher" else "lightnn")
     t0 = time.perf_counter()
     fit(model, tx, ty, vx, vy, epochs=1, batch_size=BATCH, lr=1e-3, seed=0,
-        loss_fn=loss_fn, teacher_logits=teacher_fn, options=EngineOptions())
+        loss_fn=loss_fn, teacher=teacher_fn, options=EngineOptions())
     if device.type == "cuda":
         torch.cuda.synchronize()
     return n / (time.perf_counter() - t0), t_once

@@ -13,17 +13,27 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from kdflow import KdflowError, checkpoint
+from kdflow import KdflowError, checkpoint, study
 from kdflow.stats import mean_ci, paired_comparison
 
 log = logging.getLogger(__name__)
 
+# The three roles of the headline comparison: the teacher, a plain student
+# and the distilled setting chosen on validation accuracy.
 ARM_ORDER = ["teacher", "student_baseline", "student_kd"]
 ARM_LABELS = {
     "teacher": "Teacher",
     "student_baseline": "Student (CE only)",
-    "student_kd": "Student (KD)",
+    "student_kd": "Student (distilled)",
 }
+# Columns that describe an arm (kdflow.study), in every per-model table.
+ARM_COLUMNS = ["role", "student", "method", "setting", "temperature", "weight"]
+
+
+def describe_arm(arm: str) -> dict:
+    a = study.describe(arm)
+    return {"role": a.role, "student": a.model or None, "method": a.method,
+            "setting": a.setting, "temperature": a.temperature, "weight": a.weight}
 # Per-model inputs, parallel lists in this order of keys.
 MODEL_FILES = ("metrics", "speed", "histories", "checkpoints", "train_benchmarks",
                "eval_benchmarks")
@@ -57,9 +67,10 @@ def collect(files: dict[str, list[str]]) -> dict[str, pd.DataFrame]:
                               "belong to different models")
         m, speed, ckpt = _read_json(m_path), _read_json(s_path), checkpoint.load(c_path)
         key = {"seed": m["seed"], "arm": m["arm"]}
+        about = describe_arm(m["arm"])
         train_job, eval_job = _benchmark(tb_path), _benchmark(eb_path)
         models.append({
-            **key, "model": m["model"],
+            **key, **about, "model": m["model"],
             "accuracy": m["accuracy"], "loss": m["loss"],
             "ece": m["calibration"]["ece"],
             "teacher_agreement": m.get("teacher_agreement", np.nan),
@@ -90,9 +101,13 @@ def collect(files: dict[str, list[str]]) -> dict[str, pd.DataFrame]:
                  {**key, "job": "evaluate", **eval_job, "source": str(eb_path)}]
         prov.append({**key, **ckpt["provenance"], "source": str(c_path)})
 
+    # Arms keep the workflow's order (teacher, then per student its baseline
+    # and its settings), the order of the input lists.
+    order = list(dict.fromkeys(r["arm"] for r in models))
+
     def frame(rows):
         df = pd.DataFrame(rows)
-        df["arm"] = pd.Categorical(df["arm"], ARM_ORDER, ordered=True)
+        df["arm"] = pd.Categorical(df["arm"], order, ordered=True)
         first = ["seed", "arm"]
         df = df[first + [c for c in df.columns if c not in first]]
         return df.sort_values(["arm", "seed"], kind="stable").reset_index(drop=True)
@@ -109,13 +124,15 @@ def summarize_arms(table: pd.DataFrame) -> pd.DataFrame:
     for arm, g in table.groupby("arm", observed=True):
         mean, lo, hi = mean_ci(g["accuracy"])
         rows.append({
-            "arm": arm, "model": g["model"].iloc[0], "n": g["seed"].nunique(),
+            "arm": arm, **{c: g[c].iloc[0] for c in ARM_COLUMNS},
+            "model": g["model"].iloc[0], "n": g["seed"].nunique(),
             "parameters": g["parameters"].iloc[0], "macs_per_image": g["macs_per_image"].iloc[0],
             "checkpoint_bytes": g["checkpoint_bytes"].iloc[0],
             "accuracy_mean": mean, "accuracy_sd": g["accuracy"].std(),
             "accuracy_ci_low": lo, "accuracy_ci_high": hi,
             "loss_mean": g["loss"].mean(), "ece_mean": g["ece"].mean(),
             "best_val_accuracy_mean": g["best_val_accuracy"].mean(),
+            "best_val_accuracy_sd": g["best_val_accuracy"].std(),
             "teacher_agreement_mean": g["teacher_agreement"].mean(),
             "teacher_agreement_sd": g["teacher_agreement"].std(),
             "teacher_kl_mean": g["teacher_kl"].mean(),
@@ -126,9 +143,66 @@ def summarize_arms(table: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def study_table(table: pd.DataFrame) -> pd.DataFrame:
+    """Every distilled setting against its own student's baseline, paired by
+    seed, and the selection on validation accuracy.
+
+    best_of_method marks each (student, method)'s setting with the highest
+    mean validation accuracy; chosen marks the one such setting over all
+    (the headline's). method_rank ranks the best_of_method rows by that
+    validation accuracy. Test accuracy never enters any choice.
+    """
+    rows = []
+    for arm, g in table[table["role"] == "student_kd"].groupby("arm", observed=True):
+        student = g["student"].iloc[0]
+        base = table[(table["role"] == "student_baseline") & (table["student"] == student)]
+        pair = g.merge(base[["seed", "accuracy"]], on="seed", suffixes=("", "_baseline"))
+        test = paired_comparison(pair["accuracy"], pair["accuracy_baseline"])
+        rows.append({
+            "arm": arm, **{c: g[c].iloc[0] for c in ARM_COLUMNS}, "n": len(g),
+            "val_accuracy_mean": g["best_val_accuracy"].mean(),
+            "accuracy_mean": g["accuracy"].mean(), "accuracy_sd": g["accuracy"].std(),
+            "baseline_accuracy_mean": pair["accuracy_baseline"].mean(),
+            "gain_mean": test.mean_gain, "gain_ci_low": test.ci_low,
+            "gain_ci_high": test.ci_high, "p_value": test.p_value, "n_pairs": test.n,
+            "teacher_agreement_mean": g["teacher_agreement"].mean(),
+        })
+    if not rows:
+        raise KdflowError("no distilled students among the results")
+    out = pd.DataFrame(rows)
+    out["best_of_method"] = False
+    for _, g in out.groupby(["student", "method"], sort=False):
+        out.loc[g["val_accuracy_mean"].idxmax(), "best_of_method"] = True
+    out["chosen"] = False
+    out.loc[out["val_accuracy_mean"].idxmax(), "chosen"] = True
+    best = out[out["best_of_method"]].sort_values("val_accuracy_mean", ascending=False,
+                                                   kind="stable")
+    out["method_rank"] = pd.Series(range(1, len(best) + 1), index=best.index)
+    out["method_rank"] = out["method_rank"].astype("Int64")
+    return out
+
+
+def chosen_arms(study_df: pd.DataFrame) -> dict[str, str]:
+    """Arm path of each role of the headline comparison."""
+    kd = study_df.loc[study_df["chosen"]].iloc[0]
+    return {"teacher": "teacher", "student_baseline": f"{kd['student']}/ce",
+            "student_kd": str(kd["arm"])}
+
+
+def headline_view(df: pd.DataFrame, chosen: dict[str, str]) -> pd.DataFrame:
+    """The rows of the three chosen arms, relabelled by role (teacher,
+    student_baseline, student_kd), for the headline tables and figures."""
+    by_path = {path: role for role, path in chosen.items()}
+    out = df[df["arm"].astype(str).isin(by_path)].copy()
+    out["arm"] = pd.Categorical(out["arm"].astype(str).map(by_path), ARM_ORDER, ordered=True)
+    return out.sort_values(["arm"] + (["seed"] if "seed" in out else []),
+                           kind="stable").reset_index(drop=True)
+
+
 def kd_gain(table: pd.DataFrame) -> pd.DataFrame:
-    """Per seed: accuracy of each arm, the KD gain and the share of the
-    teacher-student gap it closes ((KD - CE) / (teacher - CE))."""
+    """Per seed: accuracy of each role, the distillation gain and the share
+    of the teacher-student gap it closes ((KD - CE) / (teacher - CE)).
+    `table` is a headline_view."""
     wide = table.pivot(index="seed", columns="arm", values="accuracy")
     missing = [a for a in ARM_ORDER if a not in wide]
     if missing:
@@ -145,7 +219,7 @@ def kd_gain(table: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def headline(gain: pd.DataFrame) -> dict:
+def headline(gain: pd.DataFrame, chosen: dict[str, str], n_settings: int) -> dict:
     """The experiment in a few numbers, all derived from kd_gain.csv."""
     n = len(gain)
     means = gain[["teacher", "student_baseline", "student_kd"]].mean()
@@ -153,6 +227,9 @@ def headline(gain: pd.DataFrame) -> dict:
     test = paired_comparison(gain["student_kd"], gain["student_baseline"])
     return {
         "n_seeds": n,
+        "arms": chosen,
+        "distilled_settings": n_settings,
+        "selected_on": "mean validation accuracy over seeds",
         "teacher_mean": float(means["teacher"]),
         "student_baseline_mean": float(means["student_baseline"]),
         "student_kd_mean": float(means["student_kd"]),
@@ -174,16 +251,19 @@ def _write_csv(df: pd.DataFrame, path: str) -> None:
 
 
 def aggregate(files: dict[str, list[str]], out: dict[str, str]) -> None:
-    """Write every table of `collect` plus arms, gain (CSV) and headline (JSON)
-    to the paths in `out`."""
+    """Write every table of `collect` plus arms, study, gain (CSV) and
+    headline (JSON) to the paths in `out`."""
     tables = collect(files)
     tables["arms"] = summarize_arms(tables["metrics"])
-    tables["gain"] = kd_gain(tables["metrics"])
+    tables["study"] = study_table(tables["metrics"])
+    chosen = chosen_arms(tables["study"])
+    tables["gain"] = kd_gain(headline_view(tables["metrics"], chosen))
     for name, df in tables.items():
         _write_csv(df, out[name])
-    head = headline(tables["gain"])
+    head = headline(tables["gain"], chosen, len(tables["study"]))
     tmp = out["headline"] + ".part"
     Path(tmp).write_text(json.dumps(head, indent=2) + "\n")
     os.replace(tmp, out["headline"])
-    log.info("%d models over %d seeds; KD gain %+.2f points (mean)",
-             len(tables["metrics"]), head["n_seeds"], 100 * head["gain_mean"])
+    log.info("%d models over %d seeds; %d distilled settings, chosen on validation: %s, "
+             "gain %+.2f points (mean)", len(tables["metrics"]), head["n_seeds"],
+             len(tables["study"]), chosen["student_kd"], 100 * head["gain_mean"])

@@ -9,6 +9,7 @@ import jsonschema
 import yaml
 
 from kdflow import KdflowError
+from kdflow.data import dataset_spec
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "config" / "schema.yaml"
 
@@ -41,6 +42,11 @@ def _complete(schema: dict, value, root: dict):
         name = schema["$ref"].rsplit("/", 1)[-1]
         schema = {**root["$defs"][name], **{k: v for k, v in schema.items() if k != "$ref"}}
     kind = schema.get("type")
+    if isinstance(kind, list):  # "a number or a list of numbers"
+        if isinstance(value, list) and "array" in kind:
+            kind = "array"
+        else:
+            kind = next(k for k in kind if k != "array")
     if kind == "object" and isinstance(value, dict):
         for key, sub in schema.get("properties", {}).items():
             if key not in value and "default" in sub:
@@ -52,6 +58,17 @@ def _complete(schema: dict, value, root: dict):
     else:
         value = _coerce(kind, value)
     return value
+
+
+def _message(error: jsonschema.ValidationError) -> str:
+    """For "one of these forms" errors, the most telling reason (e.g. the
+    allowed names) instead of "not valid under any of the given schemas"."""
+    if error.validator in ("anyOf", "oneOf") and error.context:
+        named = [e for e in error.context if e.validator == "enum"]
+        # The deepest one names the offending list item, not the whole list.
+        named.sort(key=lambda e: len(e.path), reverse=True)
+        return (named[0] if named else jsonschema.exceptions.best_match(error.context)).message
+    return error.message
 
 
 def _where(error: jsonschema.ValidationError) -> str:
@@ -72,9 +89,18 @@ def validate(config: dict, schema: dict | None = None) -> dict:
             if e.validator == "additionalProperties":
                 lines.append(f"  {_where(e)}: {e.message} (a typo? see config/schema.yaml)")
             else:
-                lines.append(f"  {_where(e)}: {e.message}")
+                lines.append(f"  {_where(e)}: {_message(e)}")
         raise KdflowError(
             "invalid config (see config/schema.yaml for every key and its allowed "
             "values):\n" + "\n".join(lines)
         )
+    if not isinstance(config["teacher"]["model"], str):
+        raise KdflowError(
+            f"invalid config: teacher.model must be one architecture, got "
+            f"{config['teacher']['model']!r}; list several students under student.model"
+        )
+    # The archive defaults to the chosen dataset's official one.
+    spec = dataset_spec(config["data"]["dataset"])
+    config["data"].setdefault("url", spec.url)
+    config["data"].setdefault("md5", spec.md5)
     return config

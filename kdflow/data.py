@@ -1,7 +1,8 @@
-"""CIFAR-10: fetch and verify the archive, read it safely, split, load.
+"""CIFAR-10 and CIFAR-100: fetch and verify the archive, read it safely,
+split, load.
 
-The official archive (cifar-10-python.tar.gz) holds pickled batches. Pickle
-can run arbitrary code, so batches are read with an unpickler that accepts
+The official archives (cifar-10-python.tar.gz, cifar-100-python.tar.gz) hold
+pickled batches. Pickle can run arbitrary code, so batches are read with an unpickler that accepts
 only what CIFAR batches contain. torchvision's CIFAR10 is not used: it checks
 each batch against the official md5s and so refuses any mirror.
 """
@@ -16,6 +17,7 @@ import pickle
 import tarfile
 import urllib.parse
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,15 +27,56 @@ from kdflow import KdflowError
 
 log = logging.getLogger(__name__)
 
-# CIFAR-10's own channel statistics over its training images. (The PyTorch
-# tutorial uses ImageNet's, a known slip.)
-CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+@dataclass(frozen=True)
+class DatasetSpec:
+    """Where a CIFAR python archive keeps its batches and what they hold."""
 
-ARCHIVE_ROOT = "cifar-10-batches-py"
-TRAIN_BATCHES = [f"data_batch_{i}" for i in range(1, 6)]
-TEST_BATCH = "test_batch"
-META = "batches.meta"
+    archive: str              # official file name, also its name under results/data
+    url: str
+    md5: str
+    root: str                 # folder inside the archive
+    train: tuple[str, ...]    # training batches
+    test: str
+    meta: str
+    label_key: str            # labels in each batch
+    names_key: str            # class names in the meta file
+    # Each dataset's own channel statistics over its training images. (The
+    # PyTorch tutorial uses ImageNet's, a known slip.)
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+DATASETS: dict[str, DatasetSpec] = {
+    "cifar10": DatasetSpec(
+        archive="cifar-10-python.tar.gz",
+        url="https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+        md5="c58f30108f718f92721af3b95e74349a",
+        root="cifar-10-batches-py",
+        train=tuple(f"data_batch_{i}" for i in range(1, 6)),
+        test="test_batch", meta="batches.meta",
+        label_key="labels", names_key="label_names",
+        mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616),
+    ),
+    # Fine labels (100 classes), as every CIFAR-100 distillation table uses.
+    "cifar100": DatasetSpec(
+        archive="cifar-100-python.tar.gz",
+        url="https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+        md5="eb9058c3a382ffc7106e4002c42a8d85",
+        root="cifar-100-python",
+        train=("train",), test="test", meta="meta",
+        label_key="fine_labels", names_key="fine_label_names",
+        mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762),
+    ),
+}
+CIFAR10_MEAN = DATASETS["cifar10"].mean
+CIFAR10_STD = DATASETS["cifar10"].std
+
+
+def dataset_spec(name: str) -> DatasetSpec:
+    try:
+        return DATASETS[name]
+    except KeyError:
+        raise KdflowError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}") from None
 
 
 # --------------------------------------------------------------------------
@@ -55,7 +98,7 @@ def _open_source(url: str):
         path = urllib.parse.unquote(parsed.path) if parsed.scheme == "file" else url
         if not os.path.isfile(path):
             raise KdflowError(
-                f"CIFAR-10 archive not found at {path!r} (from data.url {url!r}); "
+                f"CIFAR archive not found at {path!r} (from data.url {url!r}); "
                 "set data.url to an existing file, a file:// URL or an http(s) URL"
             )
         return open(path, "rb"), os.path.getsize(path)
@@ -142,7 +185,7 @@ class RestrictedUnpickler(pickle.Unpickler):
         raise UnsafePickleError(
             f"refusing to unpickle {module}.{name} in {self.source}: CIFAR batches "
             "hold only numpy arrays, lists, ints and strings, so this archive is not "
-            "a genuine CIFAR-10 python archive. Check data.url and data.md5"
+            "a genuine CIFAR python archive. Check data.url and data.md5"
         )
 
     def persistent_load(self, pid):
@@ -169,13 +212,14 @@ def _text(v) -> str:
     return v.decode("latin1") if isinstance(v, bytes) else str(v)
 
 
-def parse_batch(payload: bytes, source: str) -> tuple[np.ndarray, np.ndarray]:
+def parse_batch(payload: bytes, source: str,
+                label_key: str = "labels") -> tuple[np.ndarray, np.ndarray]:
     """Images as uint8 (N, 3, 32, 32) and labels as int64 (N,)."""
     batch = safe_unpickle(payload, source)
     if not isinstance(batch, dict):
         raise KdflowError(f"{source} is not a CIFAR batch (a {type(batch).__name__})")
     data = _key(batch, "data", source)
-    labels = _key(batch, "labels", source)
+    labels = _key(batch, label_key, source)
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 \
             or data.shape[1] != 3 * 32 * 32:
         raise KdflowError(f"{source}: 'data' must be a uint8 array of shape (N, 3072)")
@@ -185,33 +229,38 @@ def parse_batch(payload: bytes, source: str) -> tuple[np.ndarray, np.ndarray]:
     return data.reshape(-1, 3, 32, 32), labels
 
 
-def convert_archive(archive: str | os.PathLike, out: str | os.PathLike) -> dict:
+def convert_archive(archive: str | os.PathLike, out: str | os.PathLike,
+                    dataset: str = "cifar10") -> dict:
     """Read the archive's batches into one compact .npz of uint8 images.
 
     The archive is read member by member in memory: nothing is extracted to
     disk, so a hostile member name cannot write outside the results folder.
+    The .npz records the dataset's name and channel statistics, so every
+    later step normalises with the right ones.
     """
+    spec = dataset_spec(dataset)
     try:
         tar = tarfile.open(archive, "r:gz")
     except (tarfile.TarError, OSError) as e:
         raise KdflowError(f"{archive} is not a gzipped tar archive ({e})") from None
     with tar:
         def member(name: str) -> bytes:
-            path = f"{ARCHIVE_ROOT}/{name}"
+            path = f"{spec.root}/{name}"
             try:
                 f = tar.extractfile(path)
             except KeyError:
                 f = None
             if f is None:
                 raise KdflowError(
-                    f"{archive} lacks {path}; is it the CIFAR-10 *python* archive?"
+                    f"{archive} lacks {path}; is it the {dataset} *python* archive "
+                    f"({spec.archive})? Check data.dataset and data.url"
                 )
             return f.read()
 
-        meta = safe_unpickle(member(META), META)
-        classes = [_text(c) for c in _key(meta, "label_names", META)]
-        parts = [parse_batch(member(b), b) for b in TRAIN_BATCHES]
-        x_test, y_test = parse_batch(member(TEST_BATCH), TEST_BATCH)
+        meta = safe_unpickle(member(spec.meta), spec.meta)
+        classes = [_text(c) for c in _key(meta, spec.names_key, spec.meta)]
+        parts = [parse_batch(member(b), b, spec.label_key) for b in spec.train]
+        x_test, y_test = parse_batch(member(spec.test), spec.test, spec.label_key)
     x_train = np.concatenate([p[0] for p in parts])
     y_train = np.concatenate([p[1] for p in parts])
     for split, y in (("train", y_train), ("test", y_test)):
@@ -220,12 +269,20 @@ def convert_archive(archive: str | os.PathLike, out: str | os.PathLike) -> dict:
     out = Path(out)
     tmp = out.with_name(out.stem + ".part.npz")
     np.savez(tmp, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test,
-             classes=np.array(classes))
+             classes=np.array(classes), dataset=np.array(dataset),
+             mean=np.array(spec.mean), std=np.array(spec.std))
     os.replace(tmp, out)
     info = {"train": len(y_train), "test": len(y_test), "classes": classes}
-    log.info("converted %s: %d train, %d test images, %d classes",
-             archive, len(y_train), len(y_test), len(classes))
+    log.info("converted %s (%s): %d train, %d test images, %d classes",
+             archive, dataset, len(y_train), len(y_test), len(classes))
     return info
+
+
+def channel_stats(d) -> tuple[tuple, tuple]:
+    """(mean, std) recorded in a converted .npz (CIFAR-10's for older files)."""
+    if "mean" in d.files:
+        return tuple(d["mean"].tolist()), tuple(d["std"].tolist())
+    return CIFAR10_MEAN, CIFAR10_STD
 
 
 # --------------------------------------------------------------------------
@@ -294,6 +351,7 @@ class CifarSplits:
             x, y = d["x_train"], d["y_train"]
             tr, va = s["train_idx"], s["val_idx"]
             self.classes = [str(c) for c in d["classes"]]
+            self.mean, self.std = channel_stats(d)
 
             def t(a):
                 return torch.from_numpy(np.ascontiguousarray(a)).to(device)
@@ -308,7 +366,8 @@ class CifarSplits:
 
 
 class Normalizer:
-    """uint8 NCHW -> float, normalised with CIFAR-10 statistics, channels_last.
+    """uint8 NCHW -> float, normalised per channel (CIFAR-10's statistics
+    unless given), channels_last.
 
     channels_last makes the CPU and cuDNN convolution kernels faster for these
     small-channel convolutions.

@@ -28,11 +28,37 @@ log = logging.getLogger(__name__)
 
 EVAL_BATCH = 1000
 
-# loss(student_logits, targets, teacher_logits or None) -> scalar loss
-LossFn = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
-# teacher_logits(batch_indices, normalised_batch) -> the teacher's logits for
-# exactly the images the student sees in this step
-TeacherFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class Step:
+    """What a loss sees in one training step."""
+
+    logits: torch.Tensor                              # the student's
+    targets: torch.Tensor
+    epoch: int                                        # 1-based (DKD's warm-up)
+    teacher_logits: Optional[torch.Tensor] = None
+    features: Optional[torch.Tensor] = None           # the student's last feature map
+    teacher_features: Optional[torch.Tensor] = None
+
+
+# loss(step) -> scalar loss
+LossFn = Callable[[Step], torch.Tensor]
+# teacher(batch_indices, normalised_batch) -> (logits, feature map or None) of
+# the teacher for exactly the images the student sees in this step
+TeacherFn = Callable[[torch.Tensor, torch.Tensor],
+                     tuple[torch.Tensor, Optional[torch.Tensor]]]
+
+
+def cross_entropy(step: Step) -> torch.Tensor:
+    return F.cross_entropy(step.logits, step.targets)
+
+
+def features_and_logits(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every kdflow model is `classify(features(x))`; feature-based losses
+    need both, from one forward pass."""
+    f = model.features(x)
+    return f, model.classify(f)
 
 
 # --------------------------------------------------------------------------
@@ -106,6 +132,23 @@ def configure(device: torch.device, options: EngineOptions) -> None:
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+
+
+def make_optimizer(params, lr: float, cfg: Optional[dict] = None):
+    """Adam (the tutorial) or SGD with momentum, and the optional step
+    schedule (MultiStepLR, stepped once per epoch); cfg is a training section
+    of the config."""
+    cfg = cfg or {}
+    wd = cfg.get("weight_decay", 0.0)
+    if cfg.get("optimizer", "adam") == "sgd":
+        opt = torch.optim.SGD(params, lr=lr, momentum=cfg.get("momentum", 0.9),
+                              weight_decay=wd)
+    else:
+        opt = torch.optim.Adam(params, lr=lr, weight_decay=wd)
+    milestones = sorted(cfg.get("lr_milestones") or [])
+    sched = (torch.optim.lr_scheduler.MultiStepLR(opt, milestones, cfg.get("lr_gamma", 0.1))
+             if milestones else None)
+    return opt, sched
 
 
 # --------------------------------------------------------------------------
@@ -183,19 +226,27 @@ def fit(
     lr: float,
     seed: int,
     loss_fn: Optional[LossFn] = None,
-    teacher_logits: Optional[TeacherFn] = None,
+    teacher: Optional[TeacherFn] = None,
     teacher_val_logits: Optional[torch.Tensor] = None,
     augment: Augment = Augment(),
     options: EngineOptions = EngineOptions(),
+    optim: Optional[dict] = None,
+    features: bool = False,
+    extra: Optional[nn.Module] = None,
+    normalize: Optional[Normalizer] = None,
     state_path: Optional[str] = None,
     job: str = "",
 ) -> FitResult:
-    """Train with Adam and keep the weights of the best validation epoch.
+    """Train and keep the weights of the best validation epoch.
 
     Selection uses the validation split only, never the test set. The loss
-    gets the teacher's logits for the step's batch when `teacher_logits` is
-    given (distillation). With `teacher_val_logits` each epoch also records
-    the student's agreement with its teacher on the validation split.
+    (`loss_fn`, cross-entropy by default) gets a `Step`: with `teacher`, the
+    teacher's output for the step's batch (distillation); with `features`,
+    the student's last feature map too. `extra` holds modules trained beside
+    the student and not kept (a hint regressor). `optim` is the training
+    section of the config (optimizer, weight decay, lr schedule; Adam
+    without decay by default). With `teacher_val_logits` each epoch also
+    records the student's agreement with its teacher on the validation split.
 
     With `state_path`, the full training state is saved there after every
     epoch and on SIGTERM, and a saved state of the same `job` (a fingerprint
@@ -204,11 +255,17 @@ def fit(
     device = train_x.device
     configure(device, options)
     amp = autocast_dtype(device, options.precision)
-    loss_fn = loss_fn or (lambda logits, targets, _t: F.cross_entropy(logits, targets))
-    normalize = Normalizer(device)
+    loss_fn = loss_fn or cross_entropy
+    normalize = normalize or Normalizer(device)
     model.to(device).to(memory_format=torch.channels_last)
-    step_model = torch.compile(model) if options.compile else model
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    params = list(model.parameters())
+    if extra is not None:
+        extra.to(device).to(memory_format=torch.channels_last)
+        params += list(extra.parameters())
+    forward = ((lambda x: features_and_logits(model, x)) if features
+               else (lambda x: (None, model(x))))
+    step_fn = torch.compile(forward) if options.compile else forward
+    opt, sched = make_optimizer(params, lr, optim)
     # Batch order and augmentation depend on the seed alone, so two students
     # of one seed (plain and distilled) see the same views in the same order.
     order = torch.Generator().manual_seed(seed)
@@ -224,6 +281,10 @@ def fit(
     if saved is not None:
         model.load_state_dict(saved["model"])
         opt.load_state_dict(saved["optimizer"])
+        if sched is not None:
+            sched.load_state_dict(saved["scheduler"])
+        if extra is not None:
+            extra.load_state_dict(saved["extra"])
         order.set_state(saved["rng"]["order"])
         aug_gen.set_state(saved["rng"]["augment"].to(aug_gen.get_state().device))
         torch.set_rng_state(saved["rng"]["torch"])
@@ -241,6 +302,8 @@ def fit(
         resume.save(state_path, {
             "job": job, "epoch": epoch_done, "partial": partial_epoch,
             "model": model.state_dict(), "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict() if sched is not None else None,
+            "extra": extra.state_dict() if extra is not None else None,
             "rng": {"order": order.get_state(), "augment": aug_gen.get_state().cpu(),
                     "torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
@@ -252,6 +315,8 @@ def fit(
         for epoch in range(first_epoch, epochs + 1):
             t0 = time.perf_counter()
             model.train()
+            if extra is not None:
+                extra.train()
             if partial is None:
                 perm = torch.randperm(n, generator=order).to(device)
                 begin, elapsed = 0, 0.0
@@ -277,9 +342,9 @@ def fit(
                 xb = normalize(xb)
                 targets = train_y[idx]
                 with autocast(device, amp):
-                    t_logits = teacher_logits(idx, xb) if teacher_logits else None
-                    logits = step_model(xb)
-                    loss = loss_fn(logits, targets, t_logits)
+                    t_logits, t_feat = teacher(idx, xb) if teacher else (None, None)
+                    feat, logits = step_fn(xb)
+                    loss = loss_fn(Step(logits, targets, epoch, t_logits, feat, t_feat))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -288,8 +353,10 @@ def fit(
                 correct += (logits.detach().argmax(1) == targets).sum()
             row = _epoch_row(model, epoch, n, loss_sum, correct, val_x, val_y, normalize,
                              amp, teacher_val_logits)
-            row["lr"] = opt.param_groups[0]["lr"]
+            row["lr"] = opt.param_groups[0]["lr"]  # the rate this epoch trained with
             row["seconds"] = elapsed + time.perf_counter() - t0
+            if sched is not None:
+                sched.step()
             history.append(row)
             improved = row["val_accuracy"] > best.best_val_accuracy
             if improved:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from kdflow import checkpoint, provenance
 from kdflow.efficiency import count_macs, measure_speed
 from kdflow.stats import calibration
-from kdflow.data import Normalizer
+from kdflow.data import Normalizer, channel_stats
 from kdflow.engine import set_threads, predict_logits, resolve_device
 from kdflow.losses import teacher_kl
 from kdflow.models import count_parameters, parameter_bytes
@@ -47,7 +47,7 @@ def evaluate(model_path: str, dataset: str, out: str, *, arm: str, seed: int,
         x = torch.from_numpy(d["x_test"]).to(dev)
         y = torch.from_numpy(d["y_test"]).to(dev)
         classes = [str(c) for c in d["classes"]]
-    normalize = Normalizer(dev)
+        normalize = Normalizer(dev, *channel_stats(d))
     model, ckpt = checkpoint.load_model(model_path, dev)
     logits = predict_logits(model, x, normalize)
     pred = logits.argmax(1)

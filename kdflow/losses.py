@@ -13,12 +13,18 @@ w (PyTorch's tutorial: w = 0.25, CE weight 0.75, T = 2). In the α notation,
   divide by the number of classes and silently shrink the soft term.
 - The T^2 factor keeps the soft term's gradient scale independent of T
   (its gradients scale as 1/T^2).
+
+Further below: feature losses from PyTorch's KD tutorial (cosine between
+hidden representations; FitNets hint with a regressor, Romero et al. 2015)
+and Decoupled KD (Zhao et al. 2022). All cast to float32, since training may
+run under bf16 autocast.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 
 def soft_target_loss(
@@ -61,3 +67,210 @@ def top1_agreement(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -
     """Share of samples on which student and teacher predict the same class."""
     same = student_logits.argmax(dim=1) == teacher_logits.argmax(dim=1)
     return same.float().mean().item()
+
+
+# --------------------------------------------------------------------------
+# Feature-based losses (PyTorch knowledge-distillation tutorial, FitNets)
+# --------------------------------------------------------------------------
+
+
+def _pool1d(x: torch.Tensor, size: int) -> torch.Tensor:
+    return F.adaptive_avg_pool1d(x.unsqueeze(1), size).squeeze(1)
+
+
+def match_vectors(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flatten two batches of features to (N, D) and pool the longer to the shorter D.
+
+    Average pooling (``F.adaptive_avg_pool1d`` on (N, 1, D)) is the tutorial's
+    ``avg_pool1d(x, 2)`` when D halves (2048 -> 1024); for sizes that do not
+    divide it averages adaptive (possibly overlapping) windows instead.
+    """
+    a, b = torch.flatten(a, 1).float(), torch.flatten(b, 1).float()
+    if a.shape[1] > b.shape[1]:
+        a = _pool1d(a, b.shape[1])
+    elif b.shape[1] > a.shape[1]:
+        b = _pool1d(b, a.shape[1])
+    return a, b
+
+
+def cosine_loss(
+    student_features: torch.Tensor,
+    teacher_features: torch.Tensor,
+    student_logits: torch.Tensor,
+    targets: torch.Tensor,
+    weight: float,
+) -> torch.Tensor:
+    """Label CE plus a cosine loss between flattened hidden representations.
+
+        loss = (1 - w) * CE(y, s) + w * mean_i(1 - cos(h_s_i, h_t_i))
+
+    PyTorch's knowledge-distillation tutorial ("ModifiedDeepNNCosine" /
+    "ModifiedLightNNCosine", ``nn.CosineEmbeddingLoss`` with target 1):
+    hidden_rep_loss_weight 0.25, ce_loss_weight 0.75, i.e. w = 0.25. The
+    feature vectors are matched in size by :func:`match_vectors`. Teacher
+    features are expected to come from ``torch.no_grad()``.
+    """
+    ce = F.cross_entropy(student_logits.float(), targets)
+    if weight == 0:
+        return ce  # exactly CE, as in kd_loss
+    h_s, h_t = match_vectors(student_features, teacher_features)
+    hidden = (1.0 - F.cosine_similarity(h_s, h_t, dim=1)).mean()
+    return (1.0 - weight) * ce + weight * hidden
+
+
+def _common_hw(a: tuple[int, int], b: tuple[int, int]) -> tuple[int, int]:
+    return min(a[0], b[0]), min(a[1], b[1])
+
+
+class HintRegressor(nn.Module):
+    """FitNets regressor (Romero et al. 2015, "FitNets: Hints for thin deep nets").
+
+    One ``Conv2d(c_s, c_t, 3, padding=1)`` mapping the student's feature map
+    to the teacher's channel count, as the tutorial's "ModifiedLightNNRegressor"
+    (16 -> 32 channels). It is trained together with the student and dropped
+    after training: it is not part of the deployed student.
+    """
+
+    def __init__(self, student_channels: int, teacher_channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(student_channels, teacher_channels, kernel_size=3, padding=1)
+
+    def forward(
+        self, student_map: torch.Tensor, teacher_hw: tuple[int, int] | None = None
+    ) -> torch.Tensor:
+        """Regress; average-pool down in any dimension larger than ``teacher_hw``.
+
+        Never upsamples: where the student map is the smaller one,
+        :func:`hint_loss` pools the teacher's map down instead.
+        """
+        out = self.conv(student_map)
+        if teacher_hw is not None:
+            hw = _common_hw(tuple(out.shape[-2:]), tuple(teacher_hw))
+            if hw != tuple(out.shape[-2:]):
+                out = F.adaptive_avg_pool2d(out, hw)
+        return out
+
+
+def hint_loss(
+    regressed_student: torch.Tensor,
+    teacher_features: torch.Tensor,
+    student_logits: torch.Tensor,
+    targets: torch.Tensor,
+    weight: float,
+) -> torch.Tensor:
+    """Label CE plus the FitNets hint: MSE between regressed student and teacher maps.
+
+        loss = (1 - w) * CE(y, s) + w * mean((r(h_s) - h_t)^2)
+
+    Romero et al. 2015; the tutorial's feature_map_weight 0.25 and
+    ce_loss_weight 0.75 are w = 0.25. The MSE averages over all elements
+    (``nn.MSELoss``). If the maps' spatial sizes still differ (the student's
+    was smaller than the teacher's in some dimension), the teacher's map is
+    average-pooled down to the common size: pooling never invents detail,
+    upsampling the student would.
+    """
+    ce = F.cross_entropy(student_logits.float(), targets)
+    if weight == 0:
+        return ce
+    r, t = regressed_student.float(), teacher_features.float()
+    hw = _common_hw(tuple(r.shape[-2:]), tuple(t.shape[-2:]))
+    if hw != tuple(r.shape[-2:]):
+        r = F.adaptive_avg_pool2d(r, hw)
+    if hw != tuple(t.shape[-2:]):
+        t = F.adaptive_avg_pool2d(t, hw)
+    return (1.0 - weight) * ce + weight * F.mse_loss(r, t)
+
+
+# --------------------------------------------------------------------------
+# Decoupled KD (Zhao et al. 2022)
+# --------------------------------------------------------------------------
+
+
+def dkd_terms(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(TCKD, NCKD) of Decoupled KD, each T^2-scaled and averaged over the batch.
+
+    TCKD = T^2 * KL(b_t || b_s), b = [p_gt, 1 - p_gt] of softmax(z / T);
+    NCKD = T^2 * KL(p^_t || p^_s), p^ = softmax over the non-target classes.
+
+    Computed in log space: log p_gt from log_softmax and
+    log(1 - p_gt) = logsumexp(non-target z / T) - logsumexp(z / T), so neither
+    log(0) nor 1 - p_gt cancellation occurs for confident logits. The
+    non-target logits are gathered into (N, C - 1) instead of being masked
+    with mdistiller's "- 1000 * gt_mask", which stops excluding the target
+    once logits / T exceed ~1000 and would put -inf (hence NaN) into the KL
+    if -inf were used. Needs C >= 2.
+    """
+    t = float(temperature)
+    zs, zt = student_logits.float() / t, teacher_logits.float() / t
+    n, c = zs.shape
+    gt = F.one_hot(targets.reshape(-1), c).bool()
+    # Boolean indexing keeps row-major order, so each row keeps its C - 1 others.
+    zs_other, zt_other = zs[~gt].view(n, c - 1), zt[~gt].view(n, c - 1)
+
+    def binary_log_probs(z: torch.Tensor, z_other: torch.Tensor) -> torch.Tensor:
+        lse = torch.logsumexp(z, dim=1)
+        log_gt = z[gt] - lse
+        log_other = torch.logsumexp(z_other, dim=1) - lse
+        return torch.stack([log_gt, log_other], dim=1)
+
+    def kl(log_p_student: torch.Tensor, log_p_teacher: torch.Tensor) -> torch.Tensor:
+        # exp(log_t) * (log_t - log_s): finite logs, so an underflowed teacher
+        # probability gives 0 * finite = 0, not NaN, forward and backward.
+        return F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True)
+
+    tckd = kl(binary_log_probs(zs, zs_other), binary_log_probs(zt, zt_other))
+    nckd = kl(F.log_softmax(zs_other, dim=1), F.log_softmax(zt_other, dim=1))
+    return tckd * (t * t), nckd * (t * t)
+
+
+def dkd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float,
+    alpha: float,
+    beta: float,
+) -> torch.Tensor:
+    """Decoupled KD: alpha * TCKD + beta * NCKD (see :func:`dkd_terms`).
+
+    Zhao, Cui, Song, Qiu & Liang (2022), "Decoupled Knowledge Distillation",
+    CVPR, arXiv:2203.08679; matches mdistiller's ``dkd_loss``
+    (mdistiller/distillers/DKD.py) wherever its -1000 mask suffices.
+    """
+    tckd, nckd = dkd_terms(student_logits, teacher_logits, targets, temperature)
+    return alpha * tckd + beta * nckd
+
+
+def dkd_warmup(epoch: int, warmup_epochs: int) -> float:
+    """DKD's linear warm-up factor min(epoch / warmup_epochs, 1); epoch is 1-based.
+
+    warmup_epochs <= 0 means no warm-up (factor 1).
+    """
+    if warmup_epochs <= 0:
+        return 1.0
+    return min(epoch / warmup_epochs, 1.0)
+
+
+def dkd_total_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float,
+    alpha: float,
+    beta: float,
+    warmup_factor: float,
+    ce_weight: float = 1.0,
+) -> torch.Tensor:
+    """ce_weight * CE + warmup_factor * dkd_loss, as mdistiller's DKD distiller.
+
+    DKD's CIFAR-100 defaults: CE weight 1.0, alpha 1.0, beta 8.0, T 4.0,
+    warm-up 20 epochs (warmup_factor = dkd_warmup(epoch, 20)).
+    """
+    ce = F.cross_entropy(student_logits.float(), targets)
+    dkd = dkd_loss(student_logits, teacher_logits, targets, temperature, alpha, beta)
+    return ce_weight * ce + warmup_factor * dkd

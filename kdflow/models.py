@@ -15,6 +15,10 @@ import torch
 from torch import nn
 
 from kdflow import KdflowError
+from kdflow.resnet import (ResNet8, ResNet8x4, ResNet14, ResNet20, ResNet32,
+                           ResNet32x4, ResNet44, ResNet56, ResNet110)
+from kdflow.vgg import VGG8, VGG13
+from kdflow.wrn import WRN16x1, WRN16x2, WRN40x1, WRN40x2
 
 
 class _FeaturesThenClassifier(nn.Module):
@@ -88,6 +92,22 @@ class LightNN(_FeaturesThenClassifier):
 MODELS: dict[str, type[nn.Module]] = {
     "deepnn": DeepNN,
     "lightnn": LightNN,
+    # The CIFAR zoo of RepDistiller / mdistiller, under their names.
+    "resnet8": ResNet8,
+    "resnet14": ResNet14,
+    "resnet20": ResNet20,
+    "resnet32": ResNet32,
+    "resnet44": ResNet44,
+    "resnet56": ResNet56,
+    "resnet110": ResNet110,
+    "resnet8x4": ResNet8x4,
+    "resnet32x4": ResNet32x4,
+    "wrn_16_1": WRN16x1,
+    "wrn_16_2": WRN16x2,
+    "wrn_40_1": WRN40x1,
+    "wrn_40_2": WRN40x2,
+    "vgg8": VGG8,
+    "vgg13": VGG13,
 }
 
 

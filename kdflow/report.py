@@ -28,7 +28,8 @@ import yaml  # noqa: E402
 from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from kdflow.aggregate import ARM_LABELS, ARM_ORDER  # noqa: E402
+from kdflow.aggregate import ARM_LABELS, ARM_ORDER, headline_view  # noqa: E402
+from kdflow.study import METHOD_LABELS  # noqa: E402
 from kdflow.provenance import config_hash  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ PALETTE = {ARM_LABELS["teacher"]: "#4c72b0", ARM_LABELS["student_baseline"]: "#8
            ARM_LABELS["student_kd"]: "#dd8452"}
 LABEL_ORDER = [ARM_LABELS[a] for a in ARM_ORDER]
 FIGURES = ("accuracy", "paired", "curves", "agreement", "per_class", "confusion",
-           "reliability", "efficiency")
+           "reliability", "efficiency", "study", "heatmap")
 
 
 def _missing(x) -> bool:
@@ -209,6 +210,67 @@ def fig_efficiency(metrics: pd.DataFrame) -> bytes:
     return _png(fig)
 
 
+def _setting_label(r) -> str:
+    parts = []
+    if not _missing(r.get("temperature")):
+        parts.append(f"T={r['temperature']:g}")
+    if not _missing(r.get("weight")):
+        parts.append(f"w={r['weight']:g}")
+    return f"{METHOD_LABELS.get(r['method'], r['method'])} {', '.join(parts)}".strip()
+
+
+def fig_study(study: pd.DataFrame, arms: pd.DataFrame) -> bytes:
+    """Every distilled setting's test accuracy (mean ± sd over seeds), per
+    student, against that student's baseline and the teacher; the setting
+    chosen on validation accuracy is marked."""
+    students = list(dict.fromkeys(study["student"]))
+    fig, axes = plt.subplots(len(students), 1, squeeze=False,
+                             figsize=(7, 0.8 + 0.42 * study.groupby("student").size().max()
+                                      * 1.0 + 0.6))
+    teacher = arms.loc[arms["role"] == "teacher", "accuracy_mean"].iloc[0]
+    for ax, student in zip(axes[:, 0], students):
+        d = study[study["student"] == student].reset_index(drop=True)
+        y = np.arange(len(d))
+        colors = ["#dd8452" if c else "#4c72b0" for c in d["chosen"]]
+        ax.errorbar(100 * d["accuracy_mean"], y, xerr=100 * d["accuracy_sd"].fillna(0),
+                    fmt="none", ecolor="#999999", capsize=3)
+        ax.scatter(100 * d["accuracy_mean"], y, c=colors, s=40, zorder=3)
+        base = arms.loc[arms["arm"] == f"{student}/ce", "accuracy_mean"].iloc[0]
+        ax.axvline(100 * base, color="#8c8c8c", ls="--", lw=1, label="student, CE only")
+        ax.axvline(100 * teacher, color="#4c72b0", ls=":", lw=1, label="teacher")
+        ax.set_yticks(y, [_setting_label(r) for _, r in d.iterrows()], fontsize=8)
+        ax.invert_yaxis()
+        ax.set(xlabel="test accuracy (%)", title=f"Student {student}: every setting "
+               "(orange: chosen on validation)")
+        ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    return _png(fig)
+
+
+def fig_heatmap(study: pd.DataFrame) -> bytes:
+    """Mean test accuracy over temperature x weight, one panel per student
+    and method; the cell with the best validation accuracy is boxed."""
+    groups = list(study.groupby(["student", "method"], sort=False))
+    fig, axes = plt.subplots(1, len(groups), squeeze=False,
+                             figsize=(max(4.2, 3.6 * len(groups)), 3.4))
+    for ax, ((student, method), d) in zip(axes[0], groups):
+        d = d.assign(T=d["temperature"].map(lambda v: "–" if _missing(v) else f"{v:g}"),
+                     w=d["weight"].map(lambda v: "–" if _missing(v) else f"{v:g}"),
+                     acc=100 * d["accuracy_mean"])
+        grid = d.pivot_table(index="T", columns="w", values="acc", sort=False)
+        sns.heatmap(grid, ax=ax, annot=True, fmt=".2f", cmap="viridis", cbar=False,
+                    annot_kws={"fontsize": 8})
+        best = d.loc[d["val_accuracy_mean"].idxmax()]
+        ax.add_patch(plt.Rectangle((list(grid.columns).index(best["w"]),
+                                    list(grid.index).index(best["T"])), 1, 1,
+                                   fill=False, edgecolor="#dd8452", lw=2.5))
+        ax.set(title=f"{student}, {METHOD_LABELS.get(method, method)}",
+               xlabel="weight w of the distillation term", ylabel="temperature T")
+    fig.suptitle("Mean test accuracy (%) per setting; box: best on validation", fontsize=10)
+    fig.tight_layout()
+    return _png(fig)
+
+
 def _provenance(prov: pd.DataFrame, experiment: dict) -> dict:
     first = prov.drop(columns=["seed", "arm", "source"]).iloc[0].to_dict()
     return {
@@ -231,17 +293,23 @@ def render_report(tables: dict[str, str], out: str, title: str, experiment: dict
     t = {k: pd.read_csv(v) for k, v in tables.items() if k != "headline"}
     head = json.loads(Path(tables["headline"]).read_text())
     sns.set_theme(style="whitegrid", context="notebook")
-    arms = _labelled(t["arms"])
+    # The headline figures compare three arms: teacher, a plain student and
+    # the distilled setting chosen on validation (head["arms"]).
+    view = {k: headline_view(t[k], head["arms"])
+            for k in ("metrics", "history", "per_class", "confusion", "calibration", "arms")}
+    arms = _labelled(view["arms"])
     figure_paths = figures or {}
     figures = {
-        "accuracy": fig_accuracy(t["metrics"]),
+        "accuracy": fig_accuracy(view["metrics"]),
         "paired": fig_paired(t["gain"]),
-        "curves": fig_curves(t["history"]),
-        "agreement": fig_agreement(t["history"]),
-        "per_class": fig_per_class(t["per_class"]),
-        "confusion": fig_confusion(t["confusion"]),
-        "reliability": fig_reliability(t["calibration"], arms),
-        "efficiency": fig_efficiency(t["metrics"]),
+        "curves": fig_curves(view["history"]),
+        "agreement": fig_agreement(view["history"]),
+        "per_class": fig_per_class(view["per_class"]),
+        "confusion": fig_confusion(view["confusion"]),
+        "reliability": fig_reliability(view["calibration"], arms),
+        "efficiency": fig_efficiency(view["metrics"]),
+        "study": fig_study(t["study"], t["arms"]),
+        "heatmap": fig_heatmap(t["study"]),
     }
     for name, path in figure_paths.items():
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -249,7 +317,9 @@ def render_report(tables: dict[str, str], out: str, title: str, experiment: dict
     jobs = t["jobs"]
     cost = (jobs.groupby(["job", "arm"], sort=False)["wall_seconds"]
             .agg(["count", "sum", "mean"]).reset_index())
-    cost["label"] = cost["arm"].map(ARM_LABELS)
+    study = t["study"].assign(label=[_setting_label(r) for _, r in t["study"].iterrows()])
+    ranking = study[study["best_of_method"]].sort_values("method_rank")
+    chosen = study[study["chosen"]].iloc[0].to_dict()
 
     env = Environment(loader=PackageLoader("kdflow", "templates"),
                       autoescape=select_autoescape(["html", "j2"]),
@@ -264,6 +334,10 @@ def render_report(tables: dict[str, str], out: str, title: str, experiment: dict
         gain=t["gain"].to_dict("records"),
         metrics=t["metrics"].to_dict("records"),
         cost=cost.to_dict("records"),
+        study=study.to_dict("records"),
+        ranking=ranking.to_dict("records"),
+        chosen=chosen,
+        all_arms=t["arms"].to_dict("records"),
         total_hours=jobs["wall_seconds"].sum() / 3600,
         labels=ARM_LABELS,
         figures={k: "data:image/png;base64," + base64.b64encode(v).decode()

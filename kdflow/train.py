@@ -10,11 +10,11 @@ from typing import Optional
 
 import torch
 
-from kdflow import checkpoint, provenance, resume
+from kdflow import KdflowError, checkpoint, methods, provenance, resume
 from kdflow.data import CifarSplits, Normalizer
-from kdflow.engine import (Augment, EngineOptions, TeacherFn, autocast_dtype, configure, fit,
-                           predict_logits, resolve_device, set_threads)
-from kdflow.losses import kd_loss
+from kdflow.engine import (Augment, EngineOptions, TeacherFn, autocast_dtype, configure,
+                           features_and_logits, fit, predict_logits, resolve_device,
+                           set_threads)
 from kdflow.models import build_model, count_parameters
 
 log = logging.getLogger(__name__)
@@ -44,15 +44,18 @@ def train(
     device: str = "auto",
     threads: Optional[int] = None,
     teacher: Optional[str] = None,
+    teacher_logits: Optional[str] = None,
     kd: Optional[dict] = None,
     engine: Optional[dict] = None,
 ) -> None:
     """Train one model and save its best-validation checkpoint and history.
 
-    model_cfg: {model, epochs, batch_size, lr, augment}. Students get the
-    `teacher` checkpoint of their seed: the baseline only to measure agreement
-    with it, the KD student (`kd` = {temperature, soft_target_weight}) to learn
-    from it. engine: {precision, compile, deterministic}.
+    model_cfg: a training section of the config ({model, epochs, batch_size,
+    lr, optimizer, ..., augment}). Students get the `teacher` checkpoint of
+    their seed: the baseline only to measure agreement with it, a distilled
+    student (`kd` from kdflow.study.method_config) to learn from it, from the
+    precomputed `teacher_logits` file when given. engine: {precision,
+    compile, deterministic}.
     """
     if role not in ROLES:
         raise ValueError(f"role must be one of {ROLES}")
@@ -65,34 +68,46 @@ def train(
     log.info("%s, seed %d, on %s (%s), %s, augmentation %s", role, seed, dev,
              provenance.device_name(dev), amp or "fp32", aug if aug.enabled else "off")
     data = CifarSplits(dataset, split, dev)
-    normalize = Normalizer(dev)
+    normalize = Normalizer(dev, data.mean, data.std)
     log.info("data: %d train, %d validation images, %d classes",
              len(data.train_y), len(data.val_y), data.num_classes)
 
     teacher_val = None
-    teacher_fn = None
     teacher_record = None
+    method = None
+    teacher_fn = None
     if teacher is not None:
+        # BatchNorm teachers must use their running statistics: eval mode
+        # throughout (checkpoint.load_model and predict_logits ensure it).
         t_model, t_ckpt = checkpoint.load_model(teacher, dev)
+        t_model.eval()
         teacher_record = {"path": str(teacher), "model": t_ckpt["model"],
                           "best_epoch": t_ckpt["best_epoch"],
                           "best_val_accuracy": t_ckpt["best_val_accuracy"]}
         teacher_val = predict_logits(t_model, data.val_x, normalize, amp_dtype=amp)
-        if kd is not None:
-            teacher_fn = teacher_signal(t_model, data.train_x, normalize, aug, amp)
 
     # Initial weights depend on the seed alone, so the plain and the
-    # distilled student of one seed start from the same weights; seeding here
-    # also fixes the dropout masks.
+    # distilled students of one seed start from the same weights; seeding
+    # here also fixes the dropout masks.
     torch.manual_seed(seed)
     model = build_model(model_cfg["model"], data.num_classes)
     log.info("model %s: %d parameters", model_cfg["model"], count_parameters(model))
 
-    loss_fn = None
     if kd is not None:
-        def loss_fn(logits, targets, t_logits):
-            return kd_loss(logits, t_logits, targets, kd["temperature"],
-                           kd["soft_target_weight"])
+        if teacher is None:
+            raise KdflowError("a distilled student needs its teacher's checkpoint")
+        # A method's own modules (a hint regressor) draw their initial
+        # weights from a separate stream: the student's dropout masks stay
+        # those of its plain twin.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed + 10_000)
+            method = methods.build(kd, model, t_model, dev)
+        log.info("distillation: %s", ", ".join(f"{k} {v}" for k, v in kd.items()))
+        cached = None
+        if teacher_logits is not None and not aug.enabled and not method.features:
+            cached = load_teacher_logits(teacher_logits, teacher, split, dev)
+        teacher_fn = teacher_signal(t_model, data.train_x, normalize, aug, amp,
+                                    features=method.features, cached=cached)
 
     # Resumable state beside the outputs, not one of them (kdflow.resume).
     state_path = str(Path(out_model).with_name("resume.pt"))
@@ -101,10 +116,13 @@ def train(
         split=resume.file_digest(split), dataset=resume.file_digest(dataset),
         teacher=resume.file_digest(teacher) if teacher else None)
     result = fit(model, data.train_x, data.train_y, data.val_x, data.val_y,
-                 loss_fn=loss_fn, teacher_logits=teacher_fn,
+                 loss_fn=method.loss if method else None, teacher=teacher_fn,
                  teacher_val_logits=teacher_val, epochs=model_cfg["epochs"],
                  batch_size=model_cfg["batch_size"], lr=model_cfg["lr"], seed=seed,
-                 augment=aug, options=options, state_path=state_path, job=job)
+                 augment=aug, options=options, optim=model_cfg,
+                 features=bool(method and method.features),
+                 extra=method.extra if method else None, normalize=normalize,
+                 state_path=state_path, job=job)
     last = result.history[-1]
     log.info("best epoch %d (val acc %.2f%%), last epoch %d (val acc %.2f%%)",
              result.best_epoch, 100 * result.best_val_accuracy,
@@ -133,23 +151,60 @@ def train(
     resume.remove(state_path)  # outputs complete: nothing left to resume
 
 
-def teacher_signal(t_model, train_x, normalize, aug: Augment, amp) -> TeacherFn:
-    """The teacher's logits for each training step.
+def teacher_signal(t_model, train_x, normalize, aug: Augment, amp, *,
+                   features: bool = False,
+                   cached: Optional[torch.Tensor] = None) -> TeacherFn:
+    """The teacher's (logits, feature map or None) for each training step.
 
-    Without augmentation the teacher (eval mode: dropout off) gives the same
-    logits for an image every epoch, so they are computed once, exactly, and
-    looked up by index: the teacher's forward pass leaves the training loop.
-    With augmentation the teacher must see the very view the student sees in
-    that step (Beyer et al. 2022, "consistent teaching"), so it runs online.
+    Without augmentation the teacher (eval mode: dropout off, BatchNorm on
+    running statistics) gives the same logits for an image every epoch, so
+    logit-based methods get them computed once (or precomputed: `cached`)
+    and looked up by index: the teacher's forward pass leaves the training
+    loop. With augmentation the teacher must see the very view the student
+    sees in that step (Beyer et al. 2022, "consistent teaching"), so it runs
+    online; so it does for feature-based methods, whose maps are too large
+    to keep for the whole training set.
     """
-    if not aug.enabled:
-        cache = predict_logits(t_model, train_x, normalize, amp_dtype=amp)
-        return lambda idx, xb: cache[idx]
-
     t_model.eval()
+    if not aug.enabled and not features:
+        cache = cached if cached is not None else \
+            predict_logits(t_model, train_x, normalize, amp_dtype=amp)
+        return lambda idx, xb: (cache[idx], None)
 
     @torch.no_grad()
     def online(idx, xb):
-        return t_model(xb).float()
+        if features:
+            f, logits = features_and_logits(t_model, xb)
+            return logits.float(), f.float()
+        return t_model(xb).float(), None
 
     return online
+
+
+def save_teacher_logits(teacher: str, dataset: str, split: str, out: str, *,
+                        device: str = "auto", engine: Optional[dict] = None,
+                        threads: Optional[int] = None) -> None:
+    """The teacher's logits on the training split, once, for every
+    logit-based student of its seed (same computation as `teacher_signal`)."""
+    set_threads(threads)
+    options = EngineOptions.from_config(engine)
+    dev = resolve_device(device)
+    configure(dev, options)
+    data = CifarSplits(dataset, split, dev)
+    t_model, _ = checkpoint.load_model(teacher, dev)
+    logits = predict_logits(t_model, data.train_x, Normalizer(dev, data.mean, data.std),
+                            amp_dtype=autocast_dtype(dev, options.precision))
+    tmp = f"{out}.part"
+    torch.save({"logits": logits.cpu(), "teacher": resume.file_digest(teacher),
+                "split": resume.file_digest(split)}, tmp)
+    os.replace(tmp, out)
+    log.info("teacher logits for %d training images -> %s", len(logits), out)
+
+
+def load_teacher_logits(path: str, teacher: str, split: str, device) -> torch.Tensor:
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    if saved["teacher"] != resume.file_digest(teacher) or \
+            saved["split"] != resume.file_digest(split):
+        raise KdflowError(f"{path} was computed for another teacher or split; "
+                          "delete it and rerun")
+    return saved["logits"].to(device)

@@ -1,11 +1,13 @@
-# Config validation and the few helpers the rules share. No workflow logic.
+# Config validation, the study's expansion and the few helpers the rules
+# share. No workflow logic.
 
 import sys
 
 sys.path.insert(0, workflow.basedir)
 
-from kdflow import KdflowError
+from kdflow import KdflowError, study
 from kdflow.config import validate as _validate_config
+from kdflow.data import dataset_spec
 
 try:
     config.update(_validate_config(config))
@@ -13,23 +15,34 @@ except KdflowError as e:
     raise WorkflowError(str(e)) from None
 
 SEEDS = config["seeds"]
-STUDENT_ARMS = ["student_baseline", "student_kd"]
-ARMS = ["teacher"] + STUDENT_ARMS
+# Every model of a seed, by its path under results/seed{seed}/ (kdflow.study):
+# teacher, {student}/ce, {student}/{method}/{setting}.
+ARMS = [a.path for a in study.arms(config)]
 
-DATASET = "results/data/cifar10.npz"
+DATA = config["data"]["dataset"]
+ARCHIVE = f"results/data/{dataset_spec(DATA).archive}"
+DATASET = f"results/data/{DATA}.npz"
 SPLIT = "results/data/split.npz"
+# One teacher per seed; its training-set logits are shared by the logit-based
+# students of that seed.
+TEACHER = "results/seed{seed}/teacher/model.pt"
+TEACHER_LOGITS = "results/seed{seed}/teacher/train_logits.pt"
 
 
 wildcard_constraints:
     seed=r"\d+",
-    arm="|".join(ARMS),
+    student=r"[A-Za-z0-9_]+",
+    method="|".join(study.METHODS),
+    setting=r"[A-Za-z0-9_.+-]+",
+    # An arm spans one to three path segments (see ARMS).
+    arm=r"teacher|[A-Za-z0-9_]+/ce|[A-Za-z0-9_]+/(" + "|".join(study.METHODS) + r")/[A-Za-z0-9_.+-]+",
 
 
 def teacher_of(wildcards):
     """The teacher checkpoint of a student's seed (none for a teacher)."""
     if wildcards.arm == "teacher":
         return []
-    return f"results/seed{wildcards.seed}/teacher/model.pt"
+    return TEACHER.format(seed=wildcards.seed)
 
 
 def figure(name):

@@ -10,7 +10,7 @@ localrules:
 
 rule download:
     output:
-        "results/data/cifar-10-python.tar.gz",
+        ARCHIVE,
     log:
         "results/logs/download.log",
     conda:
@@ -31,6 +31,8 @@ rule convert:
         "results/logs/convert.log",
     conda:
         "../envs/kdflow.yaml"
+    params:
+        dataset=DATA,
     script:
         "../scripts/convert.py"
 

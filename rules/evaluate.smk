@@ -11,9 +11,9 @@ rule evaluate:
         metrics="results/seed{seed}/{arm}/metrics.json",
         speed="results/seed{seed}/{arm}/speed.json",
     log:
-        "results/logs/seed{seed}/evaluate_{arm}.log",
+        "results/logs/seed{seed}/{arm}/evaluate.log",
     benchmark:
-        "results/benchmarks/seed{seed}/evaluate_{arm}.tsv"
+        "results/benchmarks/seed{seed}/{arm}/evaluate.tsv"
     conda:
         "../envs/kdflow.yaml"
     threads: 2

@@ -13,8 +13,8 @@ rule aggregate:
         speed=per_model("results/seed{seed}/{arm}/speed.json"),
         histories=per_model("results/seed{seed}/{arm}/history.csv"),
         checkpoints=per_model("results/seed{seed}/{arm}/model.pt"),
-        train_benchmarks=per_model("results/benchmarks/seed{seed}/train_{arm}.tsv"),
-        eval_benchmarks=per_model("results/benchmarks/seed{seed}/evaluate_{arm}.tsv"),
+        train_benchmarks=per_model("results/benchmarks/seed{seed}/{arm}/train.tsv"),
+        eval_benchmarks=per_model("results/benchmarks/seed{seed}/{arm}/evaluate.tsv"),
     output:
         metrics="results/summary/metrics.csv",
         history="results/summary/history.csv",
@@ -30,6 +30,9 @@ rule aggregate:
             "results/summary/kd_gain.csv",
             caption="../report/kd_gain.rst",
             category="Tables",
+        ),
+        study=report(
+            "results/summary/study.csv", caption="../report/study_table.rst", category="Tables"
         ),
         headline="results/summary/headline.json",
     log:
@@ -55,6 +58,8 @@ rule report:
         confusion=figure("confusion"),
         reliability=figure("reliability"),
         efficiency=figure("efficiency"),
+        study=figure("study"),
+        heatmap=figure("heatmap"),
     log:
         "results/logs/report.log",
     conda:

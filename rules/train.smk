@@ -1,7 +1,7 @@
 # One training job per model and seed. Each declares gpu=1, so with
 # `--resources gpu=1` one trains at a time while CPU rules run beside it.
 # params carry exactly the config a job depends on: a student setting never
-# reruns a teacher.
+# reruns a teacher, and one distillation setting never reruns another.
 
 
 rule train_teacher:
@@ -9,12 +9,12 @@ rule train_teacher:
         dataset=DATASET,
         split=SPLIT,
     output:
-        model="results/seed{seed}/teacher/model.pt",
+        model=TEACHER,
         history="results/seed{seed}/teacher/history.csv",
     log:
-        "results/logs/seed{seed}/train_teacher.log",
+        "results/logs/seed{seed}/teacher/train.log",
     benchmark:
-        "results/benchmarks/seed{seed}/train_teacher.tsv"
+        "results/benchmarks/seed{seed}/teacher/train.tsv"
     conda:
         "../envs/kdflow.yaml"
     threads: 4
@@ -28,51 +28,85 @@ rule train_teacher:
         "../scripts/train.py"
 
 
-rule train_student_baseline:
+rule teacher_logits:
+    # The teacher (eval mode) gives the same logits for an image every epoch:
+    # computed once per seed here and shared by every logit-based student
+    # without augmentation (with augmentation the teacher runs online on the
+    # student's views).
     input:
+        teacher=TEACHER,
         dataset=DATASET,
         split=SPLIT,
-        teacher=rules.train_teacher.output.model,
     output:
-        model="results/seed{seed}/student_baseline/model.pt",
-        history="results/seed{seed}/student_baseline/history.csv",
+        TEACHER_LOGITS,
     log:
-        "results/logs/seed{seed}/train_student_baseline.log",
-    benchmark:
-        "results/benchmarks/seed{seed}/train_student_baseline.tsv"
+        "results/logs/seed{seed}/teacher/logits.log",
     conda:
         "../envs/kdflow.yaml"
     threads: 4
     resources:
         gpu=1,
     params:
-        model_cfg=config["student"],
+        device=config["device"],
+        engine=config["engine"],
+    script:
+        "../scripts/teacher_logits.py"
+
+
+rule train_student_baseline:
+    input:
+        dataset=DATASET,
+        split=SPLIT,
+        teacher=TEACHER,
+    output:
+        model="results/seed{seed}/{student}/ce/model.pt",
+        history="results/seed{seed}/{student}/ce/history.csv",
+    log:
+        "results/logs/seed{seed}/{student}/ce/train.log",
+    benchmark:
+        "results/benchmarks/seed{seed}/{student}/ce/train.tsv"
+    conda:
+        "../envs/kdflow.yaml"
+    threads: 4
+    resources:
+        gpu=1,
+    params:
+        model_cfg=lambda wc: study.student_config(config, wc.student),
         device=config["device"],
         engine=config["engine"],
     script:
         "../scripts/train.py"
 
 
+def cached_teacher_logits(wildcards):
+    """The shared logits, for the students that can use them."""
+    augment = config["student"]["augment"]
+    if wildcards.method in ("kd", "dkd") and not (augment["crop"] or augment["flip"]):
+        return TEACHER_LOGITS.format(seed=wildcards.seed)
+    return []
+
+
 rule train_student_kd:
     input:
         dataset=DATASET,
         split=SPLIT,
-        teacher=rules.train_teacher.output.model,
+        teacher=TEACHER,
+        teacher_logits=cached_teacher_logits,
     output:
-        model="results/seed{seed}/student_kd/model.pt",
-        history="results/seed{seed}/student_kd/history.csv",
+        model="results/seed{seed}/{student}/{method}/{setting}/model.pt",
+        history="results/seed{seed}/{student}/{method}/{setting}/history.csv",
     log:
-        "results/logs/seed{seed}/train_student_kd.log",
+        "results/logs/seed{seed}/{student}/{method}/{setting}/train.log",
     benchmark:
-        "results/benchmarks/seed{seed}/train_student_kd.tsv"
+        "results/benchmarks/seed{seed}/{student}/{method}/{setting}/train.tsv"
     conda:
         "../envs/kdflow.yaml"
     threads: 4
     resources:
         gpu=1,
     params:
-        model_cfg=config["student"],
-        kd=config["kd"],
+        model_cfg=lambda wc: study.student_config(config, wc.student),
+        kd=lambda wc: study.method_config(config, wc.method, wc.setting),
         device=config["device"],
         engine=config["engine"],
     script:

@@ -10,6 +10,7 @@ run_step(
         dataset=snakemake.input.dataset,
         split=snakemake.input.split,
         teacher=snakemake.input.get("teacher"),
+        teacher_logits=snakemake.input.get("teacher_logits") or None,
         out_model=snakemake.output.model,
         out_history=snakemake.output.history,
         model_cfg=snakemake.params.model_cfg,

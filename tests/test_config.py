@@ -16,8 +16,35 @@ def test_defaults_reproduce_the_tutorial():
     assert (c["teacher"]["model"], c["student"]["model"]) == ("deepnn", "lightnn")
     for arm in ("teacher", "student"):
         assert (c[arm]["epochs"], c[arm]["batch_size"], c[arm]["lr"]) == (10, 128, 1e-3)
-    assert c["kd"] == {"temperature": 2.0, "soft_target_weight": 0.25}
+    assert c["kd"]["method"] == "kd"
+    assert (c["kd"]["temperature"], c["kd"]["soft_target_weight"]) == (2.0, 0.25)
+    assert c["teacher"]["optimizer"] == "adam" and c["teacher"]["lr_milestones"] == []
     assert c["seeds"] == [0, 1, 2] and c["data"]["val_size"] == 5000
+    assert c["data"]["dataset"] == "cifar10"
+    assert c["data"]["md5"] == "c58f30108f718f92721af3b95e74349a"
+
+
+def test_cifar100_defaults_to_its_official_archive():
+    c = validate({"data": {"dataset": "cifar100"}})
+    assert c["data"]["url"].endswith("/cifar-100-python.tar.gz")
+    assert c["data"]["md5"] == "eb9058c3a382ffc7106e4002c42a8d85"
+    # An explicit mirror wins.
+    c = validate({"data": {"dataset": "cifar100", "url": "/m/c100.tgz", "md5": "0" * 32}})
+    assert (c["data"]["url"], c["data"]["md5"]) == ("/m/c100.tgz", "0" * 32)
+
+
+def test_lists_sweep_and_scalars_stay_scalars():
+    c = validate({"kd": {"method": ["kd", "dkd"], "temperature": ["1", "4"],
+                         "soft_target_weight": [0.25, 0.5]},
+                  "student": {"model": ["lightnn", "resnet8"]}})
+    assert c["kd"]["temperature"] == [1.0, 4.0]
+    assert c["student"]["model"] == ["lightnn", "resnet8"]
+    with pytest.raises(KdflowError, match="student.model: 'resnet9' is not one of"):
+        validate({"student": {"model": ["lightnn", "resnet9"]}})
+    with pytest.raises(KdflowError, match="teacher.model must be one architecture"):
+        validate({"teacher": {"model": ["deepnn", "resnet8"]}})
+    with pytest.raises(KdflowError, match="kd.method: 'fitnets' is not one of"):
+        validate({"kd": {"method": "fitnets"}})
 
 
 def test_every_key_has_a_description_and_a_default():
@@ -29,7 +56,9 @@ def test_every_key_has_a_description_and_a_default():
         for key, sub in node.get("properties", {}).items():
             where = f"{path}.{key}".lstrip(".")
             assert sub.get("description"), f"{where} lacks a description"
-            if key != "model":  # required, its default comes from the section
+            # model is required (its default comes from the section); the
+            # archive's url and md5 default to those of data.dataset.
+            if key not in ("model", "url", "md5"):
                 assert "default" in sub, f"{where} lacks a default"
             walk(sub, where)
 
@@ -41,6 +70,9 @@ def test_every_key_has_a_description_and_a_default():
     ({"student": {"model": "lightnn", "epochs": 0}}, "student.epochs"),
     ({"kd": {"temperature": -1}}, "kd.temperature"),
     ({"kd": {"soft_target_weight": 1.5}}, "kd.soft_target_weight"),
+    ({"kd": {"temperature": [2, 0]}}, "kd.temperature.1"),
+    ({"data": {"dataset": "mnist"}}, "data.dataset"),
+    ({"student": {"model": "lightnn", "optimizer": "lamb"}}, "student.optimizer"),
     ({"data": {"md5": "xyz"}}, "data.md5"),
     ({"seeds": []}, "seeds"),
     ({"kdd": {}}, "'kdd' was unexpected"),

@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 
 from kdflow import KdflowError
-from kdflow.data import (UnsafePickleError, convert_archive, fetch_archive, make_split,
-                         safe_unpickle)
-from tests.conftest import build_archive
+from kdflow.data import (DATASETS, CifarSplits, UnsafePickleError, channel_stats,
+                         convert_archive, fetch_archive, make_split, safe_unpickle,
+                         write_split)
+from tests.conftest import build_archive, build_archive_100
 
 
 class _RunsShell:
@@ -52,6 +53,30 @@ def test_genuine_batches_are_read(tmp_path):
         assert d["x_test"].shape == (50, 3, 32, 32)
         assert list(d["classes"])[:2] == ["airplane", "automobile"]
     assert sorted(os.listdir(tmp_path)) == ["a.tar.gz", "cifar10.npz"]
+
+
+def test_cifar100_fine_labels_and_statistics(tmp_path):
+    archive = tmp_path / "cifar-100-python.tar.gz"
+    build_archive_100(archive, n_train=400, n_test=200)
+    out = tmp_path / "cifar100.npz"
+    info = convert_archive(archive, out, dataset="cifar100")
+    assert info["train"] == 400 and info["test"] == 200 and len(info["classes"]) == 100
+    with np.load(out) as d:
+        # Fine labels (0..99), not the 20 coarse ones stored beside them.
+        assert d["y_train"].max() == 99 and len(np.unique(d["y_train"])) == 100
+        assert channel_stats(d) == (DATASETS["cifar100"].mean, DATASETS["cifar100"].std)
+    split = tmp_path / "split.npz"
+    write_split(out, split, val_size=100, seed=0)
+    data = CifarSplits(out, split)
+    assert data.num_classes == 100 and len(data.val_y) == 100
+    assert data.mean == DATASETS["cifar100"].mean
+
+
+def test_wrong_dataset_for_the_archive_is_a_clear_error(tmp_path):
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    build_archive(archive)
+    with pytest.raises(KdflowError, match="lacks cifar-100-python/meta.*data.dataset"):
+        convert_archive(archive, tmp_path / "x.npz", dataset="cifar100")
 
 
 def test_python2_style_string_pickles_are_accepted():

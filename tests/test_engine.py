@@ -70,8 +70,8 @@ def test_teacher_sees_exactly_the_students_augmented_views():
     student.register_forward_pre_hook(
         lambda m, args: seen_by_student.append(args[0].clone()) if m.training else None)
     fit(student, x, y, vx, vy, epochs=2, batch_size=32, lr=1e-3, seed=0,
-        teacher_logits=teacher_fn, augment=Augment(crop=4, flip=True),
-        loss_fn=lambda s, t, tl: kd_loss(s, tl, t, 2.0, 0.5))
+        teacher=teacher_fn, augment=Augment(crop=4, flip=True),
+        loss_fn=lambda s: kd_loss(s.logits, s.teacher_logits, s.targets, 2.0, 0.5))
     assert len(seen_by_teacher) == len(seen_by_student) == 6
     for t_view, s_view in zip(seen_by_teacher, seen_by_student):
         assert torch.equal(t_view, s_view)
@@ -94,7 +94,7 @@ def test_cached_teacher_logits_give_the_online_kd_losses():
         with torch.no_grad():
             online = teacher(xb)
             s = student(xb)
-        a = kd_loss(s, cached(idx, xb), y[idx], 2.0, 0.25)
+        a = kd_loss(s, cached(idx, xb)[0], y[idx], 2.0, 0.25)
         b = kd_loss(s, online, y[idx], 2.0, 0.25)
         assert a.item() == pytest.approx(b.item(), rel=1e-5, abs=1e-6)
 
@@ -131,7 +131,7 @@ def test_deterministic_mode_gives_byte_identical_metrics_files(workflow_run, tmp
               out_history="results/seed0/student_kd/history.csv",
               model_cfg={"model": "lightnn", "epochs": 2, "batch_size": 32, "lr": 1e-3},
               teacher="results/seed0/teacher/model.pt",
-              kd={"temperature": 2.0, "soft_target_weight": 0.25}, **common)
+              kd={"method": "kd", "temperature": 2.0, "soft_target_weight": 0.25}, **common)
         for arm in ("teacher", "student_kd"):
             evaluate(f"results/seed0/{arm}/model.pt", "results/data/cifar10.npz",
                      f"results/seed0/{arm}/metrics.json", arm=arm, seed=0, device="cpu",

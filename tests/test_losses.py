@@ -4,7 +4,22 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kdflow.losses import kd_loss, soft_target_loss, teacher_kl, top1_agreement
+from torch import nn
+
+from kdflow.losses import (
+    HintRegressor,
+    cosine_loss,
+    dkd_loss,
+    dkd_terms,
+    dkd_total_loss,
+    dkd_warmup,
+    hint_loss,
+    kd_loss,
+    match_vectors,
+    soft_target_loss,
+    teacher_kl,
+    top1_agreement,
+)
 
 
 def hand_kd(s, t, y, T, w):
@@ -78,3 +93,379 @@ def test_fidelity_measures(batch):
     assert 0.0 <= top1_agreement(s, t) < 1.0
     assert teacher_kl(s, t).item() > 0
     assert math.isclose(teacher_kl(t, t).item(), 0.0, abs_tol=1e-6)
+
+
+# --------------------------------------------------------------------------
+# Hand references: plain Python floats (float64), loops, math.exp / math.log.
+# --------------------------------------------------------------------------
+
+
+def rows(x):
+    return [[float(v) for v in r] for r in torch.flatten(x, 1).double()]
+
+
+def lse(xs):
+    m = max(xs)
+    return m + math.log(sum(math.exp(x - m) for x in xs))
+
+
+def hand_ce(s, y):
+    return sum(lse(r) - r[int(c)] for r, c in zip(rows(s), y)) / len(y)
+
+
+def hand_adaptive_pool(v, n):
+    """Adaptive average pooling's windows: [floor(i*L/n), ceil((i+1)*L/n))."""
+    L = len(v)
+    out = []
+    for i in range(n):
+        a, b = (i * L) // n, -((-(i + 1) * L) // n)
+        out.append(sum(v[a:b]) / (b - a))
+    return out
+
+
+def hand_cos_term(hs, ht):
+    total = 0.0
+    for a, b in zip(rows(hs), rows(ht)):
+        if len(a) > len(b):
+            a = hand_adaptive_pool(a, len(b))
+        elif len(b) > len(a):
+            b = hand_adaptive_pool(b, len(a))
+        dot = sum(x * z for x, z in zip(a, b))
+        na, nb = math.sqrt(sum(x * x for x in a)), math.sqrt(sum(z * z for z in b))
+        total += 1 - dot / (na * nb)
+    return total / len(hs)
+
+
+def hand_block_mean(m, h, w):
+    """Average-pool a (C, H, W) nested list by integer factors to (C, h, w)."""
+    fh, fw = len(m[0]) // h, len(m[0][0]) // w
+    return [
+        [
+            [
+                sum(ch[i * fh + a][j * fw + b] for a in range(fh) for b in range(fw)) / (fh * fw)
+                for j in range(w)
+            ]
+            for i in range(h)
+        ]
+        for ch in m
+    ]
+
+
+def hand_mse(r, t):
+    r, t = r.double().tolist(), t.double().tolist()
+
+    def leaves(x):
+        return [v for e in x for v in leaves(e)] if isinstance(x, list) else [x]
+
+    a, b = leaves(r), leaves(t)
+    return sum((x - z) ** 2 for x, z in zip(a, b)) / len(a)
+
+
+def hand_kl(log_pt, log_ps):
+    return sum(math.exp(lt) * (lt - ls) for lt, ls in zip(log_pt, log_ps))
+
+
+def hand_dkd_terms(s, t, y, T):
+    """TCKD and NCKD per the paper, in log space so ±1e4 logits stay exact."""
+    tckd = nckd = 0.0
+    for zs, zt, c in zip(rows(s), rows(t), y):
+        c = int(c)
+        logs = {}
+        for name, z in (("s", zs), ("t", zt)):
+            z = [v / T for v in z]
+            others = [v for j, v in enumerate(z) if j != c]
+            total, rest = lse(z), lse(others)
+            logs[name] = (
+                [z[c] - total, rest - total],  # log b = log [p_gt, 1 - p_gt]
+                [v - rest for v in others],  # log of the non-target softmax
+            )
+        tckd += hand_kl(logs["t"][0], logs["s"][0])
+        nckd += hand_kl(logs["t"][1], logs["s"][1])
+    n = len(y)
+    return T * T * tckd / n, T * T * nckd / n
+
+
+def mdistiller_dkd(s, t, y, alpha, beta, T):
+    """mdistiller/distillers/DKD.py's dkd_loss, -1000 mask included (size_average=False = sum)."""
+    gt = torch.zeros_like(s).scatter_(1, y.unsqueeze(1), 1).bool()
+    ps, pt = F.softmax(s / T, 1), F.softmax(t / T, 1)
+    cat = lambda p: torch.stack([(p * gt).sum(1), (p * ~gt).sum(1)], 1)  # noqa: E731
+    tckd = F.kl_div(torch.log(cat(ps)), cat(pt), reduction="sum") * T**2 / len(y)
+    pt2 = F.softmax(t / T - 1000.0 * gt, 1)
+    lps2 = F.log_softmax(s / T - 1000.0 * gt, 1)
+    nckd = F.kl_div(lps2, pt2, reduction="sum") * T**2 / len(y)
+    return alpha * tckd + beta * nckd
+
+
+# --------------------------------------------------------------------------
+# Cosine loss (PyTorch KD tutorial)
+# --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def features():
+    g = torch.Generator().manual_seed(1)
+    hs = torch.randn(6, 4, 2, 2, generator=g)  # 16-d
+    ht = torch.randn(6, 8, 2, 2, generator=g)  # 32-d
+    s = torch.randn(6, 5, generator=g) * 2
+    y = torch.randint(0, 5, (6,), generator=g)
+    return hs, ht, s, y
+
+
+@pytest.mark.parametrize("w", [0.25, 0.5, 1.0])
+def test_cosine_loss_matches_hand_value(features, w):
+    hs, ht, s, y = features
+    want = (1 - w) * hand_ce(s, y) + w * hand_cos_term(hs, ht)
+    assert cosine_loss(hs, ht, s, y, w).item() == pytest.approx(want, rel=1e-5)
+
+
+def test_cosine_tiny_batch_by_hand():
+    hs = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    ht = torch.tensor([[0.0, 2.0, 4.0, 0.0], [1.0, 1.0, -1.0, -1.0]])  # pooled: [1, 2], [1, -1]
+    s = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 0.0]])
+    y = torch.tensor([0, 2])
+    cos = [1 / math.sqrt(5), 0.0]
+    ce = [
+        math.log(math.exp(2) + 1 + math.exp(-1)) - 2,
+        math.log(2 * math.exp(0.5) + 1) - 0,
+    ]
+    want = 0.75 * sum(ce) / 2 + 0.25 * sum(1 - c for c in cos) / 2
+    assert cosine_loss(hs, ht, s, y, 0.25).item() == pytest.approx(want, rel=1e-6)
+
+
+def test_cosine_non_divisible_sizes_pool_adaptively(features):
+    g = torch.Generator().manual_seed(2)
+    hs, ht = torch.randn(3, 7, generator=g), torch.randn(3, 10, generator=g)
+    _, _, s, y = features
+    want = 0.5 * hand_ce(s[:3], y[:3]) + 0.5 * hand_cos_term(hs, ht)
+    assert cosine_loss(hs, ht, s[:3], y[:3], 0.5).item() == pytest.approx(want, rel=1e-5)
+    # Pooling is symmetric in which side is larger.
+    assert cosine_loss(ht, hs, s[:3], y[:3], 0.5).item() == pytest.approx(want, rel=1e-5)
+
+
+def test_cosine_term_vanishes_for_equal_features(features):
+    hs, _, s, y = features
+    flat = torch.flatten(hs, 1)
+    ht = flat.repeat_interleave(2, dim=1)  # pools back to exactly hs
+    assert cosine_loss(hs, ht, s, y, 0.25).item() == pytest.approx(0.75 * hand_ce(s, y), rel=1e-6)
+    assert cosine_loss(hs, hs.clone() * 3.0, s, y, 1.0).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_cosine_pooling_is_the_tutorials_avg_pool1d():
+    """Tutorial: teacher conv output 32x8x8 = 2048 -> avg_pool1d(., 2) -> 1024."""
+    g = torch.Generator().manual_seed(3)
+    student = torch.randn(4, 16, 8, 8, generator=g)
+    teacher = torch.randn(4, 32, 8, 8, generator=g)
+    a, b = match_vectors(student, teacher)
+    assert a.shape == b.shape == (4, 1024)
+    torch.testing.assert_close(b, F.avg_pool1d(torch.flatten(teacher, 1), 2))
+    torch.testing.assert_close(a, torch.flatten(student, 1))
+    # And the whole loss is the tutorial's 0.25 * CosineEmbeddingLoss + 0.75 * CE.
+    s, y = torch.randn(4, 10, generator=g), torch.tensor([1, 2, 3, 4])
+    tut = 0.25 * nn.CosineEmbeddingLoss()(a, b, torch.ones(4)) + 0.75 * F.cross_entropy(s, y)
+    torch.testing.assert_close(cosine_loss(student, teacher, s, y, 0.25), tut)
+
+
+def test_cosine_zero_weight_is_exactly_cross_entropy(features):
+    hs, ht, s, y = features
+    assert torch.equal(cosine_loss(hs, ht, s, y, 0.0), F.cross_entropy(s, y))
+
+
+def test_cosine_bf16_inputs_give_float32_and_finite_grads(features):
+    hs, ht, s, y = features
+    hs = hs.bfloat16().requires_grad_()
+    out = cosine_loss(hs, ht.bfloat16(), s.bfloat16(), y, 0.25)
+    assert out.dtype == torch.float32
+    out.backward()
+    assert torch.isfinite(hs.grad).all() and hs.grad.abs().sum() > 0
+
+
+# --------------------------------------------------------------------------
+# FitNets hint
+# --------------------------------------------------------------------------
+
+
+def test_hint_regressor_shapes():
+    reg = HintRegressor(16, 32)
+    assert isinstance(reg.conv, nn.Conv2d)
+    assert (reg.conv.kernel_size, reg.conv.padding) == ((3, 3), (1, 1))
+    x = torch.randn(2, 16, 8, 8)
+    assert reg(x).shape == (2, 32, 8, 8)
+    assert reg(x, (8, 8)).shape == (2, 32, 8, 8)
+    assert reg(x, (4, 4)).shape == (2, 32, 4, 4)
+    assert reg(x, (16, 16)).shape == (2, 32, 8, 8)  # never upsamples
+    assert reg(torch.randn(2, 16, 8, 4), (4, 8)).shape == (2, 32, 4, 4)
+
+
+@pytest.mark.parametrize("w", [0.25, 0.6])
+def test_hint_loss_matches_hand_value(w):
+    g = torch.Generator().manual_seed(4)
+    r, t = torch.randn(3, 4, 2, 3, generator=g), torch.randn(3, 4, 2, 3, generator=g)
+    s, y = torch.randn(3, 5, generator=g), torch.tensor([0, 4, 2])
+    want = (1 - w) * hand_ce(s, y) + w * hand_mse(r, t)
+    assert hint_loss(r, t, s, y, w).item() == pytest.approx(want, rel=1e-5)
+    assert torch.equal(hint_loss(r, t, s, y, 0.0), F.cross_entropy(s, y))
+
+
+def test_hint_loss_is_the_tutorials_regressor_loss():
+    torch.manual_seed(5)
+    reg = HintRegressor(16, 32)
+    x, t = torch.randn(4, 16, 8, 8), torch.randn(4, 32, 8, 8)
+    s, y = torch.randn(4, 10), torch.tensor([0, 1, 2, 3])
+    r = reg(x, t.shape[-2:])
+    tut = 0.25 * nn.MSELoss()(r, t) + 0.75 * nn.CrossEntropyLoss()(s, y)
+    torch.testing.assert_close(hint_loss(r, t, s, y, 0.25), tut)
+
+
+def test_hint_gradients_reach_regressor_and_student_features():
+    torch.manual_seed(6)
+    reg = HintRegressor(16, 32)
+    x = torch.randn(2, 16, 8, 8, requires_grad=True)
+    t = torch.randn(2, 32, 8, 8)
+    s = torch.randn(2, 10, requires_grad=True)
+    hint_loss(reg(x, t.shape[-2:]), t, s, torch.tensor([3, 7]), 0.25).backward()
+    for g in (reg.conv.weight.grad, reg.conv.bias.grad, x.grad, s.grad):
+        assert g is not None and torch.isfinite(g).all() and g.abs().sum() > 0
+
+
+def test_hint_pools_the_larger_map_when_spatial_sizes_differ():
+    torch.manual_seed(7)
+    reg = HintRegressor(2, 3)
+    y, s = torch.tensor([1, 0]), torch.randn(2, 4)
+    # Student map larger (8x8) than the teacher's (4x4): the regressor pools.
+    x, t = torch.randn(2, 2, 8, 8), torch.randn(2, 3, 4, 4)
+    full = reg(x)
+    r = reg(x, t.shape[-2:])
+    want_r = [hand_block_mean(m, 4, 4) for m in full.double().tolist()]
+    torch.testing.assert_close(r.double(), torch.tensor(want_r, dtype=torch.float64))
+    assert hint_loss(r, t, s, y, 1.0).item() == pytest.approx(
+        hand_mse(torch.tensor(want_r), t), rel=1e-5
+    )
+    # Student map smaller (4x4) than the teacher's (8x8): the loss pools the teacher.
+    x, t = torch.randn(2, 2, 4, 4), torch.randn(2, 3, 8, 8)
+    r = reg(x, t.shape[-2:])
+    assert r.shape[-2:] == (4, 4)
+    want_t = torch.tensor([hand_block_mean(m, 4, 4) for m in t.double().tolist()])
+    assert hint_loss(r, t, s, y, 1.0).item() == pytest.approx(hand_mse(r, want_t), rel=1e-5)
+    # Mixed: student 8x4, teacher 4x8 -> both end at 4x4.
+    x, t = torch.randn(2, 2, 8, 4), torch.randn(2, 3, 4, 8)
+    r = reg(x, t.shape[-2:])
+    want_t = torch.tensor([hand_block_mean(m, 4, 4) for m in t.double().tolist()])
+    assert hint_loss(r, t, s, y, 1.0).item() == pytest.approx(hand_mse(r, want_t), rel=1e-5)
+
+
+# --------------------------------------------------------------------------
+# Decoupled KD
+# --------------------------------------------------------------------------
+
+
+def test_dkd_terms_tiny_batch_by_hand():
+    s = torch.tensor([[1.0, 2.0, 0.5], [0.0, -1.0, 3.0]])
+    t = torch.tensor([[3.0, 0.0, 1.0], [2.0, 0.0, 1.5]])
+    y = torch.tensor([0, 2])
+    T = 2.0
+
+    def kl2(p, q):  # KL([p, 1 - p] || [q, 1 - q])
+        return p * math.log(p / q) + (1 - p) * math.log((1 - p) / (1 - q))
+
+    # Written out directly with math.exp: 3 classes, so the non-target softmax
+    # over the 2 remaining classes is itself a binary distribution.
+    tc = nc = 0.0
+    for zs, zt, c, (o1, o2) in ((s[0], t[0], 0, (1, 2)), (s[1], t[1], 2, (0, 1))):
+        es = [math.exp(float(v) / T) for v in zs]
+        et = [math.exp(float(v) / T) for v in zt]
+        tc += kl2(et[c] / sum(et), es[c] / sum(es))
+        nc += kl2(et[o1] / (et[o1] + et[o2]), es[o1] / (es[o1] + es[o2]))
+    want_t, want_n = T * T * tc / 2, T * T * nc / 2
+
+    tckd, nckd = dkd_terms(s, t, y, T)
+    assert tckd.item() == pytest.approx(want_t, rel=1e-5)
+    assert nckd.item() == pytest.approx(want_n, rel=1e-5)
+    # The log-space hand reference used elsewhere agrees with the direct one.
+    assert hand_dkd_terms(s, t, y, T) == pytest.approx((want_t, want_n), rel=1e-12)
+
+
+@pytest.mark.parametrize("T", [1.0, 4.0])
+def test_dkd_terms_match_hand_values_on_random_batch(batch, T):
+    s, t, y = batch
+    tckd, nckd = dkd_terms(s, t, y, T)
+    hand_t, hand_n = hand_dkd_terms(s, t, y, T)
+    assert tckd.item() == pytest.approx(hand_t, rel=1e-5)
+    assert nckd.item() == pytest.approx(hand_n, rel=1e-5)
+
+
+@pytest.mark.parametrize("alpha,beta", [(1.0, 0.0), (0.0, 1.0), (1.0, 8.0), (0.5, 2.0)])
+def test_dkd_loss_is_linear_in_alpha_beta(batch, alpha, beta):
+    s, t, y = batch
+    hand_t, hand_n = hand_dkd_terms(s, t, y, 4.0)
+    got = dkd_loss(s, t, y, 4.0, alpha, beta).item()
+    assert got == pytest.approx(alpha * hand_t + beta * hand_n, rel=1e-5, abs=1e-7)
+
+
+@pytest.mark.parametrize("T,alpha,beta", [(4.0, 1.0, 8.0), (1.0, 2.0, 0.5), (2.0, 1.0, 1.0)])
+def test_dkd_matches_mdistiller_reference(batch, T, alpha, beta):
+    s, t, y = batch
+    torch.testing.assert_close(
+        dkd_loss(s, t, y, T, alpha, beta), mdistiller_dkd(s, t, y, alpha, beta, T)
+    )
+    s64, t64 = s.double(), t.double()
+    assert dkd_loss(s, t, y, T, alpha, beta).item() == pytest.approx(
+        mdistiller_dkd(s64, t64, y, alpha, beta, T).item(), rel=1e-5
+    )
+
+
+def test_dkd_vanishes_when_student_equals_teacher(batch):
+    s, _, y = batch
+    tckd, nckd = dkd_terms(s, s.clone(), y, 4.0)
+    assert tckd.item() == pytest.approx(0.0, abs=1e-7)
+    assert nckd.item() == pytest.approx(0.0, abs=1e-7)
+    assert dkd_loss(s, s.clone(), y, 4.0, 1.0, 8.0).item() == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dkd_has_no_nan_or_inf_with_extreme_logits(dtype):
+    g = torch.Generator().manual_seed(8)
+    sign = lambda: torch.randint(0, 2, (8, 10), generator=g).float() * 2 - 1  # noqa: E731
+    s, t = sign() * 1e4, sign() * 1e4
+    y = torch.randint(0, 10, (8,), generator=g)
+    s[0, y[0]], t[0, y[0]] = 1e4, 1e4  # p_gt == 1 in float: naive log(1 - p_gt) = -inf
+    s[0, :], s[0, y[0]] = -1e4, 1e4  # every non-target prob underflows to 0 for the student
+    s[1, y[1]], t[1, y[1]] = -1e4, 1e4  # student sure it is not the target, teacher sure it is
+    s = s.to(dtype).requires_grad_()
+    t = t.to(dtype).requires_grad_()
+    for T in (1.0, 4.0):
+        loss = dkd_total_loss(s, t, y, T, 1.0, 8.0, 1.0)
+        assert loss.dtype == torch.float32 and torch.isfinite(loss)
+        s.grad = t.grad = None
+        loss.backward()
+        assert torch.isfinite(s.grad).all() and torch.isfinite(t.grad).all()
+        hand_t, hand_n = hand_dkd_terms(s.detach().float(), t.detach().float(), y, T)
+        assert dkd_loss(s, t, y, T, 1.0, 8.0).item() == pytest.approx(
+            hand_t + 8.0 * hand_n, rel=1e-4
+        )
+
+
+def test_dkd_excludes_the_target_even_beyond_mdistillers_mask():
+    """With logits / T > 1000 mdistiller's "- 1000 * gt_mask" no longer masks."""
+    s = torch.tensor([[5000.0, 0.0, 1.0]])
+    t = torch.tensor([[5000.0, 1.0, 0.0]])
+    y = torch.tensor([0])
+    _, nckd = dkd_terms(s, t, y, 1.0)
+    assert nckd.item() == pytest.approx(hand_dkd_terms(s, t, y, 1.0)[1], rel=1e-5)
+    assert nckd.item() > 0.1  # the non-target distributions do differ
+
+
+def test_dkd_warmup():
+    assert [dkd_warmup(e, 20) for e in (1, 10, 20, 40)] == [0.05, 0.5, 1.0, 1.0]
+    assert dkd_warmup(3, 0) == 1.0
+
+
+@pytest.mark.parametrize("ce_weight,warm", [(1.0, 1.0), (1.0, 0.05), (0.5, 0.5), (2.0, 0.0)])
+def test_dkd_total_loss_combination(batch, ce_weight, warm):
+    s, t, y = batch
+    hand_t, hand_n = hand_dkd_terms(s, t, y, 4.0)
+    want = ce_weight * hand_ce(s, y) + warm * (1.0 * hand_t + 8.0 * hand_n)
+    got = dkd_total_loss(s, t, y, 4.0, 1.0, 8.0, warm, ce_weight=ce_weight)
+    assert got.item() == pytest.approx(want, rel=1e-5)
+    if warm == 0.0:
+        assert got.item() == pytest.approx(ce_weight * F.cross_entropy(s, y).item(), rel=1e-6)

@@ -10,7 +10,9 @@ import torch
 
 from tests.conftest import REPO, SNAKEMAKE, base_config, deep_update, planned_jobs, snakemake
 
-ARMS = ["teacher", "student_baseline", "student_kd"]
+# The test experiment's arms (kdflow.study): paths under results/seed{seed}/.
+TEACHER, BASELINE, KD = "teacher", "lightnn/ce", "lightnn/kd/T2_w0.25"
+ARMS = [TEACHER, BASELINE, KD]
 
 
 def test_run_produces_every_output(workflow_run):
@@ -20,21 +22,22 @@ def test_run_produces_every_output(workflow_run):
         for arm in ARMS:
             for name in ("model.pt", "history.csv", "metrics.json", "speed.json"):
                 assert (res / f"seed{seed}" / arm / name).is_file()
-            assert (res / "logs" / f"seed{seed}" / f"train_{arm}.log").is_file()
-            assert (res / "benchmarks" / f"seed{seed}" / f"train_{arm}.tsv").is_file()
-            assert (res / "benchmarks" / f"seed{seed}" / f"evaluate_{arm}.tsv").is_file()
+            assert (res / "logs" / f"seed{seed}" / arm / "train.log").is_file()
+            assert (res / "benchmarks" / f"seed{seed}" / arm / "train.tsv").is_file()
+            assert (res / "benchmarks" / f"seed{seed}" / arm / "evaluate.tsv").is_file()
+        assert (res / f"seed{seed}" / "teacher" / "train_logits.pt").is_file()
     assert (res / "report.html").is_file()
     for name in ("accuracy", "paired", "curves", "agreement", "per_class", "confusion",
-                 "reliability", "efficiency"):
+                 "reliability", "efficiency", "study", "heatmap"):
         assert (res / "figures" / f"{name}.png").stat().st_size > 1000
     assert not list(res.rglob("*.part*")), "temporary files left behind"
 
 
 def test_checkpoints_are_self_describing_and_safe_to_load(workflow_run):
     workdir, config = workflow_run
-    for arm, section in (("teacher", "teacher"), ("student_kd", "student")):
+    for arm, role, section in ((TEACHER, "teacher", "teacher"), (KD, "student_kd", "student")):
         ckpt = torch.load(workdir / f"results/seed1/{arm}/model.pt", weights_only=True)
-        assert ckpt["seed"] == 1 and ckpt["role"] == arm
+        assert ckpt["seed"] == 1 and ckpt["role"] == role
         for key, value in config[section].items():
             assert ckpt["config"]["model"][key] == value
         assert ckpt["config"]["model"]["lr"] == 0.001  # schema default, filled in
@@ -43,8 +46,9 @@ def test_checkpoints_are_self_describing_and_safe_to_load(workflow_run):
         hist = pd.read_csv(workdir / f"results/seed1/{arm}/history.csv")
         assert ckpt["best_val_accuracy"] == pytest.approx(hist["val_accuracy"].max())
         assert ckpt["last_epoch"] == len(hist)
-    kd = torch.load(workdir / "results/seed1/student_kd/model.pt", weights_only=True)
-    assert kd["config"]["kd"] == config["kd"]
+    kd = torch.load(workdir / f"results/seed1/{KD}/model.pt", weights_only=True)
+    # Exactly this setting's values, not the study's lists.
+    assert kd["config"]["kd"] == {"method": "kd", **config["kd"]}
 
 
 def test_students_of_a_seed_start_from_the_same_weights(workflow_run):
@@ -60,8 +64,8 @@ def test_students_of_a_seed_start_from_the_same_weights(workflow_run):
     out = workdir / "pairing"
     out.mkdir()
     train("student_kd", out_model=str(out / "kd.pt"), out_history=str(out / "kd.csv"),
-          kd={"temperature": 2.0, "soft_target_weight": 0.0}, **common)
-    base = torch.load(res / "seed0/student_baseline/model.pt", weights_only=True)
+          kd={"method": "kd", "temperature": 2.0, "soft_target_weight": 0.0}, **common)
+    base = torch.load(res / f"seed0/{BASELINE}/model.pt", weights_only=True)
     kd = torch.load(out / "kd.pt", weights_only=True)
     for k, v in base["state_dict"].items():
         assert torch.equal(v, kd["state_dict"][k]), k
@@ -69,7 +73,7 @@ def test_students_of_a_seed_start_from_the_same_weights(workflow_run):
 
 def test_student_history_records_agreement_with_teacher(workflow_run):
     workdir, _ = workflow_run
-    for arm in ("student_baseline", "student_kd"):
+    for arm in (BASELINE, KD):
         h = pd.read_csv(workdir / f"results/seed0/{arm}/history.csv")
         for col in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr",
                     "seconds", "val_teacher_agreement", "val_teacher_kl"):
@@ -119,7 +123,7 @@ def test_report_shows_the_numbers_in_the_metrics_files(workflow_run):
     assert all(s.startswith("data:image/png;base64,") for s in parser.srcs)
     assert all(link.startswith("#") for link in parser.links)
     assert "<script" not in html and "@import" not in html
-    assert len(parser.srcs) == 8
+    assert len(parser.srcs) == 10
     accs = {}
     for seed in config["seeds"]:
         for arm in ARMS:
@@ -127,7 +131,7 @@ def test_report_shows_the_numbers_in_the_metrics_files(workflow_run):
             accs[seed, arm] = m["accuracy"]
             assert f"{100 * m['accuracy']:.2f}" in text
             assert f"results/seed{seed}/{arm}/metrics.json" in text
-    gains = [accs[s, "student_kd"] - accs[s, "student_baseline"] for s in config["seeds"]]
+    gains = [accs[s, KD] - accs[s, BASELINE] for s in config["seeds"]]
     mean_gain = sum(gains) / len(gains)
     assert re.search(rf'id="kd-gain">\s*{re.escape(f"{100 * mean_gain:+.2f}")} pts', html)
     for g in gains:
@@ -139,7 +143,7 @@ def test_report_shows_the_numbers_in_the_metrics_files(workflow_run):
     assert "soft_target_weight: 0.25" in text  # the experiment's config
     assert "cannot be judged" in text           # 2 seeds: says so honestly
     assert 'id="paired-test-impossible"' in html and "p = " not in text
-    for section in ("significance", "classes", "calibration", "efficiency", "cost", "provenance"):
+    for section in ("study", "significance", "classes", "calibration", "efficiency", "cost", "provenance"):
         assert f'<section id="{section}">' in html
     for fact in ("kdflow commit", "torchvision", "Snakemake", "config hash", "dataset archive md5"):
         assert fact in text
@@ -160,19 +164,25 @@ def test_summary_table_is_tidy(workflow_run):
 
 STUDENT_JOBS = {"train_student_baseline": 2, "train_student_kd": 2, "evaluate": 4,
                 "aggregate": 1, "report": 1, "all": 1}
+# A new temperature is a new setting: its own jobs, the shared logits reused.
+NEW_SETTING = {"train_student_kd": 2, "evaluate": 2, "aggregate": 1, "report": 1, "all": 1}
 
 
 @pytest.mark.parametrize("change,expected", [
     pytest.param({}, {}, id="nothing-changed"),
     pytest.param({"student": {"lr": 0.002}}, STUDENT_JOBS, id="student-setting"),
-    pytest.param({"kd": {"temperature": 4.0}},
-                 {"train_student_kd": 2, "evaluate": 2, "aggregate": 1, "report": 1, "all": 1},
-                 id="kd-setting"),
+    pytest.param({"kd": {"temperature": 4.0}}, NEW_SETTING, id="kd-setting"),
+    pytest.param({"kd": {"temperature": [2.0, 4.0]}}, NEW_SETTING, id="added-temperature"),
+    # Only the report, which shows the whole config.
+    pytest.param({"kd": {"dkd": {"beta": 2.0}}}, {"report": 1, "all": 1},
+                 id="unused-method-setting"),
     pytest.param({"teacher": {"epochs": 2}},
-                 {"train_teacher": 2, **STUDENT_JOBS, "evaluate": 6}, id="teacher-setting"),
+                 {"train_teacher": 2, "teacher_logits": 2, **STUDENT_JOBS, "evaluate": 6},
+                 id="teacher-setting"),
     pytest.param({"seeds": [0, 1, 2]},
-                 {"train_teacher": 1, "train_student_baseline": 1, "train_student_kd": 1,
-                  "evaluate": 3, "aggregate": 1, "report": 1, "all": 1}, id="added-seed"),
+                 {"train_teacher": 1, "teacher_logits": 1, "train_student_baseline": 1,
+                  "train_student_kd": 1, "evaluate": 3, "aggregate": 1, "report": 1, "all": 1},
+                 id="added-seed"),
     pytest.param({"report": {"title": "Another title"}}, {"report": 1, "all": 1},
                  id="report-setting"),
 ])
@@ -184,7 +194,7 @@ def test_only_stale_steps_rerun(workflow_run, change, expected):
 def test_default_config_plans_the_full_experiment(tmp_path):
     jobs = planned_jobs(tmp_path, {})
     assert jobs == {"download": 1, "convert": 1, "split": 1, "train_teacher": 3,
-                    "train_student_baseline": 3, "train_student_kd": 3, "evaluate": 9,
+                    "teacher_logits": 3, "train_student_baseline": 3, "train_student_kd": 3, "evaluate": 9,
                     "aggregate": 1, "report": 1, "all": 1}
 
 

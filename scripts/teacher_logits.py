@@ -1,0 +1,15 @@
+from kdflow.cli import run_step
+from kdflow.train import save_teacher_logits
+
+run_step(
+    snakemake.log[0],
+    lambda: save_teacher_logits(
+        snakemake.input.teacher,
+        snakemake.input.dataset,
+        snakemake.input.split,
+        snakemake.output[0],
+        device=snakemake.params.device,
+        engine=snakemake.params.engine,
+        threads=snakemake.threads,
+    ),
+)

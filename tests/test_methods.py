@@ -1,0 +1,97 @@
+"""Distillation methods wired into the engine: what each needs and trains."""
+
+import copy
+
+import pytest
+import torch
+
+from kdflow import methods
+from kdflow.data import Normalizer
+from kdflow.engine import Augment, Step, fit, make_optimizer
+from kdflow.models import build_model
+from kdflow.study import method_config
+from kdflow.config import validate
+from kdflow.train import teacher_signal
+
+CONFIG = validate({"kd": {"method": ["kd", "dkd", "cosine", "hint"]}})
+SETTINGS = {"kd": "T2_w0.25", "dkd": "T4", "cosine": "w0.25", "hint": "w0.25"}
+
+
+def problem(n=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8)
+    return x, torch.arange(n) % 10
+
+
+@pytest.mark.parametrize("name", sorted(SETTINGS))
+def test_each_method_gives_a_finite_loss_and_gradients(name):
+    torch.manual_seed(0)
+    student, teacher = build_model("lightnn"), build_model("deepnn").eval()
+    method = methods.build(method_config(CONFIG, name, SETTINGS[name]), student, teacher, "cpu")
+    assert method.features == (name in methods.FEATURE_METHODS)
+    x, y = problem(8)
+    xb = Normalizer("cpu")(x)
+    with torch.no_grad():
+        t_feat = teacher.features(xb)
+        t_logits = teacher.classify(t_feat)
+    feat = student.features(xb)
+    loss = method.loss(Step(student.classify(feat), y, 1, t_logits, feat, t_feat))
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all()
+               for p in student.parameters())
+
+
+def test_hint_regressor_maps_student_channels_to_the_teachers():
+    student, teacher = build_model("lightnn"), build_model("deepnn")
+    method = methods.build(method_config(CONFIG, "hint", "w0.5"), student, teacher, "cpu")
+    conv = method.extra.conv
+    # The tutorial's regressor: Conv2d(16, 32, 3, padding=1) on 16x8x8 -> 32x8x8.
+    assert (conv.in_channels, conv.out_channels, conv.kernel_size) == (16, 32, (3, 3))
+
+
+def test_hint_trains_its_regressor_with_the_student():
+    torch.manual_seed(0)
+    student, teacher = build_model("lightnn"), build_model("deepnn").eval()
+    method = methods.build(method_config(CONFIG, "hint", "w0.5"), student, teacher, "cpu")
+    before = copy.deepcopy(method.extra.state_dict())
+    x, y = problem()
+    online = teacher_signal(teacher, x, Normalizer("cpu"), Augment(), None, features=True)
+    result = fit(student, x, y, x[:16], y[:16], epochs=1, batch_size=32, lr=1e-3, seed=0,
+                 loss_fn=method.loss, teacher=online, features=True, extra=method.extra)
+    after = method.extra.state_dict()
+    assert not torch.equal(before["conv.weight"], after["conv.weight"])
+    assert not any(k.startswith("conv") for k in result.best_state)
+
+
+def test_batchnorm_teacher_is_used_in_eval_mode():
+    """A teacher left in train mode would normalise with batch statistics and
+    update its running averages: its targets would depend on the batch."""
+    torch.manual_seed(0)
+    teacher = build_model("resnet8").train()
+    running = teacher.bn1.running_mean.clone()
+    x, _ = problem(32)
+    normalize = Normalizer("cpu")
+    for aug in (Augment(), Augment(flip=True)):
+        fn = teacher_signal(teacher, x, normalize, aug, None, features=aug.enabled)
+        assert not teacher.training
+        logits, _ = fn(torch.arange(4), normalize(x[:4]))
+        with torch.no_grad():
+            alone, _ = fn(torch.arange(1), normalize(x[:1]))
+        # Image 0's logits do not depend on the rest of the batch.
+        assert torch.allclose(logits[:1], alone, atol=1e-5)
+    assert torch.equal(teacher.bn1.running_mean, running)
+
+
+def test_sgd_with_milestones_steps_the_learning_rate_per_epoch():
+    x, y = problem()
+    model = build_model("lightnn")
+    cfg = {"optimizer": "sgd", "momentum": 0.9, "weight_decay": 5e-4,
+           "lr_milestones": [1, 2], "lr_gamma": 0.1}
+    result = fit(model, x, y, x[:16], y[:16], epochs=3, batch_size=32, lr=0.05, seed=0,
+                 optim=cfg)
+    assert [r["lr"] for r in result.history] == pytest.approx([0.05, 0.005, 0.0005])
+    opt, sched = make_optimizer(model.parameters(), 0.05, cfg)
+    assert isinstance(opt, torch.optim.SGD) and opt.defaults["weight_decay"] == 5e-4
+    opt, sched = make_optimizer(model.parameters(), 1e-3, {})
+    assert isinstance(opt, torch.optim.Adam) and sched is None

@@ -1,0 +1,214 @@
+"""Studies: config lists -> jobs, staleness per setting, every method and
+CIFAR-100 end to end through Snakemake on tiny archives."""
+
+import json
+import re
+import subprocess
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from kdflow import KdflowError, study
+from kdflow.config import validate
+from tests.conftest import REPO, SNAKEMAKE, base_config, deep_update, planned_jobs, snakemake
+
+
+# ---------------------------------------------------------------------------
+# Expansion of the config (no Snakemake)
+# ---------------------------------------------------------------------------
+
+def test_settings_expand_each_method_over_the_values_it_uses():
+    c = validate({"kd": {"method": ["kd", "dkd", "cosine", "hint"], "temperature": [1, 4],
+                         "soft_target_weight": [0.25, 0.5]}})
+    assert study.settings(c) == [
+        ("kd", "T1_w0.25"), ("kd", "T1_w0.5"), ("kd", "T4_w0.25"), ("kd", "T4_w0.5"),
+        ("dkd", "T1"), ("dkd", "T4"),
+        ("cosine", "w0.25"), ("cosine", "w0.5"), ("hint", "w0.25"), ("hint", "w0.5")]
+
+
+def test_arms_share_one_baseline_per_student():
+    c = validate({"student": {"model": ["lightnn", "resnet8"]},
+                  "kd": {"temperature": [1, 2], "soft_target_weight": [0.25, 0.5]}})
+    paths = [a.path for a in study.arms(c)]
+    assert paths[0] == "teacher"
+    assert [p for p in paths if p.endswith("/ce")] == ["lightnn/ce", "resnet8/ce"]
+    assert len(paths) == 1 + 2 * (1 + 4)
+    for path in paths:  # describe() reads back what arms() wrote
+        assert study.describe(path).path == path
+
+
+def test_method_config_holds_only_its_own_setting():
+    c = validate({"kd": {"method": ["kd", "dkd"], "temperature": [1, 4],
+                         "soft_target_weight": [0.25, 0.5], "dkd": {"beta": 2.0}}})
+    assert study.method_config(c, "kd", "T4_w0.5") == {
+        "method": "kd", "temperature": 4.0, "soft_target_weight": 0.5}
+    assert study.method_config(c, "dkd", "T1") == {
+        "method": "dkd", "temperature": 1.0, "alpha": 1.0, "beta": 2.0, "warmup_epochs": 20}
+
+
+@pytest.mark.parametrize("method,setting,message", [
+    ("kd", "T2", "must look like 'T2_w0.25'"),
+    ("dkd", "T2_w0.5", "must look like 'T2'"),
+    ("hint", "wx", "must look like 'w0.25'"),
+    ("kd", "T2.0_w0.25", "is written 'T2_w0.25'"),
+    ("fitnets", "w0.5", "unknown distillation method"),
+])
+def test_bad_setting_names_are_clear_errors(method, setting, message):
+    with pytest.raises(KdflowError, match=message):
+        study.parse_setting(method, setting)
+
+
+# ---------------------------------------------------------------------------
+# The DAG of a study
+# ---------------------------------------------------------------------------
+
+def grid(archive, md5, **change):
+    """2 temperatures x 2 soft-target weights x 2 seeds of vanilla KD."""
+    return deep_update(base_config(archive, md5),
+                       {"kd": {"temperature": [1.0, 4.0], "soft_target_weight": [0.25, 0.5]},
+                        **change})
+
+
+def test_study_dry_runs_to_one_teacher_and_baseline_and_four_students_per_seed(
+        tmp_path, tiny_archive):
+    jobs = planned_jobs(tmp_path, grid(*tiny_archive))
+    assert jobs == {"download": 1, "convert": 1, "split": 1,
+                    "train_teacher": 2, "teacher_logits": 2,
+                    "train_student_baseline": 2, "train_student_kd": 8,
+                    "evaluate": 2 * (1 + 1 + 4), "aggregate": 1, "report": 1, "all": 1}
+
+
+# Every method, two temperatures and two weights, one seed: a real run.
+METHODS_CONFIG = {
+    "seeds": [0],
+    "kd": {"method": ["kd", "dkd", "cosine", "hint"], "temperature": [1.0, 2.0],
+           "soft_target_weight": [0.25, 0.5], "dkd": {"warmup_epochs": 1}},
+}
+
+
+@pytest.fixture(scope="module")
+def study_run(tmp_path_factory, tiny_archive):
+    workdir = tmp_path_factory.mktemp("study")
+    config = deep_update(base_config(*tiny_archive), METHODS_CONFIG)
+    snakemake(workdir, config)
+    return workdir, config
+
+
+def test_every_method_trains_and_is_evaluated(study_run):
+    workdir, config = study_run
+    arms = [a.path for a in study.arms(validate(config))]
+    assert len(arms) == 1 + 1 + 4 + 2 + 2 + 2
+    base = torch.load(workdir / "results/seed0/lightnn/ce/model.pt", weights_only=True)
+    for arm in arms:
+        m = json.loads((workdir / f"results/seed0/{arm}/metrics.json").read_text())
+        assert 0 <= m["accuracy"] <= 1 and m["arm"] == arm
+        ckpt = torch.load(workdir / f"results/seed0/{arm}/model.pt", weights_only=True)
+        if arm != "teacher":
+            # The hint regressor is trained with the student and not kept.
+            assert ckpt["state_dict"].keys() == base["state_dict"].keys()
+            assert not torch.equal(ckpt["state_dict"]["features.0.weight"],
+                                   base["state_dict"]["features.0.weight"]) or arm.endswith("ce")
+    log = (workdir / "results/logs/seed0/lightnn/hint/w0.5/train.log").read_text()
+    assert "method hint" in log and "weight 0.5" in log
+
+
+def test_study_table_selects_on_validation(study_run):
+    workdir, _ = study_run
+    t = pd.read_csv(workdir / "results/summary/study.csv")
+    assert len(t) == 10 and t["chosen"].sum() == 1
+    chosen = t[t["chosen"]].iloc[0]
+    assert chosen["val_accuracy_mean"] == t["val_accuracy_mean"].max()
+    best = t[t["best_of_method"]]
+    assert sorted(best["method"]) == ["cosine", "dkd", "hint", "kd"]
+    assert best.sort_values("method_rank")["val_accuracy_mean"].is_monotonic_decreasing
+    head = json.loads((workdir / "results/summary/headline.json").read_text())
+    assert head["arms"]["student_kd"] == chosen["arm"]
+    assert head["distilled_settings"] == 10
+    html = (workdir / "results/report.html").read_text()
+    assert 'id="study-table"' in html and 'id="ranking"' in html and "(chosen)" in html
+
+
+def test_changing_one_temperature_reruns_only_its_jobs(study_run):
+    workdir, config = study_run
+    changed = deep_update(config, {"kd": {"temperature": [1.0, 3.0]}})
+    # T=3 is new for kd (two weights) and dkd; T=1 and the feature methods stay.
+    assert planned_jobs(workdir, changed) == {
+        "train_student_kd": 3, "evaluate": 3, "aggregate": 1, "report": 1, "all": 1}
+
+
+def test_changing_a_dkd_parameter_reruns_only_dkd(study_run):
+    workdir, config = study_run
+    changed = deep_update(config, {"kd": {"dkd": {"beta": 4.0}}})
+    assert planned_jobs(workdir, changed) == {
+        "train_student_kd": 2, "evaluate": 2, "aggregate": 1, "report": 1, "all": 1}
+
+
+# ---------------------------------------------------------------------------
+# CIFAR-100 with BatchNorm models
+# ---------------------------------------------------------------------------
+
+def test_cifar100_runs_end_to_end(tmp_path, tiny_archive_100):
+    archive, md5 = tiny_archive_100
+    config = deep_update(base_config(archive, md5), {
+        "data": {"dataset": "cifar100", "val_size": 100},
+        "seeds": [0],
+        "teacher": {"model": "resnet14", "optimizer": "sgd", "lr": 0.05,
+                    "weight_decay": 5e-4, "lr_milestones": [1], "epochs": 2,
+                    "augment": {"crop": 4, "flip": True}},
+        "student": {"model": "resnet8", "optimizer": "sgd", "lr": 0.05},
+        "kd": {"method": ["kd", "hint"], "temperature": 4.0, "soft_target_weight": 0.9},
+    })
+    snakemake(tmp_path, config)
+    res = tmp_path / "results"
+    assert (res / "data" / "cifar100.npz").is_file()
+    m = json.loads((res / "seed0/resnet8/kd/T4_w0.9/metrics.json").read_text())
+    assert len(m["classes"]) == 100 and m["test_images"] == 200
+    assert m["classes"][0] == "class_00"
+    h = pd.read_csv(res / "seed0/teacher/history.csv")
+    assert h["lr"].tolist() == pytest.approx([0.05, 0.005])  # x0.1 after epoch 1
+    assert (res / "report.html").is_file()
+
+
+# ---------------------------------------------------------------------------
+# Presets
+# ---------------------------------------------------------------------------
+
+PRESETS = REPO / "config" / "presets"
+
+
+def dry_run_preset(workdir, preset):
+    """`snakemake -n --configfile config/presets/<preset>`, as a user runs it."""
+    proc = subprocess.run(
+        [SNAKEMAKE, "-s", str(REPO / "Snakefile"), "--directory", str(workdir), "-n",
+         "--quiet", "rules", "--cores", "2", "--resources", "gpu=1",
+         "--configfile", str(PRESETS / preset)],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    table = (proc.stdout + proc.stderr).split("Job stats:", 1)[1]
+    return {m[0]: int(m[1]) for m in re.findall(r"^(\w+)\s+(\d+)$", table, re.M)}
+
+
+def test_tutorial_preset_is_the_default(tmp_path):
+    jobs = dry_run_preset(tmp_path, "tutorial.yaml")
+    jobs.pop("total")
+    assert jobs == planned_jobs(tmp_path, {})
+
+
+@pytest.mark.parametrize("preset,teacher,student", [
+    ("repdistiller_cifar100_resnet32x4_resnet8x4.yaml", "resnet32x4", "resnet8x4"),
+    ("repdistiller_cifar100_wrn_40_2_wrn_16_2.yaml", "wrn_40_2", "wrn_16_2"),
+])
+def test_repdistiller_presets_dry_run(tmp_path, preset, teacher, student):
+    jobs = dry_run_preset(tmp_path, preset)
+    assert jobs["train_teacher"] == 3 and jobs["train_student_kd"] == 3
+    c = validate(yaml.safe_load((PRESETS / preset).read_text()))
+    assert c["data"]["dataset"] == "cifar100"
+    assert c["data"]["md5"] == "eb9058c3a382ffc7106e4002c42a8d85"
+    for section, model in (("teacher", teacher), ("student", student)):
+        s = c[section]
+        assert s["model"] == model and (s["epochs"], s["batch_size"], s["lr"]) == (240, 64, 0.05)
+        assert (s["optimizer"], s["momentum"], s["weight_decay"]) == ("sgd", 0.9, 5e-4)
+        assert s["lr_milestones"] == [150, 180, 210] and s["augment"] == {"crop": 4, "flip": True}
+    assert (c["kd"]["temperature"], c["kd"]["soft_target_weight"]) == (4.0, 0.9)
