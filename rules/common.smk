@@ -35,7 +35,9 @@ wildcard_constraints:
     method="|".join(study.METHODS),
     setting=r"[A-Za-z0-9_.+-]+",
     # An arm spans one to three path segments (see ARMS).
-    arm=r"teacher|[A-Za-z0-9_]+/ce|[A-Za-z0-9_]+/(" + "|".join(study.METHODS) + r")/[A-Za-z0-9_.+-]+",
+    arm=r"teacher|[A-Za-z0-9_]+/ce|[A-Za-z0-9_]+/("
+    + "|".join(study.METHODS)
+    + r")/[A-Za-z0-9_.+-]+",
 
 
 def teacher_of(wildcards):
@@ -43,6 +45,14 @@ def teacher_of(wildcards):
     if wildcards.arm == "teacher":
         return []
     return TEACHER.format(seed=wildcards.seed)
+
+
+def cached_teacher_logits(wildcards):
+    """The shared logits, for the students that can use them."""
+    augment = config["student"]["augment"]
+    if wildcards.method in ("kd", "dkd") and not (augment["crop"] or augment["flip"]):
+        return TEACHER_LOGITS.format(seed=wildcards.seed)
+    return []
 
 
 def figure(name):

@@ -32,7 +32,9 @@ rule aggregate:
             category="Tables",
         ),
         study=report(
-            "results/summary/study.csv", caption="../report/study_table.rst", category="Tables"
+            "results/summary/study.csv",
+            caption="../report/study_table.rst",
+            category="Tables",
         ),
         headline="results/summary/headline.json",
     log:

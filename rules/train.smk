@@ -78,14 +78,6 @@ rule train_student_baseline:
         "../scripts/train.py"
 
 
-def cached_teacher_logits(wildcards):
-    """The shared logits, for the students that can use them."""
-    augment = config["student"]["augment"]
-    if wildcards.method in ("kd", "dkd") and not (augment["crop"] or augment["flip"]):
-        return TEACHER_LOGITS.format(seed=wildcards.seed)
-    return []
-
-
 rule train_student_kd:
     input:
         dataset=DATASET,

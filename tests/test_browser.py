@@ -48,7 +48,7 @@ def test_report_renders_offline_with_its_numbers(browser, workflow_run):
     assert state == "complete"
     images = browser.execute_script(
         "return Array.from(document.images).map(i => [i.alt, i.complete, i.naturalWidth])")
-    assert len(images) == 8
+    assert len(images) == 10
     for alt, complete, width in images:
         assert complete and width > 0, f"image {alt!r} did not load"
     errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
@@ -57,8 +57,8 @@ def test_report_renders_offline_with_its_numbers(browser, workflow_run):
     arms = pd.read_csv(workdir / "results/summary/arms.csv").set_index("arm")
     head = json.loads((workdir / "results/summary/headline.json").read_text())
     text = lambda css: browser.find_element("css selector", css).text.strip()  # noqa: E731
-    for arm in ("teacher", "student_baseline", "student_kd"):
-        assert text(f"#acc-{arm}") == f"{100 * arms.loc[arm, 'accuracy_mean']:.2f}%"
+    for role, arm in head["arms"].items():  # the headline's three arms
+        assert text(f"#acc-{role}") == f"{100 * arms.loc[arm, 'accuracy_mean']:.2f}%"
     assert text("#kd-gain") == f"{100 * head['gain_mean']:+.2f} pts"
 
     shot = workdir / "results" / "report-screenshot.png"

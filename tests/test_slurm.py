@@ -16,7 +16,7 @@ import pytest
 from tests.conftest import REPO, snakemake
 
 SLURM_TOOLS = ("slurmctld", "slurmd", "munged", "sbatch", "scontrol")
-ARMS = ("teacher", "student_baseline", "student_kd")
+ARMS = ("teacher", "lightnn/ce", "lightnn/kd/T2_w0.25")
 
 
 @pytest.fixture(scope="module")
@@ -51,15 +51,16 @@ def test_workflow_runs_through_sbatch_with_gpus(slurm, workflow_run, tmp_path):
               "--slurm-status-command", "squeue", "--jobs", "4", "--latency-wait", "5",
               # the test node has 2 CPUs; training rules ask for 4 threads
               "--set-threads", "train_teacher=2", "train_student_baseline=2",
-              "train_student_kd=2")
+              "train_student_kd=2", "teacher_logits=2")
     jobs = [j for j in slurm_jobs() if j["JobId"] not in before]
     rules = sorted(re.match(r"rule_(\w+?)_wildcards", j["Comment"]).group(1) for j in jobs)
     n = len(config["seeds"])
     assert rules == sorted(["evaluate"] * 3 * n + ["train_student_baseline"] * n
-                           + ["train_student_kd"] * n + ["train_teacher"] * n)
+                           + ["train_student_kd"] * n + ["train_teacher"] * n
+                           + ["teacher_logits"] * n)
     for j in jobs:
         assert j["JobState"] == "COMPLETED", j
-        if j["Comment"].startswith("rule_train"):
+        if j["Comment"].startswith(("rule_train", "rule_teacher_logits")):
             assert j.get("TresPerJob") == "gres:gpu:1", j
     # data, aggregate and report ran on the submitting host, not as jobs
     assert (tmp_path / "results/report.html").is_file()
