@@ -7,7 +7,8 @@ import torch
 
 from kdflow import methods
 from kdflow.data import Normalizer
-from kdflow.engine import Augment, Step, fit, make_optimizer
+from kdflow.engine import Augment, Step, fit
+from kdflow.optim import make_optimizer
 from kdflow.models import build_model
 from kdflow.study import method_config
 from kdflow.config import validate
