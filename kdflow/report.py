@@ -251,6 +251,8 @@ def fig_heatmap(study: pd.DataFrame) -> bytes:
     """Mean test accuracy over temperature x weight, one panel per student
     and method; the cell with the best validation accuracy is boxed."""
     groups = list(study.groupby(["student", "method"], sort=False))
+    # One colour scale for all panels, so colours compare across methods.
+    vmin, vmax = 100 * study["accuracy_mean"].min(), 100 * study["accuracy_mean"].max()
     fig, axes = plt.subplots(1, len(groups), squeeze=False,
                              figsize=(max(4.2, 3.6 * len(groups)), 3.4))
     for ax, ((student, method), d) in zip(axes[0], groups):
@@ -259,7 +261,7 @@ def fig_heatmap(study: pd.DataFrame) -> bytes:
                      acc=100 * d["accuracy_mean"])
         grid = d.pivot_table(index="T", columns="w", values="acc", sort=False)
         sns.heatmap(grid, ax=ax, annot=True, fmt=".2f", cmap="viridis", cbar=False,
-                    annot_kws={"fontsize": 8})
+                    vmin=vmin, vmax=vmax, annot_kws={"fontsize": 8})
         best = d.loc[d["val_accuracy_mean"].idxmax()]
         ax.add_patch(plt.Rectangle((list(grid.columns).index(best["w"]),
                                     list(grid.index).index(best["T"])), 1, 1,
