@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from kdflow import methods
+from kdflow import KdflowError, methods
 from kdflow.data import Normalizer
 from kdflow.engine import Augment, Step, fit
 from kdflow.optim import make_optimizer
@@ -96,3 +96,28 @@ def test_sgd_with_milestones_steps_the_learning_rate_per_epoch():
     assert isinstance(opt, torch.optim.SGD) and opt.defaults["weight_decay"] == 5e-4
     opt, sched = make_optimizer(model.parameters(), 1e-3, {})
     assert isinstance(opt, torch.optim.Adam) and sched is None
+
+
+def test_shared_teacher_logits_equal_the_in_job_computation(tmp_path, tiny_archive):
+    """The teacher_logits job's file gives the very logits a job computes itself."""
+    from kdflow import checkpoint
+    from kdflow.data import CifarSplits, convert_archive, write_split
+    from kdflow.engine import predict_logits
+    from kdflow.train import load_teacher_logits, save_teacher_logits
+
+    dataset, split = tmp_path / "c.npz", tmp_path / "split.npz"
+    convert_archive(tiny_archive[0], dataset)
+    write_split(dataset, split, val_size=50, seed=0)
+    torch.manual_seed(0)
+    teacher = tmp_path / "teacher.pt"
+    checkpoint.save(teacher, state_dict=build_model("deepnn").state_dict(), model="deepnn",
+                    num_classes=10)
+    out = tmp_path / "logits.pt"
+    save_teacher_logits(str(teacher), str(dataset), str(split), str(out), device="cpu")
+    data = CifarSplits(dataset, split)
+    model, _ = checkpoint.load_model(teacher)
+    direct = predict_logits(model, data.train_x, Normalizer("cpu", data.mean, data.std))
+    assert torch.equal(load_teacher_logits(str(out), str(teacher), str(split), "cpu"), direct)
+    write_split(dataset, split, val_size=60, seed=0)  # another split: refused
+    with pytest.raises(KdflowError, match="another teacher or split"):
+        load_teacher_logits(str(out), str(teacher), str(split), "cpu")
