@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
@@ -113,6 +114,16 @@ def build_archive_100(path: Path, n_train: int = 400, n_test: int = 200,
 def tiny_archive_100(tmp_path_factory) -> tuple[Path, str]:
     path = tmp_path_factory.mktemp("archive100") / "cifar-100-python.tar.gz"
     return path, build_archive_100(path)
+
+
+@pytest.fixture
+def batch():
+    """Student logits, teacher logits and labels for the loss tests."""
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(16, 10, generator=g) * 3
+    t = torch.randn(16, 10, generator=g) * 3
+    y = torch.randint(0, 10, (16,), generator=g)
+    return s, t, y
 
 
 @pytest.fixture(scope="session")

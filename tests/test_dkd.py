@@ -10,15 +10,6 @@ from kdflow.losses import dkd_loss, dkd_terms, dkd_total_loss, dkd_warmup
 from tests.test_losses import hand_ce, lse, rows
 
 
-@pytest.fixture
-def batch():
-    g = torch.Generator().manual_seed(0)
-    s = torch.randn(16, 10, generator=g) * 3
-    t = torch.randn(16, 10, generator=g) * 3
-    y = torch.randint(0, 10, (16,), generator=g)
-    return s, t, y
-
-
 def hand_kl(log_pt, log_ps):
     return sum(math.exp(lt) * (lt - ls) for lt, ls in zip(log_pt, log_ps))
 

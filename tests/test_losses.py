@@ -31,15 +31,6 @@ def hand_kd(s, t, y, T, w):
     return total / len(y)
 
 
-@pytest.fixture
-def batch():
-    g = torch.Generator().manual_seed(0)
-    s = torch.randn(16, 10, generator=g) * 3
-    t = torch.randn(16, 10, generator=g) * 3
-    y = torch.randint(0, 10, (16,), generator=g)
-    return s, t, y
-
-
 @pytest.mark.parametrize("T,w", [(1.0, 0.5), (2.0, 0.25), (4.0, 0.9), (0.5, 1.0)])
 def test_kd_loss_matches_formula_by_hand(batch, T, w):
     s, t, y = batch
