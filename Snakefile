@@ -24,6 +24,7 @@ os.environ.update(PYTHONPATH=workflow.basedir)
 include: "rules/common.smk"
 include: "rules/data.smk"
 include: "rules/train.smk"
+include: "rules/study.smk"
 include: "rules/evaluate.smk"
 include: "rules/report.smk"
 

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from kdflow import KdflowError, checkpoint, study
-from kdflow.stats import mean_ci, paired_comparison
+from kdflow.stats import holm, mean_ci, paired_comparison
 
 log = logging.getLogger(__name__)
 
@@ -50,12 +50,17 @@ def _read_json(path) -> dict:
     return json.loads(Path(path).read_text())
 
 
-def collect(files: dict[str, list[str]]) -> dict[str, pd.DataFrame]:
+SELECTION, CONFIRMATION = "selection", "confirmation"
+
+
+def collect(files: dict[str, list[str]],
+            confirm_seeds: tuple[int, ...] = ()) -> dict[str, pd.DataFrame]:
     """Read every model's files into tidy tables.
 
     `files` maps each key of MODEL_FILES to a list; entry i of every list
     belongs to the same model (the workflow expands them over the same seeds
-    x arms), which is checked.
+    x arms), which is checked. Every row has its stage: confirmation for a
+    seed of `confirm_seeds`, else selection.
     """
     lists = [files[k] for k in MODEL_FILES]
     if len({len(v) for v in lists}) != 1:
@@ -66,13 +71,16 @@ def collect(files: dict[str, list[str]]) -> dict[str, pd.DataFrame]:
             raise KdflowError(f"{m_path}, {s_path}, {h_path} and {c_path} "
                               "belong to different models")
         m, speed, ckpt = _read_json(m_path), _read_json(s_path), checkpoint.load(c_path)
-        key = {"seed": m["seed"], "arm": m["arm"]}
+        key = {"seed": m["seed"], "arm": m["arm"],
+               "stage": CONFIRMATION if m["seed"] in confirm_seeds else SELECTION}
         about = describe_arm(m["arm"])
         train_job, eval_job = _benchmark(tb_path), _benchmark(eb_path)
         models.append({
             **key, **about, "model": m["model"],
             "accuracy": m["accuracy"], "loss": m["loss"],
             "ece": m["calibration"]["ece"],
+            # Flagged: at chance level, or distilled from such a teacher.
+            "flag": m.get("flag") or "",
             "teacher_agreement": m.get("teacher_agreement", np.nan),
             "teacher_kl": m.get("teacher_kl", np.nan),
             "best_epoch": m["best_epoch"], "best_val_accuracy": m["best_val_accuracy"],
@@ -108,7 +116,7 @@ def collect(files: dict[str, list[str]]) -> dict[str, pd.DataFrame]:
     def frame(rows):
         df = pd.DataFrame(rows)
         df["arm"] = pd.Categorical(df["arm"], order, ordered=True)
-        first = ["seed", "arm"]
+        first = ["seed", "arm", "stage"]
         df = df[first + [c for c in df.columns if c not in first]]
         return df.sort_values(["arm", "seed"], kind="stable").reset_index(drop=True)
 
@@ -119,12 +127,16 @@ def collect(files: dict[str, list[str]]) -> dict[str, pd.DataFrame]:
 
 
 def summarize_arms(table: pd.DataFrame) -> pd.DataFrame:
-    """Mean, sample sd, n and 95% t-interval of each arm's results over seeds."""
+    """Mean, sample sd, n and 95% t-interval of each arm's results over the
+    seeds of each stage."""
     rows = []
-    for arm, g in table.groupby("arm", observed=True):
+    for (arm, stage), g in table.groupby(["arm", "stage"], observed=True, sort=False):
         mean, lo, hi = mean_ci(g["accuracy"])
+        flagged = g.loc[g["flag"] != "", "seed"].tolist()
         rows.append({
-            "arm": arm, **{c: g[c].iloc[0] for c in ARM_COLUMNS},
+            "arm": arm, "stage": stage, **{c: g[c].iloc[0] for c in ARM_COLUMNS},
+            "flag": (f"{g.loc[g['flag'] != '', 'flag'].iloc[0]} (seed "
+                     f"{', '.join(map(str, flagged))})") if flagged else "",
             "model": g["model"].iloc[0], "n": g["seed"].nunique(),
             "parameters": g["parameters"].iloc[0], "macs_per_image": g["macs_per_image"].iloc[0],
             "checkpoint_bytes": g["checkpoint_bytes"].iloc[0],
@@ -140,18 +152,24 @@ def summarize_arms(table: pd.DataFrame) -> pd.DataFrame:
             "throughput_images_per_s": g["throughput_images_per_s"].median(),
             "wall_seconds_mean": g["wall_seconds"].mean(),
         })
-    return pd.DataFrame(rows)
+    out = pd.DataFrame(rows)
+    out["arm"] = pd.Categorical(out["arm"], table["arm"].cat.categories, ordered=True)
+    return out.sort_values(["stage", "arm"], kind="stable").reset_index(drop=True)
 
 
 def study_table(table: pd.DataFrame) -> pd.DataFrame:
     """Every distilled setting against its own student's baseline, paired by
-    seed, and the selection on validation accuracy.
+    seed over the selection seeds, and the selection on validation accuracy.
 
-    best_of_method marks each (student, method)'s setting with the highest
-    mean validation accuracy; chosen marks the one such setting over all
-    (the headline's). method_rank ranks the best_of_method rows by that
-    validation accuracy. Test accuracy never enters any choice.
+    p_value is each setting's raw paired t-test; p_value_holm adjusts it
+    for the settings of the same student (Holm), the family a best setting
+    is picked from; perm_p_value is the exact sign-flip test. chosen_for_student
+    marks each student's setting with the best mean validation accuracy
+    (kdflow.study.choose); chosen the one of those that leads (the
+    headline's). best_of_method and method_rank do the same per (student,
+    method). Test accuracy never enters any choice.
     """
+    table = table[table["stage"] == SELECTION]
     rows = []
     for arm, g in table[table["role"] == "student_kd"].groupby("arm", observed=True):
         student = g["student"].iloc[0]
@@ -164,17 +182,25 @@ def study_table(table: pd.DataFrame) -> pd.DataFrame:
             "accuracy_mean": g["accuracy"].mean(), "accuracy_sd": g["accuracy"].std(),
             "baseline_accuracy_mean": pair["accuracy_baseline"].mean(),
             "gain_mean": test.mean_gain, "gain_ci_low": test.ci_low,
-            "gain_ci_high": test.ci_high, "p_value": test.p_value, "n_pairs": test.n,
+            "gain_ci_high": test.ci_high, "p_value": test.p_value,
+            "perm_p_value": test.perm_p_value, "n_pairs": test.n,
             "teacher_agreement_mean": g["teacher_agreement"].mean(),
+            "flag": next((f for f in g["flag"] if f), ""),
         })
     if not rows:
         raise KdflowError("no distilled students among the results")
     out = pd.DataFrame(rows)
+    out["p_value_holm"] = np.nan
+    for _, g in out.groupby("student", sort=False):
+        adjusted = holm([None if pd.isna(p) else float(p) for p in g["p_value"]])
+        out.loc[g.index, "p_value_holm"] = [np.nan if p is None else p for p in adjusted]
     out["best_of_method"] = False
     for _, g in out.groupby(["student", "method"], sort=False):
         out.loc[g["val_accuracy_mean"].idxmax(), "best_of_method"] = True
-    out["chosen"] = False
-    out.loc[out["val_accuracy_mean"].idxmax(), "chosen"] = True
+    choice = study.choose(out[["arm", "student", "val_accuracy_mean"]].assign(
+        arm=out["arm"].astype(str)).to_dict("records"))
+    out["chosen_for_student"] = out["arm"].astype(str).isin([c["arm"] for c in choice.values()])
+    out["chosen"] = out["arm"].astype(str) == choice[study.headline_student(choice)]["arm"]
     best = out[out["best_of_method"]].sort_values("val_accuracy_mean", ascending=False,
                                                    kind="stable")
     out["method_rank"] = pd.Series(range(1, len(best) + 1), index=best.index)
@@ -189,11 +215,12 @@ def chosen_arms(study_df: pd.DataFrame) -> dict[str, str]:
             "student_kd": str(kd["arm"])}
 
 
-def headline_view(df: pd.DataFrame, chosen: dict[str, str]) -> pd.DataFrame:
-    """The rows of the three chosen arms, relabelled by role (teacher,
-    student_baseline, student_kd), for the headline tables and figures."""
+def headline_view(df: pd.DataFrame, chosen: dict[str, str], stage: str) -> pd.DataFrame:
+    """The rows of the three chosen arms in the headline's stage, relabelled
+    by role (teacher, student_baseline, student_kd), for the headline tables
+    and figures."""
     by_path = {path: role for role, path in chosen.items()}
-    out = df[df["arm"].astype(str).isin(by_path)].copy()
+    out = df[df["arm"].astype(str).isin(by_path) & (df["stage"] == stage)].copy()
     out["arm"] = pd.Categorical(out["arm"].astype(str).map(by_path), ARM_ORDER, ordered=True)
     return out.sort_values(["arm"] + (["seed"] if "seed" in out else []),
                            kind="stable").reset_index(drop=True)
@@ -219,17 +246,28 @@ def kd_gain(table: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def headline(gain: pd.DataFrame, chosen: dict[str, str], n_settings: int) -> dict:
-    """The experiment in a few numbers, all derived from kd_gain.csv."""
+def headline(gain: pd.DataFrame, chosen: dict[str, str], n_settings: int, *,
+             stage: str = SELECTION, selection_seeds: list[int] = (),
+             flags: list[dict] = ()) -> dict:
+    """The experiment in a few numbers, all derived from kd_gain.csv.
+
+    With several settings and no confirmation stage the gain is measured on
+    the seeds that chose the setting: `optimistic` says so."""
     n = len(gain)
     means = gain[["teacher", "student_baseline", "student_kd"]].mean()
     gap = means["teacher"] - means["student_baseline"]
     test = paired_comparison(gain["student_kd"], gain["student_baseline"])
     return {
         "n_seeds": n,
+        "seeds": [int(s) for s in gain["seed"]],
+        "stage": stage,
+        "selection_seeds": [int(s) for s in selection_seeds],
+        "optimistic": n_settings > 1 and stage == SELECTION,
+        # Headline models flagged at chance level (role, seed, flag).
+        "flags": list(flags),
         "arms": chosen,
         "distilled_settings": n_settings,
-        "selected_on": "mean validation accuracy over seeds",
+        "selected_on": "mean validation accuracy over the selection seeds",
         "teacher_mean": float(means["teacher"]),
         "student_baseline_mean": float(means["student_baseline"]),
         "student_kd_mean": float(means["student_kd"]),
@@ -244,23 +282,72 @@ def headline(gain: pd.DataFrame, chosen: dict[str, str], n_settings: int) -> dic
     }
 
 
+def _add_confirmation(study_df: pd.DataFrame, metrics: pd.DataFrame) -> pd.DataFrame:
+    """Each student's chosen setting against its plain twin on the
+    confirmation seeds: confirm_* columns on the chosen_for_student rows."""
+    conf = metrics[metrics["stage"] == CONFIRMATION]
+    out = study_df.copy()
+    for col in ("confirm_n", "confirm_gain_mean", "confirm_gain_ci_low", "confirm_gain_ci_high",
+                "confirm_p_value", "confirm_perm_p_value"):
+        out[col] = np.nan
+    for i, r in out[out["chosen_for_student"]].iterrows():
+        kd = conf[conf["arm"].astype(str) == str(r["arm"])]
+        base = conf[conf["arm"].astype(str) == f"{r['student']}/ce"]
+        pair = kd[["seed", "accuracy"]].merge(base[["seed", "accuracy"]], on="seed",
+                                               suffixes=("", "_baseline"))
+        if pair.empty:
+            continue
+        test = paired_comparison(pair["accuracy"], pair["accuracy_baseline"])
+        out.loc[i, ["confirm_n", "confirm_gain_mean", "confirm_gain_ci_low", "confirm_gain_ci_high",
+                    "confirm_p_value", "confirm_perm_p_value"]] = [
+            test.n, test.mean_gain, test.ci_low, test.ci_high, test.p_value, test.perm_p_value]
+    return out
+
+
 def _write_csv(df: pd.DataFrame, path: str) -> None:
     tmp = f"{path}.part"
     df.to_csv(tmp, index=False)
     os.replace(tmp, path)
 
 
-def aggregate(files: dict[str, list[str]], out: dict[str, str]) -> None:
+def aggregate(files: dict[str, list[str]], out: dict[str, str], *,
+              confirm_seeds: list[int] = (), choice: str | None = None) -> None:
     """Write every table of `collect` plus arms, study, gain (CSV) and
-    headline (JSON) to the paths in `out`."""
-    tables = collect(files)
+    headline (JSON) to the paths in `out`.
+
+    With confirmation seeds the headline compares the chosen setting with
+    its teacher and plain twin on those seeds only; `choice` is the choice
+    file they were trained from, which must agree with the selection
+    stage's validation numbers here."""
+    tables = collect(files, tuple(confirm_seeds))
     tables["arms"] = summarize_arms(tables["metrics"])
     tables["study"] = study_table(tables["metrics"])
     chosen = chosen_arms(tables["study"])
-    tables["gain"] = kd_gain(headline_view(tables["metrics"], chosen))
+    stage = SELECTION
+    if confirm_seeds:
+        recorded = json.loads(Path(choice).read_text()) if choice else None
+        if recorded is None or sorted(recorded["students"][s]["arm"] for s in recorded["students"]) \
+                != sorted(tables["study"].loc[tables["study"]["chosen_for_student"], "arm"]
+                          .astype(str)):
+            raise KdflowError(f"the choice in {choice} does not match the selection stage's "
+                              "validation accuracies; delete it and rerun")
+        stage = CONFIRMATION
+    view = headline_view(tables["metrics"], chosen, stage)
+    tables["gain"] = kd_gain(view)
+    # Each seed's flags (a model at chance level, or its teacher) beside its gain.
+    per_seed = view[view["flag"] != ""].groupby("seed")["flag"].agg(
+        lambda f: "; ".join(dict.fromkeys(f)))
+    tables["gain"]["flag"] = tables["gain"]["seed"].map(per_seed).fillna("")
+    if stage == CONFIRMATION:
+        tables["study"] = _add_confirmation(tables["study"], tables["metrics"])
+    flags = [{"role": str(r["arm"]), "seed": int(r["seed"]), "flag": r["flag"]}
+             for _, r in view.iterrows() if r["flag"]]
     for name, df in tables.items():
         _write_csv(df, out[name])
-    head = headline(tables["gain"], chosen, len(tables["study"]))
+    selection_seeds = sorted(tables["metrics"].loc[tables["metrics"]["stage"] == SELECTION,
+                                                   "seed"].unique())
+    head = headline(tables["gain"], chosen, len(tables["study"]), stage=stage,
+                    selection_seeds=selection_seeds, flags=flags)
     tmp = out["headline"] + ".part"
     Path(tmp).write_text(json.dumps(head, indent=2) + "\n")
     os.replace(tmp, out["headline"])

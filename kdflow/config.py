@@ -8,7 +8,7 @@ from pathlib import Path
 import jsonschema
 import yaml
 
-from kdflow import KdflowError
+from kdflow import KdflowError, study
 from kdflow.data import dataset_spec
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "config" / "schema.yaml"
@@ -99,8 +99,26 @@ def validate(config: dict, schema: dict | None = None) -> dict:
             f"invalid config: teacher.model must be one architecture, got "
             f"{config['teacher']['model']!r}; list several students under student.model"
         )
+    _check_confirmation(config)
     # The archive defaults to the chosen dataset's official one.
     spec = dataset_spec(config["data"]["dataset"])
     config["data"].setdefault("url", spec.url)
     config["data"].setdefault("md5", spec.md5)
     return config
+
+
+def _check_confirmation(config: dict) -> None:
+    """confirm_seeds: disjoint from seeds, and only where there is a choice."""
+    confirm = config["confirm_seeds"]
+    if not confirm:
+        return
+    shared = sorted(set(confirm) & set(config["seeds"]))
+    if shared:
+        raise KdflowError(
+            f"invalid config: confirm_seeds and seeds share {shared}; a confirmation seed must "
+            "not have taken part in the choice it confirms: give confirm_seeds seeds of their own")
+    if len(study.settings(config)) < 2:
+        raise KdflowError(
+            "invalid config: confirm_seeds is set but there is only one distillation setting, "
+            "so nothing is chosen to confirm; add these seeds to `seeds` instead (or sweep "
+            "kd.temperature, kd.soft_target_weight or kd.method)")

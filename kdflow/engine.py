@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdflow import KdflowError, resume
+from kdflow import KdflowError, resume, streams
 from kdflow.data import Normalizer
 from kdflow.losses import teacher_kl
 from kdflow.optim import make_optimizer
@@ -28,6 +28,9 @@ from kdflow.optim import make_optimizer
 log = logging.getLogger(__name__)
 
 EVAL_BATCH = 1000
+# On CUDA the loss is checked for NaN/inf on the host every this many steps
+# (and at the end of each epoch); the first bad step is recorded on the device.
+FINITE_CHECK_EVERY = 32
 
 
 
@@ -220,6 +223,7 @@ def fit(
     normalize: Optional[Normalizer] = None,
     state_path: Optional[str] = None,
     job: str = "",
+    name: str = "training",
 ) -> FitResult:
     """Train and keep the weights of the best validation epoch.
 
@@ -235,6 +239,11 @@ def fit(
     With `state_path`, the full training state is saved there after every
     epoch and on SIGTERM, and a saved state of the same `job` (a fingerprint
     of its config and inputs) is resumed; see kdflow.resume.
+
+    A non-finite training loss stops training at once with a KdflowError
+    naming `name`, the epoch and the step (the saved state is removed:
+    nothing of a diverged run is kept), and an epoch whose weights hold a
+    non-finite value is never selected.
     """
     device = train_x.device
     configure(device, options)
@@ -252,8 +261,8 @@ def fit(
     opt, sched = make_optimizer(params, lr, optim)
     # Batch order and augmentation depend on the seed alone, so two students
     # of one seed (plain and distilled) see the same views in the same order.
-    order = torch.Generator().manual_seed(seed)
-    aug_gen = torch.Generator(device=device).manual_seed(seed + 1)
+    order = streams.generator(seed, "order")
+    aug_gen = streams.generator(seed, "augment", device)
     n = len(train_x)
     if n == 0:
         raise KdflowError("the training split is empty; lower data.val_size")
@@ -295,6 +304,10 @@ def fit(
             "best_epoch": best.best_epoch, "best_val_accuracy": best.best_val_accuracy,
         })
 
+    # On the CPU checking every step's loss costs nothing; on CUDA it would
+    # force a host sync per step (see FINITE_CHECK_EVERY).
+    sync_check = device.type != "cuda"
+    bad_step = torch.full((), -1, dtype=torch.long, device=device)
     with resume.TermGuard(enabled=state_path is not None) as term:
         for epoch in range(first_epoch, epochs + 1):
             t0 = time.perf_counter()
@@ -329,12 +342,22 @@ def fit(
                     t_logits, t_feat = teacher(idx, xb) if teacher else (None, None)
                     feat, logits = step_fn(xb)
                     loss = loss_fn(Step(logits, targets, epoch, t_logits, feat, t_feat))
+                step = start // batch_size + 1
+                if sync_check or step % FINITE_CHECK_EVERY == 0:
+                    _check_finite(loss, bad_step, step, epoch, name, state_path, sync_check)
+                elif not sync_check:
+                    # Recorded on the device, checked every few steps: no
+                    # host sync per step on CUDA.
+                    bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()),
+                                           step, bad_step)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 # Accumulated on the device: no host sync per step on CUDA.
                 loss_sum += loss.detach().float() * len(idx)
                 correct += (logits.detach().argmax(1) == targets).sum()
+            if not sync_check:
+                _check_finite(None, bad_step, None, epoch, name, state_path, False)
             row = _epoch_row(model, epoch, n, loss_sum, correct, val_x, val_y, normalize,
                              amp, teacher_val_logits)
             row["lr"] = opt.param_groups[0]["lr"]  # the rate this epoch trained with
@@ -342,7 +365,7 @@ def fit(
             if sched is not None:
                 sched.step()
             history.append(row)
-            improved = row["val_accuracy"] > best.best_val_accuracy
+            improved = row["val_accuracy"] > best.best_val_accuracy and _all_finite(model)
             if improved:
                 best.best_state = {k: v.detach().to("cpu", copy=True)
                                    for k, v in model.state_dict().items()}
@@ -350,9 +373,34 @@ def fit(
             _log_epoch(row, epochs, n, improved)
             if state_path is not None:
                 save_state(epoch, None)
+    if not best.best_state:
+        resume.remove(state_path)
+        raise KdflowError(f"{name}: no epoch ended with finite weights, so there is no model "
+                          "to keep; lower the learning rate or use engine.precision: fp32")
     # Weights are stored contiguous (NCHW): channels_last is a runtime layout.
     best.best_state = {k: v.contiguous() for k, v in best.best_state.items()}
     return best
+
+
+def _all_finite(model: nn.Module) -> bool:
+    return all(bool(torch.isfinite(v).all()) for v in model.state_dict().values()
+               if v.is_floating_point())
+
+
+def _check_finite(loss: Optional[torch.Tensor], bad_step: torch.Tensor, step: Optional[int],
+                  epoch: int, name: str, state_path: Optional[str], sync: bool) -> None:
+    """Stop a diverged run: one line naming the job, epoch and step."""
+    if not sync and int(bad_step) >= 0:
+        where, value = int(bad_step), ""
+    elif loss is not None and not bool(torch.isfinite(loss.detach()).all()):
+        where, value = step, f" ({loss.item():g})"
+    else:
+        return
+    resume.remove(state_path)  # nothing of a diverged run is kept
+    raise KdflowError(
+        f"{name}: training loss became non-finite{value} at epoch {epoch}, step {where}: "
+        "the run diverged and nothing was saved; lower the learning rate (lr) or train "
+        "in fp32 (engine.precision: fp32)")
 
 
 def _epoch_row(model, epoch, n, loss_sum, correct, val_x, val_y, normalize, amp,

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from kdflow import checkpoint, provenance
 from kdflow.efficiency import count_macs, measure_speed
-from kdflow.stats import calibration
+from kdflow.stats import CHANCE_FLAG, TEACHER_CHANCE_FLAG, at_chance, calibration
 from kdflow.data import Normalizer, channel_stats
 from kdflow.engine import set_threads, predict_logits, resolve_device
 from kdflow.losses import teacher_kl
@@ -77,8 +77,16 @@ def evaluate(model_path: str, dataset: str, out: str, *, arm: str, seed: int,
         "config": ckpt["config"],
         "checkpoint": str(model_path),
     }
+    # A model no better than guessing on validation (a diverged or
+    # mis-configured run) is flagged, and so is every student of such a
+    # teacher: the report marks them instead of summarising them silently.
+    metrics["at_chance"] = at_chance(ckpt["best_val_accuracy"], k)
+    metrics["flag"] = CHANCE_FLAG if metrics["at_chance"] else None
     if teacher is not None:
-        t_model, _ = checkpoint.load_model(teacher, dev)
+        t_model, t_ckpt = checkpoint.load_model(teacher, dev)
+        metrics["teacher_at_chance"] = at_chance(t_ckpt["best_val_accuracy"], k)
+        if metrics["teacher_at_chance"] and not metrics["at_chance"]:
+            metrics["flag"] = TEACHER_CHANCE_FLAG
         t_logits = predict_logits(t_model, x, normalize)
         metrics["teacher_agreement"] = (pred == t_logits.argmax(1)).sum().item() / len(y)
         metrics["teacher_kl"] = teacher_kl(logits, t_logits).item()
@@ -91,6 +99,9 @@ def evaluate(model_path: str, dataset: str, out: str, *, arm: str, seed: int,
         write_json(speed, out_speed)
         log.info("latency %.2f ms (batch 1), throughput %.0f images/s",
                  speed["latency_ms_batch1"], speed["throughput_images_per_s"])
+    if metrics["flag"]:
+        log.warning("%s seed %d: %s (best validation accuracy %.2f%%, chance %.2f%%)", arm, seed,
+                    metrics["flag"], 100 * ckpt["best_val_accuracy"], 100 / k)
     log.info("%s seed %d: test accuracy %.2f%%, loss %.4f%s", arm, seed,
              100 * metrics["accuracy"], metrics["loss"],
              f", agreement with teacher {100 * metrics['teacher_agreement']:.2f}%"

@@ -22,6 +22,8 @@ run under bf16 autocast.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -131,9 +133,19 @@ class HintRegressor(nn.Module):
     after training: it is not part of the deployed student.
     """
 
-    def __init__(self, student_channels: int, teacher_channels: int):
+    def __init__(self, student_channels: int, teacher_channels: int,
+                 generator: torch.Generator | None = None):
         super().__init__()
-        self.conv = nn.Conv2d(student_channels, teacher_channels, kernel_size=3, padding=1)
+        # Built without weights, then initialised as nn.Conv2d would be but
+        # from `generator`: building a method must not draw from (or reseed)
+        # torch's global generators, which also drive the student's dropout.
+        self.conv = nn.Conv2d(student_channels, teacher_channels, kernel_size=3, padding=1,
+                              device="meta").to_empty(device="cpu")
+        fan_in = student_channels * 3 * 3
+        with torch.no_grad():
+            nn.init.kaiming_uniform_(self.conv.weight, a=math.sqrt(5), generator=generator)
+            bound = 1 / math.sqrt(fan_in)
+            nn.init.uniform_(self.conv.bias, -bound, bound, generator=generator)
 
     def forward(
         self, student_map: torch.Tensor, teacher_hw: tuple[int, int] | None = None

@@ -41,8 +41,14 @@ def _feature_shape(model: nn.Module, device) -> tuple[int, ...]:
     return shape
 
 
-def build(cfg: dict, student: nn.Module, teacher: nn.Module, device) -> Method:
-    """The Method of one distilled job (cfg from kdflow.study.method_config)."""
+def build(cfg: dict, student: nn.Module, teacher: nn.Module, device,
+          generator: Optional[torch.Generator] = None) -> Method:
+    """The Method of one distilled job (cfg from kdflow.study.method_config).
+
+    A method's own modules draw their initial weights from `generator` only
+    (kdflow.streams): building a method leaves torch's global random state,
+    CPU and CUDA, untouched.
+    """
     name = cfg["method"]
     if name == "kd":
         T, w = cfg["temperature"], cfg["soft_target_weight"]
@@ -60,7 +66,7 @@ def build(cfg: dict, student: nn.Module, teacher: nn.Module, device) -> Method:
         w = cfg["weight"]
         c_s, *_ = _feature_shape(student.to(device), device)
         c_t, h_t, w_t = _feature_shape(teacher, device)
-        regressor = HintRegressor(c_s, c_t)
+        regressor = HintRegressor(c_s, c_t, generator=generator)
 
         def loss(s: Step) -> torch.Tensor:
             return hint_loss(regressor(s.features, (h_t, w_t)), s.teacher_features,

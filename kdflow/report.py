@@ -273,11 +273,18 @@ def fig_heatmap(study: pd.DataFrame) -> bytes:
     return _png(fig)
 
 
+def commits(prov: pd.DataFrame) -> list[dict]:
+    """Every distinct (kdflow commit, dirty flag) that trained a model shown,
+    with how many models each trained, most first."""
+    df = prov.assign(commit=prov["kdflow_commit"].fillna("unknown").astype(str),
+                     dirty=prov["kdflow_dirty"].astype(str))
+    counts = df.groupby(["commit", "dirty"], sort=False).size().reset_index(name="models")
+    return counts.sort_values("models", ascending=False, kind="stable").to_dict("records")
+
+
 def _provenance(prov: pd.DataFrame, experiment: dict) -> dict:
     first = prov.drop(columns=["seed", "arm", "source"]).iloc[0].to_dict()
     return {
-        "kdflow commit": first.get("kdflow_commit"),
-        "working tree dirty": first.get("kdflow_dirty"),
         "Python": first.get("python"), "torch": first.get("torch"),
         "torchvision": first.get("torchvision"), "Snakemake": first.get("snakemake"),
         "training devices": ", ".join(sorted(set(prov["device_name"].astype(str)))),
@@ -297,7 +304,8 @@ def render_report(tables: dict[str, str], out: str, title: str, experiment: dict
     sns.set_theme(style="whitegrid", context="notebook")
     # The headline figures compare three arms: teacher, a plain student and
     # the distilled setting chosen on validation (head["arms"]).
-    view = {k: headline_view(t[k], head["arms"])
+    # ... measured on the headline's stage (the confirmation seeds, if any).
+    view = {k: headline_view(t[k], head["arms"], head["stage"])
             for k in ("metrics", "history", "per_class", "confusion", "calibration", "arms")}
     arms = _labelled(view["arms"])
     figure_paths = figures or {}
@@ -310,7 +318,7 @@ def render_report(tables: dict[str, str], out: str, title: str, experiment: dict
         "confusion": fig_confusion(view["confusion"]),
         "reliability": fig_reliability(view["calibration"], arms),
         "efficiency": fig_efficiency(view["metrics"]),
-        "study": fig_study(t["study"], t["arms"]),
+        "study": fig_study(t["study"], t["arms"][t["arms"]["stage"] == "selection"]),
         "heatmap": fig_heatmap(t["study"]),
     }
     for name, path in figure_paths.items():
@@ -346,6 +354,7 @@ def render_report(tables: dict[str, str], out: str, title: str, experiment: dict
                  for k, v in figures.items()},
         experiment_yaml=yaml.safe_dump(experiment, sort_keys=False),
         provenance=_provenance(t["provenance"], experiment),
+        commits=commits(t["provenance"]),
         sources=tables,
     )
     tmp = f"{out}.part"

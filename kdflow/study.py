@@ -11,6 +11,14 @@ setting's values live in its name, so adding or changing one value of a list
 adds or renames only that setting's jobs: the others keep their paths, their
 parameters and their results. Plain students do not depend on any
 distillation setting and are shared by all of them.
+
+Two stages (config `confirm_seeds`): with several settings, the one with the
+best mean *validation* accuracy over `seeds` is chosen (`choose`, recorded by
+the workflow's `choose` checkpoint in results/study/choice.json) and
+retrained, with its teacher and plain student, on the confirmation seeds;
+the headline uses those alone. A run's luck lifts its validation and test
+accuracy together, so the best of N settings measured on the seeds that
+chose it overstates its gain (the winner's curse).
 """
 
 from __future__ import annotations
@@ -18,6 +26,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from typing import Optional
+
+import json
+import os
+from pathlib import Path
 
 from kdflow import KdflowError
 
@@ -155,3 +167,76 @@ def method_config(config: dict, method: str, setting: str) -> dict:
     if method == "dkd":
         cfg.update(config["kd"]["dkd"])
     return cfg
+
+
+def distilled_arms(config: dict) -> list[Arm]:
+    return [a for a in arms(config) if a.role == "student_kd"]
+
+
+def confirmation_fixed_arms(config: dict) -> list[Arm]:
+    """The arms every confirmation seed trains whatever the choice: the
+    teacher and each student's plain twin (none without confirm_seeds)."""
+    if not config.get("confirm_seeds"):
+        return []
+    return [a for a in arms(config) if a.role != "student_kd"]
+
+
+def choose(candidates: list[dict]) -> dict[str, dict]:
+    """Per student, the distilled arm with the highest mean validation
+    accuracy. `candidates`: one dict per arm, in config order, with keys
+    arm, student and val_accuracy_mean; ties go to the first. Test accuracy
+    never enters: only validation numbers are passed in."""
+    best: dict[str, dict] = {}
+    for c in candidates:
+        if c["student"] not in best or c["val_accuracy_mean"] > best[c["student"]]["val_accuracy_mean"]:
+            best[c["student"]] = c
+    return best
+
+
+def headline_student(choice: dict[str, dict]) -> str:
+    """The student whose chosen setting leads on validation (first on ties)."""
+    top = max(choice.values(), key=lambda c: c["val_accuracy_mean"])
+    return top["student"]
+
+
+def write_choice(checkpoints: list[str], runs: list[dict], out: str) -> dict:
+    """The choice of the selection stage, from the checkpoints' best
+    validation accuracies only, written as JSON to `out`.
+
+    runs[i] = {seed, arm, student} of checkpoints[i] (the workflow passes
+    both in one order).
+    """
+    import torch  # deferred: the rest of this module is plain Python
+
+    if len(checkpoints) != len(runs):
+        raise KdflowError("choose needs one checkpoint per (seed, arm)")
+    per_arm: dict[str, dict] = {}
+    for path, run in zip(checkpoints, runs):
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        entry = per_arm.setdefault(run["arm"], {"arm": run["arm"], "student": run["student"],
+                                                "val_accuracy": {}})
+        entry["val_accuracy"][str(run["seed"])] = float(ckpt["best_val_accuracy"])
+    candidates = []
+    for entry in per_arm.values():
+        vals = list(entry["val_accuracy"].values())
+        candidates.append({**entry, "val_accuracy_mean": sum(vals) / len(vals)})
+    chosen = choose(candidates)
+    record = {
+        "selected_on": "mean best validation accuracy over the selection seeds",
+        "selection_seeds": sorted({r["seed"] for r in runs}),
+        "students": {s: {"arm": c["arm"], "val_accuracy_mean": c["val_accuracy_mean"]}
+                     for s, c in chosen.items()},
+        "headline_student": headline_student(chosen),
+        "candidates": candidates,
+    }
+    tmp = f"{out}.part"
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(tmp).write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, out)
+    return record
+
+
+def chosen_arms_of(choice_path: str | os.PathLike) -> list[str]:
+    """The distilled arms a choice file confirms, one per student."""
+    record = json.loads(Path(choice_path).read_text())
+    return [c["arm"] for c in record["students"].values()]

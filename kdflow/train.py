@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from kdflow import KdflowError, checkpoint, methods, provenance, resume
+from kdflow import KdflowError, checkpoint, methods, provenance, resume, streams
 from kdflow.data import CifarSplits, Normalizer
 from kdflow.engine import (Augment, EngineOptions, TeacherFn, autocast_dtype, configure,
                            features_and_logits, fit, predict_logits, resolve_device,
@@ -88,8 +88,8 @@ def train(
 
     # Initial weights depend on the seed alone, so the plain and the
     # distilled students of one seed start from the same weights; seeding
-    # here also fixes the dropout masks.
-    torch.manual_seed(seed)
+    # here also fixes the dropout masks (CPU and CUDA generators alike).
+    torch.manual_seed(streams.stream_seed(seed, "init"))
     model = build_model(model_cfg["model"], data.num_classes)
     log.info("model %s: %d parameters", model_cfg["model"], count_parameters(model))
 
@@ -97,11 +97,10 @@ def train(
         if teacher is None:
             raise KdflowError("a distilled student needs its teacher's checkpoint")
         # A method's own modules (a hint regressor) draw their initial
-        # weights from a separate stream: the student's dropout masks stay
-        # those of its plain twin.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed + 10_000)
-            method = methods.build(kd, model, t_model, dev)
+        # weights from a generator of their own, never from the global ones:
+        # the student's dropout masks stay those of its plain twin.
+        method = methods.build(kd, model, t_model, dev,
+                               generator=streams.generator(seed, "method"))
         log.info("distillation: %s", ", ".join(f"{k} {v}" for k, v in kd.items()))
         cached = None
         if teacher_logits is not None and not aug.enabled and not method.features:
@@ -122,7 +121,7 @@ def train(
                  augment=aug, options=options, optim=model_cfg,
                  features=bool(method and method.features),
                  extra=method.extra if method else None, normalize=normalize,
-                 state_path=state_path, job=job)
+                 state_path=state_path, job=job, name=str(Path(out_model).parent))
     last = result.history[-1]
     log.info("best epoch %d (val acc %.2f%%), last epoch %d (val acc %.2f%%)",
              result.best_epoch, 100 * result.best_val_accuracy,

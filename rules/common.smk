@@ -18,6 +18,13 @@ SEEDS = config["seeds"]
 # Every model of a seed, by its path under results/seed{seed}/ (kdflow.study):
 # teacher, {student}/ce, {student}/{method}/{setting}.
 ARMS = [a.path for a in study.arms(config)]
+DISTILLED = study.distilled_arms(config)
+# Two-stage studies (kdflow.study): the confirmation seeds train the teacher
+# and plain students at once, and the chosen settings once the `choose`
+# checkpoint has written CHOICE.
+CONFIRM_SEEDS = config["confirm_seeds"]
+CONFIRM_FIXED = [a.path for a in study.confirmation_fixed_arms(config)]
+CHOICE = "results/study/choice.json"
 
 DATA = config["data"]["dataset"]
 ARCHIVE = f"results/data/{dataset_spec(DATA).archive}"
@@ -64,6 +71,36 @@ def figure(name):
     )
 
 
+# Every model's files that the aggregate reads, by kdflow.aggregate.MODEL_FILES key.
+MODEL_PATTERNS = {
+    "metrics": "results/seed{seed}/{arm}/metrics.json",
+    "speed": "results/seed{seed}/{arm}/speed.json",
+    "histories": "results/seed{seed}/{arm}/history.csv",
+    "checkpoints": "results/seed{seed}/{arm}/model.pt",
+    "train_benchmarks": "results/benchmarks/seed{seed}/{arm}/train.tsv",
+    "eval_benchmarks": "results/benchmarks/seed{seed}/{arm}/evaluate.tsv",
+}
+
+
 def per_model(pattern):
-    """`pattern` for every seed x arm, in one fixed order shared by all inputs."""
-    return expand(pattern, seed=SEEDS, arm=ARMS)
+    """`pattern` for every model known before any choice (each selection
+    seed x arm, then each confirmation seed's teacher and plain students),
+    in one fixed order shared by all inputs."""
+    return expand(pattern, seed=SEEDS, arm=ARMS) + expand(
+        pattern, seed=CONFIRM_SEEDS, arm=CONFIRM_FIXED
+    )
+
+
+def confirmed_models(pattern):
+    """Input function: `pattern` for the chosen settings on the confirmation
+    seeds, known once the `choose` checkpoint has run (none without
+    confirmation seeds). Only the aggregate asks for these: no training rule
+    takes the choice as an input, so rewriting it never retrains a model."""
+
+    def inputs(wildcards):
+        if not CONFIRM_SEEDS:
+            return []
+        chosen = study.chosen_arms_of(checkpoints.choose.get().output.choice)
+        return expand(pattern, seed=CONFIRM_SEEDS, arm=chosen)
+
+    return inputs

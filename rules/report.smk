@@ -9,12 +9,12 @@ localrules:
 
 rule aggregate:
     input:
-        metrics=per_model("results/seed{seed}/{arm}/metrics.json"),
-        speed=per_model("results/seed{seed}/{arm}/speed.json"),
-        histories=per_model("results/seed{seed}/{arm}/history.csv"),
-        checkpoints=per_model("results/seed{seed}/{arm}/model.pt"),
-        train_benchmarks=per_model("results/benchmarks/seed{seed}/{arm}/train.tsv"),
-        eval_benchmarks=per_model("results/benchmarks/seed{seed}/{arm}/evaluate.tsv"),
+        **{key: per_model(pattern) for key, pattern in MODEL_PATTERNS.items()},
+        **{
+            f"confirmed_{key}": confirmed_models(pattern)
+            for key, pattern in MODEL_PATTERNS.items()
+        },
+        choice=CHOICE if CONFIRM_SEEDS else [],
     output:
         metrics="results/summary/metrics.csv",
         history="results/summary/history.csv",
@@ -41,6 +41,8 @@ rule aggregate:
         "results/logs/aggregate.log",
     conda:
         "../envs/kdflow.yaml"
+    params:
+        confirm_seeds=CONFIRM_SEEDS,
     script:
         "../scripts/aggregate.py"
 
@@ -75,6 +77,7 @@ rule report:
             for k in (
                 "data",
                 "seeds",
+                "confirm_seeds",
                 "device",
                 "engine",
                 "teacher",

@@ -1,10 +1,17 @@
+# Per-model files of both stages -> tables; the chosen settings' confirmation
+# models come under confirmed_* keys once the choice exists.
 from kdflow.aggregate import MODEL_FILES, aggregate
 from kdflow.cli import run_step
 
 run_step(
     snakemake.log[0],
     lambda: aggregate(
-        files={k: list(snakemake.input[k]) for k in MODEL_FILES},
+        files={
+            k: list(snakemake.input[k]) + list(snakemake.input[f"confirmed_{k}"])
+            for k in MODEL_FILES
+        },
         out=dict(snakemake.output.items()),
+        confirm_seeds=snakemake.params.confirm_seeds,
+        choice=snakemake.input.choice or None,
     ),
 )
