@@ -16,8 +16,18 @@ $(VENV)/.installed: requirements.txt
 	$(VENV)/bin/python -m pip install --quiet -r requirements.txt
 	touch $@
 
+# One run per checkout at a time, guarded by a kernel lock (flock) that dies
+# with the run. Snakemake's own lock survives a killed run and would refuse
+# the next one ("Directory cannot be locked"); while we hold the flock no
+# other run of this checkout is alive, so a leftover Snakemake lock is stale
+# and is cleared before the run (interrupted jobs then rerun or resume).
+RUN_LOCK := .snakemake/kdflow-run.lock
 run: $(VENV)/.installed
-	$(VENV)/bin/snakemake --cores $(CORES) --resources gpu=1 $(ARGS)
+	@mkdir -p .snakemake
+	@flock -n -E 75 $(RUN_LOCK) sh -c '$(VENV)/bin/snakemake --unlock --quiet all $(ARGS) \
+	  >/dev/null 2>&1; exec $(VENV)/bin/snakemake --cores $(CORES) --resources gpu=1 $(ARGS)'; \
+	rc=$$?; [ $$rc != 75 ] || echo "kdflow: another run of this checkout is in progress" \
+	  "($(RUN_LOCK) is held); wait for it to end" >&2; exit $$rc
 
 test: $(VENV)/.installed test-deps
 	$(VENV)/bin/python -m pytest $(ARGS)

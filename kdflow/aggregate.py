@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from kdflow import KdflowError, checkpoint, study
+from kdflow import KdflowError, atomic, checkpoint, study
 from kdflow.stats import holm, mean_ci, paired_comparison
 
 log = logging.getLogger(__name__)
@@ -305,9 +305,7 @@ def _add_confirmation(study_df: pd.DataFrame, metrics: pd.DataFrame) -> pd.DataF
 
 
 def _write_csv(df: pd.DataFrame, path: str) -> None:
-    tmp = f"{path}.part"
-    df.to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    atomic.write_with(path, lambda tmp: df.to_csv(tmp, index=False))
 
 
 def aggregate(files: dict[str, list[str]], out: dict[str, str], *,
@@ -348,9 +346,7 @@ def aggregate(files: dict[str, list[str]], out: dict[str, str], *,
                                                    "seed"].unique())
     head = headline(tables["gain"], chosen, len(tables["study"]), stage=stage,
                     selection_seeds=selection_seeds, flags=flags)
-    tmp = out["headline"] + ".part"
-    Path(tmp).write_text(json.dumps(head, indent=2) + "\n")
-    os.replace(tmp, out["headline"])
+    atomic.write_json(out["headline"], head)
     log.info("%d models over %d seeds; %d distilled settings, chosen on validation: %s, "
              "gain %+.2f points (mean)", len(tables["metrics"]), head["n_seeds"],
              len(tables["study"]), chosen["student_kd"], 100 * head["gain_mean"])

@@ -7,12 +7,11 @@ with `torch.load(..., weights_only=True)`, which cannot execute code.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from kdflow import KdflowError
+from kdflow import KdflowError, atomic
 from kdflow.models import build_model
 
 FORMAT = "kdflow-checkpoint-1"
@@ -21,11 +20,9 @@ FORMAT = "kdflow-checkpoint-1"
 def save(path: str | os.PathLike, *, state_dict: dict, model: str, num_classes: int,
          **record) -> None:
     """Write atomically: a crash mid-write never leaves a truncated model.pt."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".part")
-    torch.save({"format": FORMAT, "model": model, "num_classes": num_classes,
-                "state_dict": state_dict, **record}, tmp)
-    os.replace(tmp, path)
+    atomic.write_with(path, lambda tmp: torch.save(
+        {"format": FORMAT, "model": model, "num_classes": num_classes,
+         "state_dict": state_dict, **record}, tmp))
 
 
 def load(path: str | os.PathLike) -> dict:

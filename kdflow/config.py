@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 
 import jsonschema
@@ -36,8 +37,14 @@ def _coerce(schema_type, value):
     return value
 
 
-def _complete(schema: dict, value, root: dict):
-    """Fill defaults and coerce types recursively, following `$ref`s."""
+def _complete(schema: dict, value, root: dict, path: str = "", problems: list | None = None):
+    """Fill defaults and coerce types recursively, following `$ref`s.
+
+    `problems` collects what JSON Schema cannot say: a number that is not
+    finite (nan, inf pass its `number` type) and a float where an integer is
+    meant (JSON Schema counts 10.0 as an integer; a later `range()` or a
+    seed{seed} path would not)."""
+    problems = [] if problems is None else problems
     if "$ref" in schema:
         name = schema["$ref"].rsplit("/", 1)[-1]
         schema = {**root["$defs"][name], **{k: v for k, v in schema.items() if k != "$ref"}}
@@ -52,11 +59,18 @@ def _complete(schema: dict, value, root: dict):
             if key not in value and "default" in sub:
                 value[key] = copy.deepcopy(sub["default"])
             if key in value:
-                value[key] = _complete(sub, value[key], root)
+                value[key] = _complete(sub, value[key], root, f"{path}.{key}".lstrip("."),
+                                       problems)
     elif kind == "array" and isinstance(value, list) and "items" in schema:
-        value = [_complete(schema["items"], v, root) for v in value]
+        value = [_complete(schema["items"], v, root, f"{path}.{i}", problems)
+                 for i, v in enumerate(value)]
     else:
         value = _coerce(kind, value)
+        if isinstance(value, float) and not math.isfinite(value):
+            problems.append(f"  {path}: {value} is not a finite number")
+        elif kind == "integer" and isinstance(value, float):
+            problems.append(f"  {path}: {value!r} is not an integer; write "
+                            f"{int(value) if value.is_integer() else 'a whole number'}")
     return value
 
 
@@ -80,11 +94,12 @@ def validate(config: dict, schema: dict | None = None) -> dict:
     """Return the config with defaults filled in, or raise KdflowError naming
     the offending key, its value and what is allowed."""
     schema = schema or load_schema()
-    config = _complete(schema, copy.deepcopy(dict(config)), schema)
+    problems: list[str] = []
+    config = _complete(schema, copy.deepcopy(dict(config)), schema, "", problems)
     validator = jsonschema.Draft202012Validator(schema)
     errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
-    if errors:
-        lines = []
+    if errors or problems:
+        lines = list(problems)
         for e in errors:
             if e.validator == "additionalProperties":
                 lines.append(f"  {_where(e)}: {e.message} (a typo? see config/schema.yaml)")
@@ -99,6 +114,7 @@ def validate(config: dict, schema: dict | None = None) -> dict:
             f"invalid config: teacher.model must be one architecture, got "
             f"{config['teacher']['model']!r}; list several students under student.model"
         )
+    study.settings(config)  # refuses two settings of one name
     _check_confirmation(config)
     # The archive defaults to the chosen dataset's official one.
     spec = dataset_spec(config["data"]["dataset"])

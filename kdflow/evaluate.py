@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kdflow import checkpoint, provenance
+from kdflow import atomic, checkpoint, provenance
 from kdflow.efficiency import count_macs, measure_speed
 from kdflow.stats import CHANCE_FLAG, TEACHER_CHANCE_FLAG, at_chance, calibration
 from kdflow.data import Normalizer, channel_stats
@@ -24,10 +22,7 @@ log = logging.getLogger(__name__)
 
 
 def write_json(obj, path: str | os.PathLike) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".part")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic.write_json(path, obj)
 
 
 def evaluate(model_path: str, dataset: str, out: str, *, arm: str, seed: int,

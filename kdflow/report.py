@@ -13,7 +13,6 @@ import io
 import json
 import logging
 import math
-import os
 from pathlib import Path
 
 import matplotlib
@@ -28,6 +27,7 @@ import yaml  # noqa: E402
 from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from kdflow import atomic  # noqa: E402
 from kdflow.aggregate import ARM_LABELS, ARM_ORDER, headline_view  # noqa: E402
 from kdflow.study import METHOD_LABELS  # noqa: E402
 from kdflow.provenance import config_hash  # noqa: E402
@@ -322,8 +322,7 @@ def render_report(tables: dict[str, str], out: str, title: str, experiment: dict
         "heatmap": fig_heatmap(t["study"]),
     }
     for name, path in figure_paths.items():
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_bytes(figures[name])
+        atomic.write_bytes(path, figures[name])
     jobs = t["jobs"]
     cost = (jobs.groupby(["job", "arm"], sort=False)["wall_seconds"]
             .agg(["count", "sum", "mean"]).reset_index())
@@ -357,7 +356,5 @@ def render_report(tables: dict[str, str], out: str, title: str, experiment: dict
         commits=commits(t["provenance"]),
         sources=tables,
     )
-    tmp = f"{out}.part"
-    Path(tmp).write_text(html)
-    os.replace(tmp, out)
+    atomic.write_text(out, html)
     log.info("wrote %s (%.0f kB)", out, len(html) / 1e3)

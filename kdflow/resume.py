@@ -21,7 +21,7 @@ from typing import Optional
 
 import torch
 
-from kdflow import KdflowError
+from kdflow import KdflowError, atomic
 
 log = logging.getLogger(__name__)
 
@@ -47,27 +47,43 @@ def fingerprint(**what) -> str:
 
 
 def save(path: str | os.PathLike, state: dict) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".part")
-    torch.save({"format": FORMAT, **state}, tmp)
-    os.replace(tmp, path)  # atomic: a kill mid-write keeps the previous state
+    # Atomic: a kill mid-write keeps the previous state.
+    atomic.write_with(path, lambda tmp: torch.save({"format": FORMAT, **state}, tmp))
 
 
 def load(path: Optional[str | os.PathLike], job: str) -> Optional[dict]:
-    """The saved state of this job, or None (absent, unreadable or another job's)."""
+    """The saved state of this job, or None.
+
+    A state that cannot be read, or that belongs to another job (another
+    config, input, or device type: a CUDA generator state cannot be restored
+    on a CPU), is set aside under a new name with one log line, never
+    fatal: the job then trains from scratch, and every retry does too
+    instead of failing on the same file."""
     if path is None or not Path(path).exists():
         return None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a torn or foreign file: start over, say so
-        log.warning("ignoring unreadable resume state %s (%s)", path, e)
+    except Exception as e:  # a torn or foreign file
+        set_aside(path, f"unreadable ({e})")
         return None
-    if state.get("format") != FORMAT or state.get("job") != job:
-        log.warning("ignoring resume state %s: it belongs to a different config or input",
-                    path)
+    if not isinstance(state, dict) or state.get("format") != FORMAT or state.get("job") != job:
+        set_aside(path, "it belongs to a different config, input or device type")
         return None
     return state
+
+
+def set_aside(path: str | os.PathLike, why: str) -> Path:
+    """Rename a state that must not be resumed to resume.pt.set-aside[.N]."""
+    path = Path(path)
+    target = path.with_name(path.name + ".set-aside")
+    n = 1
+    while target.exists():
+        target = path.with_name(f"{path.name}.set-aside.{n}")
+        n += 1
+    os.replace(path, target)
+    log.warning("not resuming from %s: %s; set aside as %s, training from scratch",
+                path, why, target.name)
+    return target
 
 
 def remove(path: Optional[str | os.PathLike]) -> None:

@@ -31,7 +31,7 @@ import json
 import os
 from pathlib import Path
 
-from kdflow import KdflowError
+from kdflow import KdflowError, atomic
 
 METHODS = ("kd", "dkd", "cosine", "hint")
 # Which swept values each method uses (the rest of its settings are fixed
@@ -53,8 +53,13 @@ def as_list(value) -> list:
 
 
 def fmt(x: float) -> str:
-    """A number as it appears in a path: 2.0 -> '2', 0.25 -> '0.25'."""
-    return f"{float(x):g}"
+    """A number as it appears in a path: 2.0 -> '2', 0.25 -> '0.25'.
+
+    Python's shortest round-trip form of the float, so two different values
+    never share a name (2.0000001 stays '2.0000001') and the name reads back
+    to exactly the value."""
+    text = repr(float(x))
+    return text[:-2] if text.endswith(".0") else text
 
 
 def setting_name(method: str, temperature: Optional[float] = None,
@@ -137,6 +142,12 @@ def settings(config: dict) -> list[tuple[str, str]]:
         for t in temps if method in USES_TEMPERATURE else [None]:
             for w in weights if method in USES_WEIGHT else [None]:
                 out.append((method, setting_name(method, t, w)))
+    seen = set()
+    for pair in out:
+        if pair in seen:  # e.g. 1 and 1.0 in one list
+            raise KdflowError(f"invalid config: two {pair[0]} settings are both named "
+                              f"{pair[1]!r}; list each value once")
+        seen.add(pair)
     return out
 
 
@@ -229,10 +240,7 @@ def write_choice(checkpoints: list[str], runs: list[dict], out: str) -> dict:
         "headline_student": headline_student(chosen),
         "candidates": candidates,
     }
-    tmp = f"{out}.part"
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(tmp).write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, out)
+    atomic.write_json(out, record)
     return record
 
 

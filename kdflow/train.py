@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from kdflow import KdflowError, checkpoint, methods, provenance, resume, streams
+from kdflow import KdflowError, atomic, checkpoint, methods, provenance, resume, streams
 from kdflow.data import CifarSplits, Normalizer
 from kdflow.engine import (Augment, EngineOptions, TeacherFn, autocast_dtype, configure,
                            features_and_logits, fit, predict_logits, resolve_device,
@@ -23,13 +23,12 @@ ROLES = ("teacher", "student_baseline", "student_kd")
 
 
 def write_history(rows: list[dict], path: str | os.PathLike) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".part")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
+    def write(tmp):
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    atomic.write_with(path, write)
 
 
 def train(
@@ -111,7 +110,7 @@ def train(
     # Resumable state beside the outputs, not one of them (kdflow.resume).
     state_path = str(Path(out_model).with_name("resume.pt"))
     job = resume.fingerprint(
-        role=role, model=model_cfg, kd=kd, engine=options, seed=seed,
+        role=role, model=model_cfg, kd=kd, engine=options, seed=seed, device=dev.type,
         split=resume.file_digest(split), dataset=resume.file_digest(dataset),
         teacher=resume.file_digest(teacher) if teacher else None)
     result = fit(model, data.train_x, data.train_y, data.val_x, data.val_y,
@@ -193,10 +192,9 @@ def save_teacher_logits(teacher: str, dataset: str, split: str, out: str, *,
     t_model, _ = checkpoint.load_model(teacher, dev)
     logits = predict_logits(t_model, data.train_x, Normalizer(dev, data.mean, data.std),
                             amp_dtype=autocast_dtype(dev, options.precision))
-    tmp = f"{out}.part"
-    torch.save({"logits": logits.cpu(), "teacher": resume.file_digest(teacher),
-                "split": resume.file_digest(split)}, tmp)
-    os.replace(tmp, out)
+    record = {"logits": logits.cpu(), "teacher": resume.file_digest(teacher),
+              "split": resume.file_digest(split)}
+    atomic.write_with(out, lambda tmp: torch.save(record, tmp))
     log.info("teacher logits for %d training images -> %s", len(logits), out)
 
 

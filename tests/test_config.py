@@ -89,3 +89,41 @@ def test_command_line_strings_are_coerced():
     assert c["kd"]["temperature"] == 4.0 and c["seeds"] == [0, 3]
     with pytest.raises(KdflowError, match="kd.temperature"):
         validate({"kd": {"temperature": "hot"}})
+
+
+# Values that passed the schema before and failed later, or silently.
+@pytest.mark.parametrize("change,key,says", [
+    ({"teacher": {"lr": float("inf")}}, "teacher.lr", "not a finite number"),
+    ({"student": {"momentum": float("nan")}}, "student.momentum", "not a finite number"),
+    ({"teacher": {"weight_decay": float("inf")}}, "teacher.weight_decay", "not a finite"),
+    ({"student": {"lr_gamma": float("nan")}}, "student.lr_gamma", "not a finite number"),
+    ({"kd": {"dkd": {"alpha": float("nan")}}}, "kd.dkd.alpha", "not a finite number"),
+    ({"kd": {"temperature": 1e-300}}, "kd.temperature", "less than the minimum of 0.01"),
+    ({"kd": {"temperature": [2, 1e-300]}}, "kd.temperature.1", "less than the minimum"),
+    ({"teacher": {"epochs": 10.0}}, "teacher.epochs", "10.0 is not an integer; write 10"),
+    ({"seeds": [0.0]}, "seeds.0", "0.0 is not an integer; write 0"),
+    ({"student": {"batch_size": 32.5}}, "student.batch_size", "not an integer"),
+    ({"seeds": [2 ** 70]}, "seeds.0", "greater than the maximum of 4294967295"),
+    ({"confirm_seeds": [2 ** 32]}, "confirm_seeds.0", "greater than the maximum"),
+    ({"teacher": {"lr": 100.0}}, "teacher.lr", "greater than the maximum of 10"),
+    ({"student": {"momentum": 1.0}}, "student.momentum", "greater than or equal to"),
+    ({"kd": {"temperature": "nan"}}, "kd.temperature", "not a finite number"),
+])
+def test_unusable_numbers_are_refused_naming_the_key(change, key, says):
+    with pytest.raises(KdflowError, match="invalid config") as e:
+        validate(change)
+    line = next(ln for ln in str(e.value).splitlines() if ln.strip().startswith(key + ":"))
+    assert says in line, line
+
+
+def test_setting_names_round_trip_exactly():
+    from kdflow import study
+
+    c = validate({"kd": {"temperature": [2.0000001, 2.0000002]}})
+    names = [s for _, s in study.settings(c)]
+    assert names == ["T2.0000001_w0.25", "T2.0000002_w0.25"]
+    for (method, name), t in zip(study.settings(c), [2.0000001, 2.0000002]):
+        assert study.parse_setting(method, name)["temperature"] == t
+    # 1 and 1.0 are one value: listed twice, refused.
+    with pytest.raises(KdflowError, match="kd.temperature"):
+        validate({"kd": {"temperature": [1, 1.0]}})

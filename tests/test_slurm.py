@@ -7,6 +7,7 @@ packages are missing the test is skipped and says why.
 """
 
 import filecmp
+import os
 import re
 import shutil
 import subprocess
@@ -49,9 +50,12 @@ def test_workflow_runs_through_sbatch_with_gpus(slurm, workflow_run, tmp_path):
     before = {j["JobId"] for j in slurm_jobs()}
     snakemake(tmp_path, config, "--workflow-profile", str(REPO / "profiles/slurm"),
               "--slurm-status-command", "squeue", "--jobs", "4", "--latency-wait", "5",
+              # poll every few seconds, not the plugin's 40+ (a test cluster
+              # answers at once; a real one prefers the default)
+              "--slurm-init-seconds-before-status-checks", "2",
               # the test node has 2 CPUs; training rules ask for 4 threads
               "--set-threads", "train_teacher=2", "train_student_baseline=2",
-              "train_student_kd=2", "teacher_logits=2")
+              "train_student_kd=2", "teacher_logits=2", env=dict(os.environ))
     jobs = [j for j in slurm_jobs() if j["JobId"] not in before]
     rules = sorted(re.match(r"rule_(\w+?)_wildcards", j["Comment"]).group(1) for j in jobs)
     n = len(config["seeds"])

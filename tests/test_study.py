@@ -12,7 +12,8 @@ import yaml
 
 from kdflow import KdflowError, study
 from kdflow.config import validate
-from tests.conftest import REPO, SNAKEMAKE, base_config, deep_update, planned_jobs, snakemake
+from tests.conftest import (REPO, SNAKEMAKE, base_config, deep_update, local_env, planned_jobs,
+                            snakemake)
 
 
 # ---------------------------------------------------------------------------
@@ -184,7 +185,7 @@ def dry_run_preset(workdir, preset):
         [SNAKEMAKE, "-s", str(REPO / "Snakefile"), "--directory", str(workdir), "-n",
          "--quiet", "rules", "--cores", "2", "--resources", "gpu=1",
          "--configfile", str(PRESETS / preset)],
-        capture_output=True, text=True, timeout=300)
+        capture_output=True, text=True, timeout=300, env=local_env())
     assert proc.returncode == 0, proc.stdout + proc.stderr
     table = (proc.stdout + proc.stderr).split("Job stats:", 1)[1]
     return {m[0]: int(m[1]) for m in re.findall(r"^(\w+)\s+(\d+)$", table, re.M)}

@@ -8,7 +8,8 @@ import pandas as pd
 import pytest
 import torch
 
-from tests.conftest import REPO, SNAKEMAKE, base_config, deep_update, planned_jobs, snakemake
+from tests.conftest import (REPO, SNAKEMAKE, base_config, deep_update, local_env, planned_jobs,
+                            snakemake)
 
 # The test experiment's arms (kdflow.study): paths under results/seed{seed}/.
 TEACHER, BASELINE, KD = "teacher", "lightnn/ce", "lightnn/kd/T2_w0.25"
@@ -237,7 +238,8 @@ def test_bad_config_stops_before_any_job(tmp_path, tiny_archive, change, key):
 def test_lint_is_clean():
     import subprocess
     proc = subprocess.run([SNAKEMAKE, "--lint", "-s", str(REPO / "Snakefile")],
-                          capture_output=True, text=True, cwd=REPO, timeout=120)
+                          capture_output=True, text=True, cwd=REPO, timeout=120,
+                          env=local_env())
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "Congratulations, your workflow is in a good condition!" in proc.stdout + proc.stderr
 
