@@ -372,7 +372,7 @@ class _PickledDtype:
         orders = {"|", "<"} if self.code[1] == "1" else {"<"}
         ok = (isinstance(state, tuple) and len(state) in (8, 9) and not self.built
               and (state[0], len(state)) in ((3, 8), (4, 9)) and _is_int(state[0])
-              and isinstance(state[1], str) and state[1] in orders
+              and _ascii(state[1]) in orders   # Python 2 pickles: b"|"
               and all(v is None for v in state[2:5])
               and all(_is_int(v) for v in state[5:8]) and state[5:8] == (-1, -1, 0)
               and (len(state) == 8 or state[8] is None or state[8] == {}))
@@ -584,8 +584,8 @@ def _class_names(payload: bytes, source: str, spec: DatasetSpec) -> list[str]:
 class _Inflated:
     """The archive's gzip stream as tarfile reads it, counted and capped."""
 
-    def __init__(self, gz: gzip.GzipFile, archive: Path, limit: int = MAX_UNPACKED):
-        self.gz, self.archive, self.limit, self.n = gz, archive, limit, 0
+    def __init__(self, gz: gzip.GzipFile, archive: Path):
+        self.gz, self.archive, self.limit, self.n = gz, archive, MAX_UNPACKED, 0
 
     def read(self, size: int = -1) -> bytes:
         room = self.limit - self.n + 1
@@ -637,8 +637,8 @@ def _read_members(archive: Path, spec: DatasetSpec) -> dict[str, bytes]:
                                           "genuine CIFAR python archive. Check data.url")
                     if info.size > spec.max_member:
                         raise KdflowError(
-                            f"{archive}: {info.name} is {info.size / MB:.0f} MB, more than "
-                            f"the {spec.max_member / MB:.0f} MB of any {spec.archive} member; "
+                            f"{archive}: {info.name} is {info.size:,} bytes, more than the "
+                            f"{spec.max_member:,} allowed for any {spec.archive} member; "
                             "it is not a CIFAR batch. Check data.url and data.dataset")
                     found[name] = tar.extractfile(info).read()
             stream.drain()
