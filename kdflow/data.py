@@ -132,6 +132,10 @@ def md5sum(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def _size(n: int) -> str:
+    return f"{n / MB:,.0f} MB" if n >= 10 * MB else f"{n:,} bytes"
+
+
 class _Transient(Exception):
     """A download attempt failed in a way a later attempt may not:
     a dropped connection, a timeout, an HTTP 5xx."""
@@ -233,7 +237,7 @@ def _copy(src, out, start: int, total: int | None, cap: int, url: str) -> None:
     """Append `src` to `out` (which holds `start` bytes), at most `cap` in all."""
     if total is not None and total > cap:
         raise KdflowError(
-            f"{url} is {total / MB:.0f} MB, more than the {cap / MB:.0f} MB allowed (a CIFAR "
+            f"{url} is {_size(total)}, more than the {_size(cap)} allowed (a CIFAR "
             "python archive is about 170 MB), so it is not the archive: check data.url")
     done, progress = start, _Progress(total, start)
     while True:
@@ -246,7 +250,7 @@ def _copy(src, out, start: int, total: int | None, cap: int, url: str) -> None:
             break
         if done + len(block) > cap:
             raise KdflowError(
-                f"{url} sent more than {cap / MB:.0f} MB without ending (a CIFAR python "
+                f"{url} sent more than {_size(cap)} without ending (a CIFAR python "
                 "archive is about 170 MB), so it is not the archive; nothing was kept. "
                 "Check data.url")
         out.write(block)
@@ -593,7 +597,7 @@ class _Inflated:
         self.n += len(block)
         if self.n > self.limit:
             raise KdflowError(
-                f"{self.archive} unpacks to more than {self.limit / MB:.0f} MB, far more "
+                f"{self.archive} unpacks to more than {_size(self.limit)}, far more "
                 "than a CIFAR python archive (about 186 MB); it is not one. Check data.url")
         return block
 

@@ -391,7 +391,7 @@ def test_gzip_bomb_is_cut_off(tmp_path, monkeypatch):
     monkeypatch.setattr("kdflow.data.MAX_UNPACKED", 1 << 20)
     bomb = tmp_path / "cifar-10-python.tar.gz"
     bomb.write_bytes(gzip.compress(bytes(8 << 20)))   # 8 MB of zeros
-    convert_fails(bomb, tmp_path, "unpacks to more than 1 MB")
+    convert_fails(bomb, tmp_path, "unpacks to more than 1,048,576 bytes")
 
 
 def test_convert_rechecks_the_md5(small, tmp_path):
