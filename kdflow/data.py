@@ -216,7 +216,9 @@ class _Progress:
 
     def __init__(self, total: int | None, start: int):
         self.total, self.start, self.t0 = total, start, time.monotonic()
-        self.next = 0.25 if total else 64 * MB
+        # The next quarter (or 64 MB step) above what a resumed file has.
+        self.next = (math.floor(start / total * 4) + 1) / 4 if total \
+            else (start // (64 * MB) + 1) * 64 * MB
 
     def rate(self, done: int) -> float:
         return (done - self.start) / MB / max(time.monotonic() - self.t0, 1e-6)
@@ -291,6 +293,8 @@ def fetch_archive(url: str, md5: str, dest: str | os.PathLike, *,
             offset = part.stat().st_size if part.exists() else 0
             try:
                 src, total, start = _open_source(url, offset, timeout)
+                if start:
+                    log.info("resuming %s at %.1f MB", url, start / MB)
                 with src, open(part, "ab" if start else "wb") as out:
                     _copy(src, out, start, total, cap, url)
                 break

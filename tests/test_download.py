@@ -81,13 +81,14 @@ def dest(tmp_path):
     return folder / "cifar-10-python.tar.gz"
 
 
-def fetch(server, md5, dest, **kw):
-    fetch_archive(server.url, md5, dest, backoff=0.01, timeout=10, **kw)
+def fetch(server, md5, dest, timeout=10.0, **kw):
+    fetch_archive(server.url, md5, dest, backoff=0.01, timeout=timeout, **kw)
 
 
-def test_a_dropped_connection_is_resumed_with_range(server, archive, dest, caplog):
+def test_a_dropped_connection_is_resumed_with_range(server, archive, dest, caplog, monkeypatch):
     server.body, md5 = archive
     server.script = lambda n, h: "half" if n == 0 else None
+    monkeypatch.setattr("kdflow.data._CHUNK", 2048)   # ~100 chunks
     with caplog.at_level(logging.INFO, logger="kdflow.data"):
         fetch(server, md5, dest)
     assert dest.read_bytes() == server.body
@@ -96,8 +97,9 @@ def test_a_dropped_connection_is_resumed_with_range(server, archive, dest, caplo
     assert server.requests == [None, f"bytes={half}-"]
     assert os.listdir(dest.parent) == [dest.name]
     assert "connection closed after" in caplog.text and "attempt 2 of 6" in caplog.text
-    # Progress: a few lines, not one per chunk.
-    assert 1 <= caplog.text.count("downloaded") <= 6
+    # Progress: a few lines (quarters, MB, MB/s), not one per chunk.
+    progress = [r.message for r in caplog.records if r.message.startswith("downloaded")]
+    assert 3 <= len(progress) <= 8 and "100% (" in progress[-2] and "MB/s" in progress[-1]
 
 
 def test_a_server_ignoring_range_starts_over(server, archive, dest):
@@ -120,6 +122,23 @@ def test_503_is_retried(server, archive, dest, caplog):
     fetch(server, md5, dest)
     assert dest.read_bytes() == server.body and len(server.requests) == 3
     assert caplog.text.count("HTTP 503") == 2
+
+
+def test_a_timeout_is_retried(server, archive, dest):
+    server.body, md5 = archive
+    gate = threading.Event()
+
+    def script(n, h):
+        if n == 0:           # say nothing until the client has given up
+            gate.wait(5)
+            return "done"
+
+    server.script = script
+    try:
+        fetch(server, md5, dest, timeout=0.3)
+    finally:
+        gate.set()
+    assert dest.read_bytes() == server.body and len(server.requests) == 2
 
 
 def test_giving_up_after_retries_is_a_clear_error(server, dest):
