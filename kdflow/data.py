@@ -643,7 +643,7 @@ def _read_members(archive: Path, spec: DatasetSpec) -> dict[str, bytes]:
                     if name in found:
                         raise KdflowError(f"{archive} holds {info.name} twice; it is not a "
                                           "genuine CIFAR python archive. Check data.url")
-                    if info.size > spec.max_member:
+                    if not 0 <= info.size <= spec.max_member:
                         raise KdflowError(
                             f"{archive}: {info.name} is {info.size:,} bytes, more than the "
                             f"{spec.max_member:,} allowed for any {spec.archive} member; "
