@@ -453,23 +453,27 @@ class RestrictedUnpickler(pickle.Unpickler):
     def __init__(self, file, source: str):
         super().__init__(file, encoding="bytes")
         self.source = source
-        self.arrays: list[_PickledArray] = []
+        # The closures below use these locals, never `self`: a reference
+        # cycle through the unpickler would keep its memo (the batch's raw
+        # bytes) alive until the garbage collector happened to run.
+        arrays: list[_PickledArray] = []
 
         def refuse_ndarray(*args):
             raise _refuse(source, "numpy.ndarray called directly")
 
         def reconstruct(subtype, shape=None, code=None):
             # numpy writes _reconstruct(ndarray, (0,), b'b'), then the state.
-            if subtype is not self.ndarray:
+            if subtype is not ndarray:
                 raise _refuse(source, "_reconstruct of something other than ndarray")
             arr = _PickledArray(source)
-            self.arrays.append(arr)
+            arrays.append(arr)
             return arr
 
         # Fresh stand-ins for every pickle: nothing one pickle does to them
         # can carry over to the next.
-        self.ndarray = _Global("numpy.ndarray", refuse_ndarray, source)
-        self.globals = {("numpy", "ndarray"): self.ndarray,
+        ndarray = _Global("numpy.ndarray", refuse_ndarray, source)
+        self.arrays = arrays
+        self.globals = {("numpy", "ndarray"): ndarray,
                         ("numpy", "dtype"): _Global(
                             "numpy.dtype", lambda *a: _PickledDtype(source, *a), source)}
         for key in _NUMPY_RECONSTRUCT:

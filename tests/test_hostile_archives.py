@@ -9,6 +9,7 @@ _reconstruct, ndarray and dtype), which any CIFAR reader must allow.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import gzip
 import hashlib
 import io
@@ -18,13 +19,15 @@ import struct
 import subprocess
 import sys
 import tarfile
+import weakref
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from kdflow import KdflowError
-from kdflow.data import DATASETS, UnsafePickleError, convert_archive, parse_batch, safe_unpickle
+from kdflow.data import (DATASETS, RestrictedUnpickler, UnsafePickleError, convert_archive,
+                         parse_batch, safe_unpickle)
 from tests.conftest import CLASSES, REPO, build_archive
 
 # --------------------------------------------------------------------------
@@ -278,6 +281,20 @@ def test_a_pickle_cannot_change_the_stand_ins_for_later_pickles():
         safe_unpickle(attempt, "batches.meta")
     x, _ = parse_batch(batch(images(1), labels(0)), "data_batch_1")
     assert x.shape == (1, 3, 32, 32)
+
+
+def test_the_unpickler_is_freed_without_the_garbage_collector():
+    # Its memo holds the batch's raw bytes (31 MB per CIFAR-10 batch): a
+    # reference cycle would keep every batch's bytes until a collection.
+    gc.disable()
+    try:
+        unpickler = RestrictedUnpickler(io.BytesIO(batch(images(1), labels(0))), "data_batch_1")
+        unpickler.load()
+        ref = weakref.ref(unpickler)
+        del unpickler
+        assert ref() is None
+    finally:
+        gc.enable()
 
 
 # --------------------------------------------------------------------------
