@@ -693,6 +693,7 @@ def convert_archive(archive: str | os.PathLike, out: str | os.PathLike,
                 f"{archive} has md5 {got}, not data.md5 {md5}: it changed or was damaged "
                 "after download. Delete it and rerun (the download step fetches and "
                 "verifies it again), or, for a trusted mirror, set data.md5 to its checksum")
+        log.info("%s still has md5 %s (data.md5)", archive, got)
     payloads = _read_members(archive, spec)
     classes = _class_names(payloads.pop(spec.meta), f"{spec.root}/{spec.meta}", spec)
 
