@@ -33,6 +33,8 @@ rule convert:
         "../envs/kdflow.yaml"
     params:
         dataset=DATA,
+        # Re-checked before reading: the archive may have changed since download.
+        md5=config["data"]["md5"],
     script:
         "../scripts/convert.py"
 

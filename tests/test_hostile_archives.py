@@ -1,0 +1,426 @@
+"""Hostile and damaged archives: crafted pickles, odd members, broken gzip.
+
+The crafted pickles are written opcode by opcode with the small assembler
+below, not with numpy's pickler, so they stay the same whatever numpy does
+to its own pickles; they use only the names a CIFAR batch needs (numpy's
+_reconstruct, ndarray and dtype), which any CIFAR reader must allow.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import gzip
+import hashlib
+import io
+import os
+import pickle
+import struct
+import subprocess
+import sys
+import tarfile
+import weakref
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kdflow import KdflowError
+from kdflow.data import (DATASETS, RestrictedUnpickler, UnsafePickleError, convert_archive,
+                         parse_batch, safe_unpickle)
+from tests.conftest import CLASSES, REPO, build_archive
+
+# --------------------------------------------------------------------------
+# A tiny pickle assembler
+# --------------------------------------------------------------------------
+
+MARK, STOP, TUPLE, REDUCE, BUILD = b"(", b".", b"t", b"R", b"b"
+EMPTY_DICT, EMPTY_LIST, SETITEMS, APPENDS = b"}", b"]", b"u", b"e"
+NONE, TRUE, FALSE = b"N", b"\x88", b"\x89"
+
+
+def glob(module: str, name: str) -> bytes:
+    return b"c" + module.encode() + b"\n" + name.encode() + b"\n"
+
+
+def by(x: bytes) -> bytes:          # BINBYTES (Python 3)
+    return b"B" + struct.pack("<I", len(x)) + x
+
+
+def py2str(x: bytes) -> bytes:      # BINSTRING: a Python 2 str
+    return b"T" + struct.pack("<i", len(x)) + x
+
+
+def text(x: str) -> bytes:          # BINUNICODE
+    raw = x.encode()
+    return b"X" + struct.pack("<I", len(raw)) + raw
+
+
+def integer(n: int) -> bytes:
+    if -2**31 <= n < 2**31:
+        return b"J" + struct.pack("<i", n)
+    raw = n.to_bytes((n.bit_length() + 8) // 8, "little", signed=True)
+    return b"\x8a" + bytes([len(raw)]) + raw
+
+
+def tup(*items: bytes) -> bytes:
+    return MARK + b"".join(items) + TUPLE
+
+
+def lst(*items: bytes) -> bytes:
+    return EMPTY_LIST + MARK + b"".join(items) + APPENDS
+
+
+def dct(items: dict[bytes, bytes], key=by) -> bytes:
+    return EMPTY_DICT + MARK + b"".join(key(k) + v for k, v in items.items()) + SETITEMS
+
+
+RECONSTRUCT = glob("numpy.core.multiarray", "_reconstruct")
+NDARRAY, DTYPE = glob("numpy", "ndarray"), glob("numpy", "dtype")
+
+
+def dtype(code: str, state: bytes, args: bytes = FALSE + TRUE) -> bytes:
+    """numpy.dtype(code, align, copy), then BUILD with `state`."""
+    return DTYPE + tup(text(code), args) + REDUCE + state + BUILD
+
+
+def plain_dtype(code: str, order: str = "|") -> bytes:
+    return dtype(code, tup(integer(3), text(order), NONE, NONE, NONE,
+                           integer(-1), integer(-1), integer(0)))
+
+
+def array(shape: tuple[int, ...], dt: bytes, raw: bytes | None, data=by) -> bytes:
+    """_reconstruct(ndarray, (0,), b'b'), then BUILD (1, shape, dtype, False, raw)
+    unless `raw` is None."""
+    out = RECONSTRUCT + tup(NDARRAY, tup(integer(0)), by(b"b")) + REDUCE
+    if raw is not None:
+        out += tup(integer(1), tup(*map(integer, shape)), dt, FALSE, data(raw)) + BUILD
+    return out
+
+
+def pickled(body: bytes, proto: int = 3) -> bytes:
+    return b"\x80" + bytes([proto]) + body + STOP
+
+
+def batch(data: bytes, labels: bytes) -> bytes:
+    return pickled(dct({b"data": data, b"labels": labels}))
+
+
+def images(n: int, fill: int = 7) -> bytes:
+    return array((n, 3072), plain_dtype("u1"), bytes([fill]) * (n * 3072))
+
+
+def labels(*values: int) -> bytes:
+    return lst(*map(integer, values))
+
+
+# The two payloads of the issue.
+
+def void_object_payload(n: int = 2) -> bytes:
+    """Labels whose dtype is a void with an object field, flags set to 0.
+
+    With numpy's own unpickling the 8 bytes per label ('AAAAAAAA') become
+    object pointers; converting the labels to int64 dereferences them.
+    """
+    obj = dtype("O8", tup(integer(3), text("|"), NONE, NONE, NONE,
+                          integer(-1), integer(-1), integer(63)))
+    fields = EMPTY_DICT + MARK + text("f0") + tup(obj, integer(0)) + SETITEMS
+    void = dtype("V8", tup(integer(3), text("|"), NONE, tup(text("f0")), fields,
+                           integer(8), integer(1), integer(0)))
+    return batch(images(n), array((n,), void, b"A" * 8 * n))
+
+
+def no_data_payload(n: int = 700_000) -> bytes:
+    """_reconstruct asked for n images and n labels, and never given data."""
+    data = RECONSTRUCT + tup(NDARRAY, tup(integer(n), integer(3072)), by(b"B")) + REDUCE
+    lab = RECONSTRUCT + tup(NDARRAY, tup(integer(n)), by(b"<i8")) + REDUCE
+    return batch(data, lab)
+
+
+# --------------------------------------------------------------------------
+# The assembler writes what numpy reads, and genuine batches pass
+# --------------------------------------------------------------------------
+
+def test_the_assembler_writes_genuine_numpy_pickles():
+    # Without this, a hostile payload could be refused merely for being garbled.
+    payload = batch(images(2, fill=9), labels(3, 4))
+    plain = pickle.loads(payload)
+    assert plain[b"data"].dtype == np.uint8 and plain[b"data"].shape == (2, 3072)
+    x, y = parse_batch(payload, "data_batch_1")
+    assert x.shape == (2, 3, 32, 32) and (x == 9).all() and y.tolist() == [3, 4]
+    assert x.flags.writeable   # a copy, not a read-only view of the pickle's bytes
+
+
+def test_a_batch_as_python2_wrote_it_is_read():
+    # Protocol 2, str as BINSTRING, dtype('u1', 0, 1) with ints for flags:
+    # the form of the published CIFAR batches.
+    u1 = dtype("u1", tup(integer(3), py2str(b"|"), NONE, NONE, NONE,
+                         integer(-1), integer(-1), integer(0)),
+               args=integer(0) + integer(1))
+    data = RECONSTRUCT + tup(NDARRAY, tup(integer(0)), py2str(b"b")) + REDUCE + tup(
+        integer(1), tup(integer(2), integer(3072)), u1, FALSE,
+        py2str(bytes(range(256)) * 24)) + BUILD
+    payload = pickled(dct({b"data": data, b"labels": labels(0, 9),
+                           b"batch_label": py2str(b"training batch 1 of 5")}, key=py2str),
+                      proto=2)
+    x, y = parse_batch(payload, "data_batch_1")
+    assert x.reshape(2, -1)[0, :256].tolist() == list(range(256)) and y.tolist() == [0, 9]
+
+
+def test_integer_label_arrays_are_read():
+    lab = array((3,), plain_dtype("i8", "<"), np.array([1, 0, 9], "<i8").tobytes())
+    _, y = parse_batch(batch(images(3), lab), "test_batch")
+    assert y.dtype == np.int64 and y.tolist() == [1, 0, 9]
+
+
+# --------------------------------------------------------------------------
+# The two payloads of the issue
+# --------------------------------------------------------------------------
+
+def test_void_dtype_with_object_field_crashes_plain_numpy():
+    """Shows payload (a) is a real attack: numpy's own unpickling, as the
+    old reader allowed it, dies of a signal on the labels."""
+    code = (
+        "import pickle, sys, numpy as np\n"
+        "try:\n"
+        "    b = pickle.loads(sys.stdin.buffer.read())\n"
+        "except Exception as e:\n"
+        "    print('numpy refuses it:', e); sys.exit(3)\n"
+        "np.asarray(b[b'labels'], dtype=np.int64)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], input=void_object_payload(),
+                          capture_output=True, timeout=60)
+    if proc.returncode == 3:
+        pytest.skip(f"this numpy refuses the payload itself: {proc.stdout!r}")
+    assert proc.returncode < 0, (proc.returncode, proc.stderr[-500:])  # killed by a signal
+
+
+def test_void_dtype_with_object_field_is_refused(tmp_path):
+    payload = void_object_payload()
+    assert len(payload) < 7000
+    with pytest.raises(UnsafePickleError, match="refusing a numpy dtype '(V8|O8)' in data_batch_2"):
+        parse_batch(payload, "data_batch_2")
+    # Inside an archive: refused, and nothing written.
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    build_archive(archive, n_train=50, n_test=20, members={"data_batch_2": payload})
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(UnsafePickleError, match="cifar-10-batches-py/data_batch_2"):
+        convert_archive(archive, out / "cifar10.npz")
+    assert os.listdir(out) == []
+
+
+def test_a_shape_without_data_is_refused():
+    payload = no_data_payload()
+    assert len(payload) < 250   # 700,000 images claimed in a few hundred bytes
+    with pytest.raises(UnsafePickleError, match="shape but no data"):
+        parse_batch(payload, "data_batch_1")
+    # Given state, the bytes must match the shape exactly.
+    short = batch(array((700_000, 3072), plain_dtype("u1"), b""), labels())
+    with pytest.raises(UnsafePickleError, match=r"shape \(700000, 3072\).* in 0 bytes"):
+        parse_batch(short, "data_batch_1")
+
+
+# --------------------------------------------------------------------------
+# Other things a pickle may try
+# --------------------------------------------------------------------------
+
+OBJECT_STATE = tup(integer(3), text("|"), NONE, NONE, NONE, integer(-1), integer(-1),
+                   integer(63))
+
+
+@pytest.mark.parametrize("payload, error", [
+    (batch(images(1), array((1,), dtype("O8", OBJECT_STATE), b"\0" * 8)), "dtype 'O8'"),
+    (batch(images(1), array((1,), plain_dtype("f8", "<"), b"\0" * 8)), "dtype 'f8'"),
+    (batch(images(1), array((1,), plain_dtype("b1"), b"\1")), "dtype 'b1'"),
+    (batch(images(1), array((1,), plain_dtype("i8", ">"), b"\0" * 8)), "dtype state"),
+    (batch(images(1), array((1,), dtype("i8", tup(
+        integer(3), text("<"), NONE, NONE, NONE, integer(-1), integer(-1), integer(63))),
+        b"\0" * 8)), "dtype state"),
+    # numpy.ndarray called directly: a shape with uninitialised memory.
+    (batch(NDARRAY + tup(tup(integer(700_000), integer(3072)), by(b"B")) + REDUCE,
+           labels()), "ndarray called directly"),
+    # BUILD on the global itself, to change it for later pickles.
+    (pickled(DTYPE + dct({b"x": NONE}) + BUILD), "setting the state of numpy.dtype"),
+    (pickled(RECONSTRUCT + tup(DTYPE, tup(integer(0)), by(b"b")) + REDUCE),
+     "_reconstruct of something other than ndarray"),
+    (pickled(glob("builtins", "eval") + tup(text("1")) + REDUCE), "builtins.eval"),
+    (pickled(glob("numpy", "frombuffer") + tup(by(b"x")) + REDUCE), "numpy.frombuffer"),
+])
+def test_crafted_pickles_are_refused(payload, error):
+    with pytest.raises(UnsafePickleError, match=error):
+        parse_batch(payload, "data_batch_1")
+
+
+@pytest.mark.parametrize("payload, error", [
+    (batch(images(2), labels(1)), "1 labels for 2 images"),
+    (batch(images(2), labels(1, 10)), r"labels outside 0\.\.9"),
+    (batch(images(2), labels(-1, 0)), r"labels outside 0\.\.9"),
+    (batch(images(1), labels(2**70)), r"labels outside 0\.\.9"),
+    (batch(images(2), lst(TRUE, FALSE)), "labels must be integers, found True"),
+    (batch(images(1), lst(b"G" + struct.pack(">d", 1.0))), "found 1.0"),
+    (batch(images(1), by(b"\x01")), "labels must be a list"),
+    (batch(array((1, 3071), plain_dtype("u1"), b"\0" * 3071), labels(0)),
+     r"shape \(N, 3072\), got a uint8 array of shape \(1, 3071\)"),
+    (batch(array((1, 3072), plain_dtype("i2", "<"), b"\0" * 6144), labels(0)),
+     "must be a uint8 array"),
+    (batch(labels(0), labels(0)), "must be a uint8 array.*got a list"),
+    (pickled(labels(1, 2)), "not a CIFAR batch"),
+    (pickled(dct({b"labels": labels(0)})), "lacks the 'data' entry"),
+])
+def test_batches_are_checked_against_the_spec(payload, error):
+    with pytest.raises(KdflowError, match=error):
+        parse_batch(payload, "data_batch_1")
+
+
+def test_a_pickle_cannot_change_the_stand_ins_for_later_pickles():
+    # BUILD with a slot state on a stand-in: refused, and the next genuine
+    # batch reads as before.
+    attempt = pickled(DTYPE + tup(NONE, dct({b"call": NONE})) + BUILD)
+    with pytest.raises(UnsafePickleError):
+        safe_unpickle(attempt, "batches.meta")
+    x, _ = parse_batch(batch(images(1), labels(0)), "data_batch_1")
+    assert x.shape == (1, 3, 32, 32)
+
+
+def test_the_unpickler_is_freed_without_the_garbage_collector():
+    # Its memo holds the batch's raw bytes (31 MB per CIFAR-10 batch): a
+    # reference cycle would keep every batch's bytes until a collection.
+    gc.disable()
+    try:
+        unpickler = RestrictedUnpickler(io.BytesIO(batch(images(1), labels(0))), "data_batch_1")
+        unpickler.load()
+        ref = weakref.ref(unpickler)
+        del unpickler
+        assert ref() is None
+    finally:
+        gc.enable()
+
+
+# --------------------------------------------------------------------------
+# Archive members
+# --------------------------------------------------------------------------
+
+def members_of(archive: Path) -> list[tuple[tarfile.TarInfo, bytes | None]]:
+    with tarfile.open(archive, "r:gz") as tar:
+        return [(m, tar.extractfile(m).read() if m.isfile() else None)
+                for m in tar.getmembers()]
+
+
+def write_tar(path: Path, members: list[tuple[tarfile.TarInfo, bytes | None]]) -> str:
+    with tarfile.open(path, "w:gz") as tar:
+        for info, data in members:
+            tar.addfile(info, io.BytesIO(data) if data is not None else None)
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def convert_fails(archive: Path, tmp_path: Path, error: str, **kw) -> None:
+    out = tmp_path / "out"
+    out.mkdir(exist_ok=True)
+    with pytest.raises(KdflowError, match=error):
+        convert_archive(archive, out / "cifar10.npz", **kw)
+    assert os.listdir(out) == []     # no .npz, no .part
+
+
+@pytest.fixture
+def small(tmp_path) -> Path:
+    archive = tmp_path / "small.tar.gz"
+    build_archive(archive, n_train=50, n_test=20)
+    return archive
+
+
+def test_a_link_in_place_of_a_batch_is_refused(small, tmp_path):
+    members = [(m, d) for m, d in members_of(small) if not m.name.endswith("data_batch_1")]
+    link = tarfile.TarInfo("cifar-10-batches-py/data_batch_1")
+    link.type, link.linkname = tarfile.SYMTYPE, "cifar-10-batches-py/data_batch_2"
+    write_tar(tmp_path / "link.tar.gz", members + [(link, None)])
+    convert_fails(tmp_path / "link.tar.gz", tmp_path, "data_batch_1 is not a regular file")
+
+
+def test_a_duplicated_batch_is_refused(small, tmp_path):
+    members = members_of(small)
+    write_tar(tmp_path / "dup.tar.gz", members + [members[1]])
+    convert_fails(tmp_path / "dup.tar.gz", tmp_path, f"holds {members[1][0].name} twice")
+
+
+def test_member_size_is_capped_before_reading(small, tmp_path, monkeypatch):
+    monkeypatch.setitem(DATASETS, "cifar10",
+                        dataclasses.replace(DATASETS["cifar10"], max_member=20_000))
+    convert_fails(small, tmp_path, r"data_batch_1 is [\d,]+ bytes, more than the 20,000")
+
+
+def test_more_images_than_the_official_set_are_refused(small, tmp_path, monkeypatch):
+    # The 20 test images stand for a test set above the official 10,000.
+    monkeypatch.setitem(DATASETS, "cifar10",
+                        dataclasses.replace(DATASETS["cifar10"], test_size=19))
+    convert_fails(small, tmp_path, "20 test images, but cifar10 has at most 19")
+
+
+def test_meta_must_name_the_classes(tmp_path):
+    archive = tmp_path / "meta.tar.gz"
+    build_archive(archive, n_train=50, n_test=20, members={"batches.meta": pickle.dumps(
+        {b"label_names": [c.encode() for c in CLASSES[:9]]}, protocol=4)})
+    convert_fails(archive, tmp_path, "must list the 10 class names.*length 9")
+
+
+# --------------------------------------------------------------------------
+# Damaged archives
+# --------------------------------------------------------------------------
+
+def damaged(small: Path, how: str) -> bytes:
+    raw = small.read_bytes()
+    if how == "truncated":
+        return raw[: len(raw) * 3 // 5]
+    if how == "no trailer":            # the CRC and size the gzip ends with
+        return raw[:-8]
+    flipped = bytearray(raw)
+    flipped[len(raw) // 2] ^= 0x10
+    return bytes(flipped)
+
+
+def test_tarfile_alone_accepts_an_archive_without_its_gzip_trailer(small, tmp_path):
+    # Why the whole gzip stream is read: without it this archive would pass.
+    bad = tmp_path / "bad.tar.gz"
+    bad.write_bytes(damaged(small, "no trailer"))
+    assert len(members_of(bad)) == len(members_of(small))
+
+
+@pytest.mark.parametrize("how, reason", [
+    ("truncated", "EOFError: Compressed file ended"),
+    ("no trailer", "EOFError: Compressed file ended"),
+    ("flipped byte", "BadGzipFile: CRC check failed|zlib.error|error: Error -3"),
+])
+def test_damaged_archives_are_a_clear_error(small, tmp_path, how, reason):
+    bad = tmp_path / "cifar-10-python.tar.gz"
+    bad.write_bytes(damaged(small, how))
+    md5 = hashlib.md5(bad.read_bytes()).hexdigest()  # past the md5 check: gzip must tell
+    convert_fails(bad, tmp_path, f"archive truncated or corrupt: ({reason}).*fetch it again",
+                  md5=md5)
+
+
+def test_not_gzip_at_all_is_a_clear_error(tmp_path):
+    bad = tmp_path / "cifar-10-python.tar.gz"
+    bad.write_bytes(b"<html>404 not found</html>")
+    convert_fails(bad, tmp_path, "archive truncated or corrupt: BadGzipFile")
+
+
+def test_gzip_bomb_is_cut_off(tmp_path, monkeypatch):
+    monkeypatch.setattr("kdflow.data.MAX_UNPACKED", 1 << 20)
+    bomb = tmp_path / "cifar-10-python.tar.gz"
+    bomb.write_bytes(gzip.compress(bytes(8 << 20)))   # 8 MB of zeros
+    convert_fails(bomb, tmp_path, "unpacks to more than 1,048,576 bytes")
+
+
+def test_convert_rechecks_the_md5(small, tmp_path):
+    convert_fails(small, tmp_path, r"has md5 [0-9a-f]{32}, not data.md5 0{32}.*Delete it",
+                  md5="0" * 32)
+    md5 = hashlib.md5(small.read_bytes()).hexdigest()
+    info = convert_archive(small, tmp_path / "out" / "cifar10.npz", md5=md5.upper())
+    assert info["train"] == 50 and os.listdir(tmp_path / "out") == ["cifar10.npz"]
+
+
+def test_convert_rule_passes_data_md5():
+    # The workflow is what makes the re-check happen.
+    rule = (REPO / "rules" / "data.smk").read_text().split("rule convert:")[1].split("rule ")[0]
+    assert 'md5=config["data"]["md5"]' in rule
+    assert "md5=snakemake.params.md5" in (REPO / "scripts" / "convert.py").read_text()
