@@ -30,9 +30,12 @@ import urllib.request
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # annotations only; see CifarSplits
+    import torch
 
 from kdflow import KdflowError
 from kdflow.atomic import atomic_path, write_with
@@ -779,6 +782,9 @@ def write_split(dataset: str | os.PathLike, out: str | os.PathLike,
 # In-memory dataset for training
 # --------------------------------------------------------------------------
 
+# torch is imported inside the two classes below that use it: the workflow
+# imports this module to validate its config, and every Snakemake start (each
+# dry run, each cluster job) would otherwise pay seconds for torch.
 class CifarSplits:
     """Train/val/test images as uint8 NCHW tensors with int64 labels.
 
@@ -788,6 +794,8 @@ class CifarSplits:
 
     def __init__(self, dataset: str | os.PathLike, split: str | os.PathLike,
                  device: torch.device | str = "cpu"):
+        import torch
+
         with np.load(dataset) as d, np.load(split) as s:
             x, y = d["x_train"], d["y_train"]
             tr, va = s["train_idx"], s["val_idx"]
@@ -815,9 +823,12 @@ class Normalizer:
     """
 
     def __init__(self, device, mean=CIFAR10_MEAN, std=CIFAR10_STD):
+        import torch
+
+        self.memory_format = torch.channels_last
         self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
 
     def __call__(self, x_uint8: torch.Tensor) -> torch.Tensor:
         x = (x_uint8.float() - self.mean) / self.std
-        return x.contiguous(memory_format=torch.channels_last)
+        return x.contiguous(memory_format=self.memory_format)

@@ -175,8 +175,12 @@ def snakemake(workdir: Path, config: dict, *args: str, name: str = "config.yaml"
     """Run the repository's workflow in `workdir` with `config` (a file there)."""
     cfg = workdir / name
     cfg.write_text(yaml.safe_dump(config))
+    # Two one-thread jobs at a time: on tiny data a job is mostly Python
+    # start-up, which a second core halves. Results do not depend on it
+    # (deterministic kernels; every test run uses the same thread count).
     cmd = [SNAKEMAKE, "-s", str(REPO / "Snakefile"), "--directory", str(workdir),
-           "--configfile", str(cfg), "--cores", "2", "--resources", "gpu=1", *args]
+           "--configfile", str(cfg), "--cores", "2", "--resources", "gpu=2",
+           "--max-threads", "1", *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900,
                           env=env or local_env())
     if check and proc.returncode != 0:

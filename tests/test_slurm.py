@@ -53,9 +53,10 @@ def test_workflow_runs_through_sbatch_with_gpus(slurm, workflow_run, tmp_path):
               # poll every few seconds, not the plugin's 40+ (a test cluster
               # answers at once; a real one prefers the default)
               "--slurm-init-seconds-before-status-checks", "2",
-              # the test node has 2 CPUs; training rules ask for 4 threads
-              "--set-threads", "train_teacher=2", "train_student_baseline=2",
-              "train_student_kd=2", "teacher_logits=2", env=dict(os.environ))
+              # one thread per job, as the local run it is compared with
+              "--set-threads", "train_teacher=1", "train_student_baseline=1",
+              "train_student_kd=1", "teacher_logits=1", "evaluate=1",
+              env=dict(os.environ))
     jobs = [j for j in slurm_jobs() if j["JobId"] not in before]
     rules = sorted(re.match(r"rule_(\w+?)_wildcards", j["Comment"]).group(1) for j in jobs)
     n = len(config["seeds"])

@@ -61,10 +61,11 @@ def test_two_stage_study_dry_runs_before_the_choice(tmp_path, tiny_archive):
 
 def test_two_stage_study_plans_the_confirmation_once_the_choice_exists(two_stage_run):
     _, _, after = two_stage_run
-    # The choice made, the confirmation seeds add the chosen setting (and the
-    # teacher's logits it reads); every selection-stage evaluation is still due.
+    # The choice made (`--until choose` trained only what it needs), the
+    # confirmation seeds add the chosen setting and the teacher's logits it
+    # reads; the plain students and every evaluation are still due.
     assert after == {
-        "train_teacher": 3, "teacher_logits": 3, "train_student_baseline": 3,
+        "train_teacher": 3, "teacher_logits": 3, "train_student_baseline": 3 + 3,
         "train_student_kd": 3, "evaluate": 3 * (1 + 1 + 4) + 3 * 3,
         "aggregate": 1, "report": 1, "all": 1}
 
