@@ -109,10 +109,7 @@ def train(
 
     # Resumable state beside the outputs, not one of them (kdflow.resume).
     state_path = str(Path(out_model).with_name("resume.pt"))
-    job = resume.fingerprint(
-        role=role, model=model_cfg, kd=kd, engine=options, seed=seed, device=dev.type,
-        split=resume.file_digest(split), dataset=resume.file_digest(dataset),
-        teacher=resume.file_digest(teacher) if teacher else None)
+    job = job_identity(role, model_cfg, kd, options, seed, dev.type, dataset, split, teacher)
     result = fit(model, data.train_x, data.train_y, data.val_x, data.val_y,
                  loss_fn=method.loss if method else None, teacher=teacher_fn,
                  teacher_val_logits=teacher_val, epochs=model_cfg["epochs"],
@@ -147,6 +144,18 @@ def train(
         provenance=provenance.collect(dev),
     )
     resume.remove(state_path)  # outputs complete: nothing left to resume
+
+
+def job_identity(role: str, model_cfg: dict, kd: Optional[dict], options: EngineOptions,
+                 seed: int, device_type: str, dataset: str, split: str,
+                 teacher: Optional[str]) -> str:
+    """What a saved training state must match to be resumed: the config, the
+    seed, the inputs' contents and the device type (a CUDA generator state
+    cannot be restored on a CPU node, nor the reverse)."""
+    return resume.fingerprint(
+        role=role, model=model_cfg, kd=kd, engine=options, seed=seed, device=device_type,
+        split=resume.file_digest(split), dataset=resume.file_digest(dataset),
+        teacher=resume.file_digest(teacher) if teacher else None)
 
 
 def teacher_signal(t_model, train_x, normalize, aug: Augment, amp, *,
