@@ -37,9 +37,17 @@ hard = resource.getrlimit(resource.RLIMIT_AS)[1]
 soft = vm + (1 << 30)
 resource.setrlimit(resource.RLIMIT_AS, (soft if hard == resource.RLIM_INFINITY else min(soft, hard), hard))
 
+def peak_rss():
+    # VmHWM, this process's own high-water mark. Not ru_maxrss: Linux carries
+    # that over from the parent across fork + exec, so under a large pytest
+    # process it would report the parent's memory.
+    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status")
+                if l.startswith("VmHWM:"))
+
+
 # Peak resident memory so far: the imports (torch is most of it).
 result = {"n": 0, "ok": 0, "refused": 0, "other": [], "invalid": [], "leftover": [],
-          "imports_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+          "imports_rss": peak_rss()}
 base = work / "base.tar.gz"
 build_archive(base, n_train=50, n_test=20)
 raw = base.read_bytes()
@@ -139,7 +147,7 @@ for k in range(n_variants):
             result["invalid"].append((k, kind.__name__))
     for f in os.listdir(out_dir):
         os.unlink(out_dir / f)
-result["maxrss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+result["maxrss"] = peak_rss()
 print(json.dumps(result))
 '''
 

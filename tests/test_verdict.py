@@ -115,7 +115,8 @@ def test_changing_a_setting_that_is_not_chosen_retrains_no_confirmation_model(
     workdir, config, _ = two_stage_run
     res = workdir / "results"
     chosen = json.loads((res / "study/choice.json").read_text())["students"]["lightnn"]["arm"]
-    chosen_t = float(chosen.split("/")[-1].split("_")[0][1:])
+    chosen_t = json.loads((res / f"seed0/{chosen}/metrics.json").read_text()
+                          )["config"]["kd"]["temperature"]
     other = next(t for t in config["kd"]["temperature"] if t != chosen_t)
     stamps = {p: p.stat().st_mtime_ns
               for s in CONFIRM for p in (res / f"seed{s}").rglob("model.pt")}

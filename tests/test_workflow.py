@@ -225,6 +225,9 @@ def test_corrupted_archive_fails_clearly_and_leaves_nothing(tmp_path, tiny_archi
     ({"student": {"epochs": 0}}, "student.epochs"),
     ({"kd": {"temperature": -2}}, "kd.temperature"),
     ({"kd": {"soft_target_weight": 1.5}}, "kd.soft_target_weight"),
+    # Through a config file as users write them: YAML's .nan and 10.0.
+    ({"teacher": {"lr": float("nan")}}, "teacher.lr: nan is not a finite number"),
+    ({"student": {"epochs": 10.0}}, "student.epochs: 10.0 is not an integer"),
 ])
 def test_bad_config_stops_before_any_job(tmp_path, tiny_archive, change, key):
     config = deep_update(base_config(*tiny_archive), change)
