@@ -24,10 +24,11 @@ $(VENV)/.installed: requirements.txt
 RUN_LOCK := .snakemake/kdflow-run.lock
 run: $(VENV)/.installed
 	@mkdir -p .snakemake
-	@flock -n -E 75 $(RUN_LOCK) sh -c '$(VENV)/bin/snakemake --unlock --quiet all $(ARGS) \
-	  >/dev/null 2>&1; exec $(VENV)/bin/snakemake --cores $(CORES) --resources gpu=1 $(ARGS)'; \
-	rc=$$?; [ $$rc != 75 ] || echo "kdflow: another run of this checkout is in progress" \
-	  "($(RUN_LOCK) is held); wait for it to end" >&2; exit $$rc
+	@exec 9>$(RUN_LOCK); if ! flock -n 9; then \
+	  echo "kdflow: another run of this checkout is in progress ($(RUN_LOCK) is held);" \
+	    "wait for it to end" >&2; exit 75; fi; \
+	$(VENV)/bin/snakemake --unlock --quiet all $(ARGS) >/dev/null 2>&1; \
+	$(VENV)/bin/snakemake --cores $(CORES) --resources gpu=1 $(ARGS)
 
 test: $(VENV)/.installed test-deps
 	$(VENV)/bin/python -m pytest $(ARGS)

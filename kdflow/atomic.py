@@ -29,6 +29,18 @@ def part_path(path: str | os.PathLike) -> Path:
     return path.with_name(path.name + ".part")
 
 
+def _space_errno(e: BaseException) -> int | None:
+    """The errno of a full disk or size limit behind `e`, if any: writers
+    such as torch.save wrap the OSError in an error of their own."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in _SPACE_ERRORS:
+            return e.errno
+        e = e.__cause__ or e.__context__
+    return None
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path to write; on success it replaces `path`."""
@@ -38,14 +50,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
         os.replace(tmp, path)
-    except OSError as e:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
-        if e.errno in _SPACE_ERRORS:
-            raise KdflowError(f"{_SPACE_ERRORS[e.errno]} while writing {path}: free some "
+        code = _space_errno(e)
+        if code is not None:
+            raise KdflowError(f"{_SPACE_ERRORS[code]} while writing {path}: free some "
                               "space (or raise the limit) and rerun; nothing was kept") from None
-        raise
-    except BaseException:
-        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -65,3 +75,14 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 
 def write_json(path: str | os.PathLike, obj) -> None:
     write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def save_torch(path: str | os.PathLike, obj) -> None:
+    """torch.save, atomically. Through a Python file object, so a failed
+    write surfaces as the OSError behind torch's own error."""
+    import torch  # only the writers of checkpoints need it
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+    write_with(path, write)

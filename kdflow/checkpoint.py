@@ -20,9 +20,8 @@ FORMAT = "kdflow-checkpoint-1"
 def save(path: str | os.PathLike, *, state_dict: dict, model: str, num_classes: int,
          **record) -> None:
     """Write atomically: a crash mid-write never leaves a truncated model.pt."""
-    atomic.write_with(path, lambda tmp: torch.save(
-        {"format": FORMAT, "model": model, "num_classes": num_classes,
-         "state_dict": state_dict, **record}, tmp))
+    atomic.save_torch(path, {"format": FORMAT, "model": model, "num_classes": num_classes,
+                             "state_dict": state_dict, **record})
 
 
 def load(path: str | os.PathLike) -> dict:

@@ -48,7 +48,7 @@ def fingerprint(**what) -> str:
 
 def save(path: str | os.PathLike, state: dict) -> None:
     # Atomic: a kill mid-write keeps the previous state.
-    atomic.write_with(path, lambda tmp: torch.save({"format": FORMAT, **state}, tmp))
+    atomic.save_torch(path, {"format": FORMAT, **state})
 
 
 def load(path: Optional[str | os.PathLike], job: str) -> Optional[dict]:

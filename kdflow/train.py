@@ -203,7 +203,7 @@ def save_teacher_logits(teacher: str, dataset: str, split: str, out: str, *,
                             amp_dtype=autocast_dtype(dev, options.precision))
     record = {"logits": logits.cpu(), "teacher": resume.file_digest(teacher),
               "split": resume.file_digest(split)}
-    atomic.write_with(out, lambda tmp: torch.save(record, tmp))
+    atomic.save_torch(out, record)
     log.info("teacher logits for %d training images -> %s", len(logits), out)
 
 
