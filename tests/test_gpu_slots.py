@@ -191,6 +191,10 @@ def test_provenance_names_the_gpu_of_the_slot(monkeypatch):
 # --------------------------------------------------------------------------
 
 GPU_RULES_PER_SEED = 7  # teacher, its logits, 2 students, 3 evaluations
+# Every GPU job of the seed, not the aggregate and report (seconds of CPU
+# each, nothing to do with GPUs).
+TARGETS = tuple(f"results/seed0/{arm}/metrics.json"
+                for arm in ("teacher", "lightnn/ce", "lightnn/kd/T2_w0.25"))
 
 
 def records(path: Path) -> list[dict]:
@@ -237,7 +241,7 @@ def slot_runs(tmp_path_factory, tiny_archive):
 
     result: dict = {}
     run = threading.Thread(target=lambda: result.update(proc=snakemake(
-        workdir, config, "--cores", "4", "--resources", "gpu=2", "--retries", "1",
+        workdir, config, "--cores", "4", "--resources", "gpu=2", "--retries", "1", "--", *TARGETS,
         env=env, check=False)))
     t0 = time.monotonic()
     run.start()
@@ -258,7 +262,8 @@ def slot_runs(tmp_path_factory, tiny_archive):
     second = workdir / "slots2.jsonl"
     packed = deep_update(config, {"gpu": {"jobs_per_gpu": 2}})
     snakemake(workdir, packed, "--cores", "4", "--resources", "gpu=4",
-              "--forcerun", "train_teacher", env={**env, gpu.RECORD_ENV: str(second)})
+              "--forcerun", "train_teacher", "--", *TARGETS,
+              env={**env, gpu.RECORD_ENV: str(second)})
     return {"workdir": workdir, "config": config, "env": env, "killed": killed,
             "run1": records(first), "run2": records(second), "run1_seconds": run1_seconds}
 
@@ -323,10 +328,15 @@ def test_jobs_per_gpu_2_puts_at_most_two_jobs_on_a_gpu(slot_runs):
 
 def test_moving_a_finished_run_to_other_gpus_reruns_nothing(slot_runs):
     workdir, config, env = slot_runs["workdir"], slot_runs["config"], slot_runs["env"]
-    assert planned_jobs(workdir, config, env=env) == {}
+    assert planned_jobs(workdir, config, env=env, targets=TARGETS) == {}
     for change in ({gpu.PRETEND_ENV: "1,0"}, {gpu.PRETEND_ENV: "0,1,2,3",
                                               "CUDA_VISIBLE_DEVICES": "3"},
                    {gpu.PRETEND_ENV: ""}):
-        assert planned_jobs(workdir, config, env={**env, **change}) == {}, change
+        assert planned_jobs(workdir, config, env={**env, **change}, targets=TARGETS) == {}, \
+            change
     for gpu_cfg in ({"jobs_per_gpu": 4}, {"lock_dir": str(workdir / "elsewhere")}):
-        assert planned_jobs(workdir, deep_update(config, {"gpu": gpu_cfg}), env=env) == {}
+        assert planned_jobs(workdir, deep_update(config, {"gpu": gpu_cfg}), env=env,
+                            targets=TARGETS) == {}
+    # The check can fail: a change of params (the device) does rerun the jobs.
+    assert planned_jobs(workdir, {**config, "device": "cpu"}, env=env,
+                        targets=TARGETS)["train_teacher"] == 1
