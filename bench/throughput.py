@@ -130,9 +130,9 @@ class TutorialCIFAR(Dataset):
         return self.transform(Image.fromarray(self.x[i])), int(self.y[i])
 
 
-def tutorial_run(kind, x, y, device, steps, teacher=None) -> float:
+def tutorial_run(kind, x, y, device, steps, teacher=None, batch=BATCH) -> float:
     """Images/s of `steps` training steps with the tutorial's loop."""
-    loader = DataLoader(TutorialCIFAR(x, y), batch_size=BATCH, shuffle=True,
+    loader = DataLoader(TutorialCIFAR(x, y), batch_size=batch, shuffle=True,
                         num_workers=2, persistent_workers=False)
     torch.manual_seed(0)
     model = build_model("deepnn" if kind == "teacher" else "lightnn").to(device)
@@ -163,12 +163,12 @@ def tutorial_run(kind, x, y, device, steps, teacher=None) -> float:
 # kdflow's engine, default settings
 # --------------------------------------------------------------------------
 
-def kdflow_run(kind, x, y, device, steps, teacher=None) -> tuple[float, float]:
+def kdflow_run(kind, x, y, device, steps, teacher=None, batch=BATCH) -> tuple[float, float]:
     """(training images/s, seconds of the one-off teacher pass for KD)."""
-    n = steps * BATCH
+    n = steps * batch
     tx = torch.from_numpy(x[:n]).to(device)
     ty = torch.from_numpy(y[:n]).to(device)
-    vx, vy = tx[:BATCH], ty[:BATCH]  # fit validates each epoch; keep it small
+    vx, vy = tx[:batch], ty[:batch]  # fit validates each epoch; keep it small
     teacher_fn, loss_fn, t_once = None, None, 0.0
     if kind == "kd":
         t0 = time.perf_counter()
@@ -180,7 +180,7 @@ def kdflow_run(kind, x, y, device, steps, teacher=None) -> tuple[float, float]:
     torch.manual_seed(0)
     model = build_model("deepnn" if kind == "teacher" else "lightnn")
     t0 = time.perf_counter()
-    fit(model, tx, ty, vx, vy, epochs=1, batch_size=BATCH, lr=1e-3, seed=0,
+    fit(model, tx, ty, vx, vy, epochs=1, batch_size=batch, lr=1e-3, seed=0,
         loss_fn=loss_fn, teacher=teacher_fn, options=EngineOptions())
     if device.type == "cuda":
         torch.cuda.synchronize()

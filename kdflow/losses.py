@@ -76,16 +76,61 @@ def top1_agreement(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -
 # --------------------------------------------------------------------------
 
 
+# Pooling, here and in the hint loss, avoids F.adaptive_avg_pool1d/2d: their
+# CUDA backward has no deterministic kernel (torch.use_deterministic_algorithms
+# raises on it), which made `engine.deterministic: true` crash the cosine and
+# hint methods on the first backward pass. Sizes that divide (every pair of
+# kdflow's models) use avg_pool with kernel = stride = the ratio; other sizes
+# average the same adaptive windows with a matrix product. Both have
+# deterministic CUDA kernels and give adaptive pooling's values.
+
+
+def _pool_matrix(size_in: int, size_out: int, like: torch.Tensor) -> torch.Tensor:
+    """(size_in, size_out) matrix whose column i averages adaptive window i,
+    [floor(i * L / n), ceil((i + 1) * L / n)), as ``F.adaptive_avg_pool1d``."""
+    i = torch.arange(size_out, device=like.device)
+    start, end = (i * size_in) // size_out, -((-(i + 1) * size_in) // size_out)
+    j = torch.arange(size_in, device=like.device).unsqueeze(1)
+    inside = (j >= start) & (j < end)
+    return inside.to(like.dtype) / (end - start).to(like.dtype)
+
+
 def _pool1d(x: torch.Tensor, size: int) -> torch.Tensor:
-    return F.adaptive_avg_pool1d(x.unsqueeze(1), size).squeeze(1)
+    """Average-pool (N, L) to (N, size) over adaptive windows (size <= L)."""
+    length = x.shape[1]
+    if length % size == 0:
+        k = length // size
+        return F.avg_pool1d(x.unsqueeze(1), k, k).squeeze(1)
+    # The windows repeat every L/g inputs and n/g outputs (g = gcd): one small
+    # (L/g, n/g) matrix applied to each of the g blocks.
+    g = math.gcd(length, size)
+    m = _pool_matrix(length // g, size // g, x)
+    return (x.reshape(len(x), g, length // g) @ m).reshape(len(x), size)
+
+
+def _pool2d(x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    """Average-pool (..., H, W) to (..., h, w) over adaptive windows (h <= H, w <= W)."""
+    (big_h, big_w), (h, w) = tuple(x.shape[-2:]), tuple(hw)
+    if (big_h, big_w) == (h, w):
+        return x
+    if big_h % h == 0 and big_w % w == 0:
+        kernel = (big_h // h, big_w // w)
+        return F.avg_pool2d(x, kernel, kernel)
+    # Adaptive 2-d windows are products of 1-d ones: pool W, then H.
+    if big_w != w:
+        x = x @ _pool_matrix(big_w, w, x)
+    if big_h != h:
+        x = _pool_matrix(big_h, h, x).T @ x
+    return x
 
 
 def match_vectors(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Flatten two batches of features to (N, D) and pool the longer to the shorter D.
 
-    Average pooling (``F.adaptive_avg_pool1d`` on (N, 1, D)) is the tutorial's
-    ``avg_pool1d(x, 2)`` when D halves (2048 -> 1024); for sizes that do not
-    divide it averages adaptive (possibly overlapping) windows instead.
+    Average pooling is the tutorial's ``avg_pool1d(x, 2)`` when D halves
+    (2048 -> 1024), ``avg_pool1d(x, k)`` when D divides by k; for sizes that
+    do not divide it averages ``F.adaptive_avg_pool1d``'s (possibly
+    overlapping) windows instead (see :func:`_pool1d`).
     """
     a, b = torch.flatten(a, 1).float(), torch.flatten(b, 1).float()
     if a.shape[1] > b.shape[1]:
@@ -157,9 +202,7 @@ class HintRegressor(nn.Module):
         """
         out = self.conv(student_map)
         if teacher_hw is not None:
-            hw = _common_hw(tuple(out.shape[-2:]), tuple(teacher_hw))
-            if hw != tuple(out.shape[-2:]):
-                out = F.adaptive_avg_pool2d(out, hw)
+            out = _pool2d(out, _common_hw(tuple(out.shape[-2:]), tuple(teacher_hw)))
         return out
 
 
@@ -186,10 +229,7 @@ def hint_loss(
         return ce
     r, t = regressed_student.float(), teacher_features.float()
     hw = _common_hw(tuple(r.shape[-2:]), tuple(t.shape[-2:]))
-    if hw != tuple(r.shape[-2:]):
-        r = F.adaptive_avg_pool2d(r, hw)
-    if hw != tuple(t.shape[-2:]):
-        t = F.adaptive_avg_pool2d(t, hw)
+    r, t = _pool2d(r, hw), _pool2d(t, hw)
     return (1.0 - weight) * ce + weight * F.mse_loss(r, t)
 
 

@@ -5,12 +5,15 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import os
 import platform
 import subprocess
 from importlib import metadata
 from pathlib import Path
 
 import torch
+
+from kdflow import gpu
 
 _REPO = Path(__file__).resolve().parent.parent
 
@@ -61,4 +64,9 @@ def collect(device: torch.device | str | None = None) -> dict:
     if device is not None:
         record["device"] = str(device)
         record["device_name"] = device_name(device)
+    # Which GPU: the physical one of the job's slot (kdflow.gpu), and what
+    # CUDA saw (also where SLURM chose the GPUs). None on the CPU.
+    record["gpu"] = os.environ.get(gpu.GPU_ENV)
+    record["gpu_slot"] = os.environ.get(gpu.SLOT_ENV)
+    record["cuda_visible_devices"] = os.environ.get("CUDA_VISIBLE_DEVICES")
     return record

@@ -12,4 +12,8 @@ run_step(
         engine=snakemake.params.engine,
         threads=snakemake.threads,
     ),
+    # A GPU slot before CUDA starts (kdflow.gpu); the config's gpu section is
+    # read here, not passed as params, so it never reruns a job.
+    device=snakemake.params.device,
+    gpu_config=snakemake.config["gpu"],
 )

@@ -188,9 +188,12 @@ def snakemake(workdir: Path, config: dict, *args: str, name: str = "config.yaml"
     return proc
 
 
-def planned_jobs(workdir: Path, config: dict) -> dict[str, int]:
-    """Jobs a dry run would execute, as {rule: count}; {} when up to date."""
-    proc = snakemake(workdir, config, "-n", "--quiet", "rules", name="dryrun.yaml")
+def planned_jobs(workdir: Path, config: dict, env: dict | None = None,
+                 targets: tuple[str, ...] = ()) -> dict[str, int]:
+    """Jobs a dry run would execute (for `targets`, default all), as
+    {rule: count}; {} when up to date."""
+    proc = snakemake(workdir, config, "-n", "--quiet", "rules", "--", *targets,
+                     name="dryrun.yaml", env=env)
     out = proc.stdout + proc.stderr
     if "Nothing to be done" in out:
         return {}

@@ -14,7 +14,8 @@ import subprocess
 
 import pytest
 
-from tests.conftest import REPO, snakemake
+from kdflow import gpu
+from tests.conftest import REPO, deep_update, snakemake
 
 SLURM_TOOLS = ("slurmctld", "slurmd", "munged", "sbatch", "scontrol")
 ARMS = ("teacher", "lightnn/ce", "lightnn/kd/T2_w0.25")
@@ -48,27 +49,50 @@ def slurm_jobs() -> list[dict]:
 def test_workflow_runs_through_sbatch_with_gpus(slurm, workflow_run, tmp_path):
     local_dir, config = workflow_run
     before = {j["JobId"] for j in slurm_jobs()}
-    snakemake(tmp_path, config, "--workflow-profile", str(REPO / "profiles/slurm"),
+    # device auto and a pretend GPU: under SLURM kdflow.gpu must take no slot
+    # (SLURM chose the GPUs); auto still means the CPU here, so the metrics
+    # equal the local run's.
+    record = tmp_path / "slots.jsonl"
+    snakemake(tmp_path, deep_update(config, {"device": "auto"}),
+              "--workflow-profile", str(REPO / "profiles/slurm"),
               "--slurm-status-command", "squeue", "--jobs", "4", "--latency-wait", "5",
               # poll every few seconds, not the plugin's 40+ (a test cluster
               # answers at once; a real one prefers the default)
               "--slurm-init-seconds-before-status-checks", "2",
+              # the profile's cap of one GPU per group job (conftest's
+              # snakemake() passes gpu=2, meant for local runs)
+              "--resources", "gpu=1",
               # one thread per job, as the local run it is compared with
               "--set-threads", "train_teacher=1", "train_student_baseline=1",
               "train_student_kd=1", "teacher_logits=1", "evaluate=1",
-              env=dict(os.environ))
+              env={**os.environ, gpu.PRETEND_ENV: "0", gpu.RECORD_ENV: str(record)})
     jobs = [j for j in slurm_jobs() if j["JobId"] not in before]
-    rules = sorted(re.match(r"rule_(\w+?)_wildcards", j["Comment"]).group(1) for j in jobs)
     n = len(config["seeds"])
-    assert rules == sorted(["evaluate"] * 3 * n + ["train_student_baseline"] * n
-                           + ["train_student_kd"] * n + ["train_teacher"] * n
-                           + ["teacher_logits"] * n)
+    # One sbatch per teacher and per teacher's logits, and one grouped job per
+    # seed for its students and all its evaluations (profiles/slurm: up to 4
+    # components a group; here 3: the teacher's evaluation, and each student
+    # with its evaluation). Ungrouped it was 7 per seed (14 here).
+    names = sorted(re.match(r"rule_(train_teacher|teacher_logits|students\d+)_",
+                            j["Comment"]).group(1) for j in jobs)
+    assert names == sorted(["train_teacher"] * n + ["teacher_logits"] * n
+                           + [f"students{seed}" for seed in config["seeds"]])
+    assert len(jobs) == 3 * n
     for j in jobs:
         assert j["JobState"] == "COMPLETED", j
-        if j["Comment"].startswith(("rule_train", "rule_teacher_logits")):
-            assert j.get("TresPerJob") == "gres:gpu:1", j
+        assert j.get("TresPerJob") == "gres:gpu:1", j  # groups too: one GPU each
+        if j["Comment"].startswith("rule_students"):
+            # A group's members run one after another on its GPU: it asks
+            # the sum of their runtimes (2 trainings x 60 + 3 evaluations x
+            # 20 min), the largest memory and thread count, not their sums.
+            assert j["Comment"].endswith("_evaluate_train_student_baseline_train_student_kd"), j
+            assert (j["TimeLimit"], j["MinMemoryNode"], j["NumCPUs"]) == \
+                ("03:00:00", "8000M", "1"), j
     # data, aggregate and report ran on the submitting host, not as jobs
     assert (tmp_path / "results/report.html").is_file()
+    # No job took a GPU slot, and the grouped ones said why.
+    assert not record.exists(), record.read_text()
+    log = (tmp_path / "results/logs/seed0/lightnn/ce/train.log").read_text()
+    assert "SLURM job" in log and "using the GPUs SLURM gave it" in log
     for seed in config["seeds"]:
         for arm in ARMS:
             rel = f"results/seed{seed}/{arm}/metrics.json"
