@@ -113,5 +113,8 @@ def test_state_of_another_config_is_not_resumed(workflow_run, tmp_path, caplog):
     from kdflow import resume
     state = tmp_path / "resume.pt"
     resume.save(state, {"job": "some other job", "epoch": 3})
-    assert resume.load(state, "this job") is None
     assert resume.load(state, "some other job")["epoch"] == 3
+    # Another job's state is set aside, never resumed and never fatal.
+    assert resume.load(state, "this job") is None
+    assert not state.exists() and (tmp_path / "resume.pt.set-aside").is_file()
+    assert resume.load(state, "this job") is None
