@@ -185,19 +185,10 @@ def check_bf16(work: Path, data, device: str, s: Sizes) -> Row:
 
 
 def check_throughput(device_name: str, s: Sizes) -> list[Row]:
-    import torch
     from kdflow.engine import resolve_device
-    from kdflow.models import build_model
 
     device = resolve_device(device_name)
-    rng = np.random.default_rng(0)
-    n = (s.steps + s.warmup) * s.batch
-    x = rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8)
-    y = rng.integers(0, 10, n).astype(np.int64)
-    torch.manual_seed(0)
-    teacher = build_model("deepnn").to(device).eval()
-    teacher_cl = build_model("deepnn").to(device).to(memory_format=torch.channels_last).eval()
-    teacher_cl.load_state_dict(teacher.state_dict())
+    x, y, teacher, teacher_cl = throughput.problem((s.steps + s.warmup) * s.batch, device)
     rows = []
     for kind, label in (("teacher", "teacher (DeepNN)"), ("student", "student, cross-entropy"),
                         ("kd", "student, KD")):

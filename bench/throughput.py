@@ -187,6 +187,19 @@ def kdflow_run(kind, x, y, device, steps, teacher=None, batch=BATCH) -> tuple[fl
     return n / (time.perf_counter() - t0), t_once
 
 
+def problem(n: int, device):
+    """n random images and labels, and one seeded DeepNN teacher twice: in
+    the tutorial's layout and in channels_last for kdflow's engine."""
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8)
+    y = rng.integers(0, 10, n).astype(np.int64)
+    torch.manual_seed(0)
+    teacher = build_model("deepnn").to(device).eval()
+    teacher_cl = build_model("deepnn").to(device).to(memory_format=torch.channels_last).eval()
+    teacher_cl.load_state_dict(teacher.state_dict())
+    return x, y, teacher, teacher_cl
+
+
 def forward_flops(model, device) -> int:
     with FlopCounterMode(display=False) as counter:
         model(torch.randn(1, 3, 32, 32, device=device))
@@ -205,14 +218,7 @@ def main():
     device = resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    rng = np.random.default_rng(0)
-    n = (args.steps + args.warmup) * BATCH
-    x = rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8)
-    y = rng.integers(0, 10, n).astype(np.int64)
-    torch.manual_seed(0)
-    teacher = build_model("deepnn").to(device).eval()
-    teacher_cl = build_model("deepnn").to(device).to(memory_format=torch.channels_last).eval()
-    teacher_cl.load_state_dict(teacher.state_dict())
+    x, y, teacher, teacher_cl = problem((args.steps + args.warmup) * BATCH, device)
     flops_fwd = forward_flops(build_model("deepnn").to(device), device)
 
     print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), "
