@@ -345,7 +345,7 @@ def fit(
                 step = start // batch_size + 1
                 if sync_check or step % FINITE_CHECK_EVERY == 0:
                     _check_finite(loss, bad_step, step, epoch, name, state_path, sync_check)
-                elif not sync_check:
+                else:
                     # Recorded on the device, checked every few steps: no
                     # host sync per step on CUDA.
                     bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()),
