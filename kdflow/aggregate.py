@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from kdflow import KdflowError, atomic, checkpoint, study
+from kdflow.methods import METHODS
 from kdflow.stats import holm, mean_ci, paired_comparison
 
 log = logging.getLogger(__name__)
@@ -26,14 +27,26 @@ ARM_LABELS = {
     "student_baseline": "Student (CE only)",
     "student_kd": "Student (distilled)",
 }
-# Columns that describe an arm (kdflow.study), in every per-model table.
-ARM_COLUMNS = ["role", "student", "method", "setting", "temperature", "weight"]
+# Columns that describe an arm, in every per-model table: these, then one
+# column per knob (by its config key, e.g. temperature, dkd.beta) of the
+# methods present, in the method table's order (kdflow.methods).
+ARM_COLUMNS = ["role", "student", "method", "setting", "label"]
+KNOB_COLUMNS = list(dict.fromkeys(k.key for m in METHODS.values() for k in m.knobs))
 
 
-def describe_arm(arm: str) -> dict:
-    a = study.describe(arm)
-    return {"role": a.role, "student": a.model or None, "method": a.method,
-            "setting": a.setting, "temperature": a.temperature, "weight": a.weight}
+def arm_columns(df: pd.DataFrame) -> list[str]:
+    return ARM_COLUMNS + [c for c in KNOB_COLUMNS if c in df]
+
+
+def describe_arm(plan: dict) -> dict:
+    """The columns of one model, from its plan record (kdflow.study.plan) as
+    stored in its metrics.json: nothing is read from the path."""
+    arm = study.Arm.from_record(plan)
+    return {"role": arm.role, "student": arm.model if arm.role != "teacher" else None,
+            "method": arm.method, "setting": arm.setting, "label": study.label(arm),
+            **arm.values}
+
+
 # Per-model inputs, parallel lists in this order of keys.
 MODEL_FILES = ("metrics", "speed", "histories", "checkpoints", "train_benchmarks",
                "eval_benchmarks")
@@ -73,7 +86,7 @@ def collect(files: dict[str, list[str]],
         m, speed, ckpt = _read_json(m_path), _read_json(s_path), checkpoint.load(c_path)
         key = {"seed": m["seed"], "arm": m["arm"],
                "stage": CONFIRMATION if m["seed"] in confirm_seeds else SELECTION}
-        about = describe_arm(m["arm"])
+        about = describe_arm(m["plan"])
         train_job, eval_job = _benchmark(tb_path), _benchmark(eb_path)
         models.append({
             **key, **about, "model": m["model"],
@@ -134,7 +147,7 @@ def summarize_arms(table: pd.DataFrame) -> pd.DataFrame:
         mean, lo, hi = mean_ci(g["accuracy"])
         flagged = g.loc[g["flag"] != "", "seed"].tolist()
         rows.append({
-            "arm": arm, "stage": stage, **{c: g[c].iloc[0] for c in ARM_COLUMNS},
+            "arm": arm, "stage": stage, **{c: g[c].iloc[0] for c in arm_columns(g)},
             "flag": (f"{g.loc[g['flag'] != '', 'flag'].iloc[0]} (seed "
                      f"{', '.join(map(str, flagged))})") if flagged else "",
             "model": g["model"].iloc[0], "n": g["seed"].nunique(),
@@ -177,7 +190,7 @@ def study_table(table: pd.DataFrame) -> pd.DataFrame:
         pair = g.merge(base[["seed", "accuracy"]], on="seed", suffixes=("", "_baseline"))
         test = paired_comparison(pair["accuracy"], pair["accuracy_baseline"])
         rows.append({
-            "arm": arm, **{c: g[c].iloc[0] for c in ARM_COLUMNS}, "n": len(g),
+            "arm": arm, **{c: g[c].iloc[0] for c in arm_columns(g)}, "n": len(g),
             "val_accuracy_mean": g["best_val_accuracy"].mean(),
             "accuracy_mean": g["accuracy"].mean(), "accuracy_sd": g["accuracy"].std(),
             "baseline_accuracy_mean": pair["accuracy_baseline"].mean(),

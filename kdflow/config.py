@@ -7,22 +7,24 @@ import math
 from pathlib import Path
 
 import jsonschema
-import yaml
 
-from kdflow import KdflowError, study
+from kdflow import KdflowError, methods, schema as _schema, study
 from kdflow.data import dataset_spec
 
-SCHEMA_PATH = Path(__file__).resolve().parent.parent / "config" / "schema.yaml"
+SCHEMA_PATH = _schema.SCHEMA_PATH
 
 
 def load_schema(path: str | Path = SCHEMA_PATH) -> dict:
-    with open(path) as f:
-        return yaml.safe_load(f)
+    return _schema.load(path)
 
 
 def _coerce(schema_type, value):
     """`snakemake --config key={a: 1}` parses nested values as strings
     (YAML BaseLoader): turn them back into the numbers the schema asks for."""
+    if schema_type == "number" and isinstance(value, int) and not isinstance(value, bool):
+        # One value, one representation: 1 and 1.0 are the same setting, and
+        # a job's parameters must not change with how a number was written.
+        return float(value)
     if not isinstance(value, str):
         return value
     try:
@@ -94,6 +96,13 @@ def validate(config: dict, schema: dict | None = None) -> dict:
     """Return the config with defaults filled in, or raise KdflowError naming
     the offending key, its value and what is allowed."""
     schema = schema or load_schema()
+    named = schema["$defs"]["method"]["enum"]
+    if list(named) != list(methods.METHODS):
+        # The schema documents the method table (kdflow.methods); a method in
+        # one and not the other would fail later, in a job.
+        raise KdflowError(f"config/schema.yaml's $defs.method.enum {named} and the method "
+                          f"table in kdflow/methods.py {list(methods.METHODS)} differ; "
+                          "list each method in both, in the same order")
     problems: list[str] = []
     config = _complete(schema, copy.deepcopy(dict(config)), schema, "", problems)
     validator = jsonschema.Draft202012Validator(schema)
@@ -137,4 +146,4 @@ def _check_confirmation(config: dict) -> None:
         raise KdflowError(
             "invalid config: confirm_seeds is set but there is only one distillation setting, "
             "so nothing is chosen to confirm; add these seeds to `seeds` instead (or sweep "
-            "kd.temperature, kd.soft_target_weight or kd.method)")
+            "kd.method or any knob of a method, such as kd.temperature)")

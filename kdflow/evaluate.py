@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kdflow import atomic, checkpoint, provenance
+from kdflow import KdflowError, atomic, checkpoint, provenance
 from kdflow.efficiency import count_macs, measure_speed
 from kdflow.stats import CHANCE_FLAG, TEACHER_CHANCE_FLAG, at_chance, calibration
 from kdflow.data import Normalizer, channel_stats
@@ -44,6 +44,9 @@ def evaluate(model_path: str, dataset: str, out: str, *, arm: str, seed: int,
         classes = [str(c) for c in d["classes"]]
         normalize = Normalizer(dev, *channel_stats(d))
     model, ckpt = checkpoint.load_model(model_path, dev)
+    if ckpt["plan"]["path"] != arm:
+        raise KdflowError(f"{model_path} was trained as {ckpt['plan']['path']!r}, not as "
+                          f"{arm!r}: it is in another model's place; delete it and rerun")
     logits = predict_logits(model, x, normalize)
     pred = logits.argmax(1)
     k = len(classes)
@@ -69,7 +72,10 @@ def evaluate(model_path: str, dataset: str, out: str, *, arm: str, seed: int,
         "best_val_accuracy": ckpt["best_val_accuracy"],
         "last_epoch": ckpt["last_epoch"],
         "last_val_accuracy": ckpt["last_val_accuracy"],
-        "config": ckpt["config"],
+        # What the model is (kdflow.study.plan): the aggregate reads its
+        # method and values from here, never from the path.
+        "plan": ckpt["plan"],
+        "engine": ckpt["engine"],
         "checkpoint": str(model_path),
     }
     # A model no better than guessing on validation (a diverged or

@@ -14,9 +14,10 @@ w (PyTorch's tutorial: w = 0.25, CE weight 0.75, T = 2). In the α notation,
 - The T^2 factor keeps the soft term's gradient scale independent of T
   (its gradients scale as 1/T^2).
 
-Further below: feature losses from PyTorch's KD tutorial (cosine between
-hidden representations; FitNets hint with a regressor, Romero et al. 2015)
-and Decoupled KD (Zhao et al. 2022). All cast to float32, since training may
+Further below: logit standardization (Sun et al. 2024), feature losses from
+PyTorch's KD tutorial (cosine between hidden representations; FitNets hint
+with a regressor, Romero et al. 2015), Decoupled KD (Zhao et al. 2022) and
+DIST (Huang et al. 2022). All cast to float32, since training may
 run under bf16 autocast.
 """
 
@@ -40,18 +41,43 @@ def soft_target_loss(
     return kl * (t * t)
 
 
+def standardize_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Each sample's logits z-scored: (z - mean(z)) / (1e-7 + std(z)).
+
+    Logit standardization, Sun, Zhu, Liu, Cao & Ren (2024), "Logit
+    Standardization in Knowledge Distillation", CVPR (the authors' code:
+    std unbiased, as torch's default, and 1e-7 added to it). Applied to
+    teacher and student alike before the temperature softmax, it lets the
+    student match the *shape* of the teacher's logits without having to
+    match their range, which a small student often cannot: the temperature
+    then acts on a unit scale for both.
+    """
+    z = logits.float()
+    return (z - z.mean(dim=1, keepdim=True)) / (1e-7 + z.std(dim=1, keepdim=True))
+
+
 def kd_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
     targets: torch.Tensor,
     temperature: float,
     soft_target_weight: float,
+    *,
+    standardize: bool = False,
 ) -> torch.Tensor:
-    """Hinton et al.'s loss: label CE plus the T^2-scaled soft-target KL."""
+    """Hinton et al.'s loss: label CE plus the T^2-scaled soft-target KL.
+
+    With `standardize`, both logits are z-scored per sample before the
+    temperature softmax (:func:`standardize_logits`; Sun et al. 2024); the
+    label CE keeps the raw student logits, as in the authors' code.
+    """
     ce = F.cross_entropy(student_logits, targets)
     if soft_target_weight == 0:
         # Exactly plain cross-entropy: no teacher term, not even 0 * KL.
         return ce
+    if standardize:
+        student_logits = standardize_logits(student_logits)
+        teacher_logits = standardize_logits(teacher_logits)
     soft = soft_target_loss(student_logits, teacher_logits, temperature)
     return (1.0 - soft_target_weight) * ce + soft_target_weight * soft
 
@@ -145,7 +171,7 @@ def cosine_loss(
     teacher_features: torch.Tensor,
     student_logits: torch.Tensor,
     targets: torch.Tensor,
-    weight: float,
+    soft_target_weight: float,
 ) -> torch.Tensor:
     """Label CE plus a cosine loss between flattened hidden representations.
 
@@ -157,12 +183,13 @@ def cosine_loss(
     feature vectors are matched in size by :func:`match_vectors`. Teacher
     features are expected to come from ``torch.no_grad()``.
     """
+    w = soft_target_weight
     ce = F.cross_entropy(student_logits.float(), targets)
-    if weight == 0:
+    if w == 0:
         return ce  # exactly CE, as in kd_loss
     h_s, h_t = match_vectors(student_features, teacher_features)
     hidden = (1.0 - F.cosine_similarity(h_s, h_t, dim=1)).mean()
-    return (1.0 - weight) * ce + weight * hidden
+    return (1.0 - w) * ce + w * hidden
 
 
 def _common_hw(a: tuple[int, int], b: tuple[int, int]) -> tuple[int, int]:
@@ -211,7 +238,7 @@ def hint_loss(
     teacher_features: torch.Tensor,
     student_logits: torch.Tensor,
     targets: torch.Tensor,
-    weight: float,
+    soft_target_weight: float,
 ) -> torch.Tensor:
     """Label CE plus the FitNets hint: MSE between regressed student and teacher maps.
 
@@ -224,13 +251,14 @@ def hint_loss(
     average-pooled down to the common size: pooling never invents detail,
     upsampling the student would.
     """
+    w = soft_target_weight
     ce = F.cross_entropy(student_logits.float(), targets)
-    if weight == 0:
+    if w == 0:
         return ce
     r, t = regressed_student.float(), teacher_features.float()
     hw = _common_hw(tuple(r.shape[-2:]), tuple(t.shape[-2:]))
     r, t = _pool2d(r, hw), _pool2d(t, hw)
-    return (1.0 - weight) * ce + weight * F.mse_loss(r, t)
+    return (1.0 - w) * ce + w * F.mse_loss(r, t)
 
 
 # --------------------------------------------------------------------------
@@ -317,12 +345,76 @@ def dkd_total_loss(
     beta: float,
     warmup_factor: float,
     ce_weight: float = 1.0,
+    *,
+    standardize: bool = False,
 ) -> torch.Tensor:
     """ce_weight * CE + warmup_factor * dkd_loss, as mdistiller's DKD distiller.
 
     DKD's CIFAR-100 defaults: CE weight 1.0, alpha 1.0, beta 8.0, T 4.0,
-    warm-up 20 epochs (warmup_factor = dkd_warmup(epoch, 20)).
+    warm-up 20 epochs (warmup_factor = dkd_warmup(epoch, 20)). With
+    `standardize` the DKD terms see z-scored logits (Sun et al. 2024's
+    DKD + LS); the label CE keeps the raw ones.
     """
     ce = F.cross_entropy(student_logits.float(), targets)
+    if standardize:
+        student_logits = standardize_logits(student_logits)
+        teacher_logits = standardize_logits(teacher_logits)
     dkd = dkd_loss(student_logits, teacher_logits, targets, temperature, alpha, beta)
     return ce_weight * ce + warmup_factor * dkd
+
+
+# --------------------------------------------------------------------------
+# DIST (Huang et al. 2022)
+# --------------------------------------------------------------------------
+
+
+def _pearson_rows(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Pearson correlation of each row of `a` with the same row of `b`
+    (centred cosine; eps as the authors' code keeps a constant row finite)."""
+    a = a - a.mean(dim=1, keepdim=True)
+    b = b - b.mean(dim=1, keepdim=True)
+    return (a * b).sum(dim=1) / (a.norm(dim=1) * b.norm(dim=1) + eps)
+
+
+def dist_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temperature: float,
+    beta: float,
+    gamma: float,
+) -> torch.Tensor:
+    """DIST: match the teacher's relations, not its exact probabilities.
+
+    Huang, You, Wang, Qian & Xu (2022), "Knowledge Distillation from A
+    Stronger Teacher", NeurIPS (arXiv:2205.10536). With p = softmax(z / T)
+    for student and teacher, (N, C) matrices:
+
+        inter = 1 - mean over samples i of pearson(p_s[i, :], p_t[i, :])
+        intra = 1 - mean over classes j of pearson(p_s[:, j], p_t[:, j])
+        loss  = beta * T^2 * inter + gamma * T^2 * intra
+
+    The inter-class term asks each sample's class ranking to correlate with
+    the teacher's (invariant to shift and scale, so a stronger teacher's
+    sharper outputs need not be copied exactly); the intra-class term asks
+    each class's scores across the batch to correlate. Paper: beta = gamma
+    = 1, T = 1 (ImageNet).
+    """
+    t = float(temperature)
+    p_s = F.softmax(student_logits.float() / t, dim=1)
+    p_t = F.softmax(teacher_logits.float() / t, dim=1)
+    inter = 1.0 - _pearson_rows(p_s, p_t).mean()
+    intra = 1.0 - _pearson_rows(p_s.T, p_t.T).mean()
+    return (t * t) * (beta * inter + gamma * intra)
+
+
+def dist_total_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float,
+    beta: float,
+    gamma: float,
+) -> torch.Tensor:
+    """CE + DIST, the label loss at weight 1 as in the authors' training."""
+    ce = F.cross_entropy(student_logits.float(), targets)
+    return ce + dist_loss(student_logits, teacher_logits, temperature, beta, gamma)

@@ -29,7 +29,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from kdflow import atomic  # noqa: E402
 from kdflow.aggregate import ARM_LABELS, ARM_ORDER, headline_view  # noqa: E402
-from kdflow.study import METHOD_LABELS  # noqa: E402
+from kdflow.methods import METHODS  # noqa: E402
 from kdflow.provenance import config_hash  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -210,15 +210,6 @@ def fig_efficiency(metrics: pd.DataFrame) -> bytes:
     return _png(fig)
 
 
-def _setting_label(r) -> str:
-    parts = []
-    if not _missing(r.get("temperature")):
-        parts.append(f"T={r['temperature']:g}")
-    if not _missing(r.get("weight")):
-        parts.append(f"w={r['weight']:g}")
-    return f"{METHOD_LABELS.get(r['method'], r['method'])} {', '.join(parts)}".strip()
-
-
 def fig_study(study: pd.DataFrame, arms: pd.DataFrame) -> bytes:
     """Every distilled setting's test accuracy (mean ± sd over seeds), per
     student, against that student's baseline and the teacher; the setting
@@ -238,7 +229,7 @@ def fig_study(study: pd.DataFrame, arms: pd.DataFrame) -> bytes:
         base = arms.loc[arms["arm"] == f"{student}/ce", "accuracy_mean"].iloc[0]
         ax.axvline(100 * base, color="#8c8c8c", ls="--", lw=1, label="student, CE only")
         ax.axvline(100 * teacher, color="#4c72b0", ls=":", lw=1, label="teacher")
-        ax.set_yticks(y, [_setting_label(r) for _, r in d.iterrows()], fontsize=8)
+        ax.set_yticks(y, list(d["label"]), fontsize=8)
         ax.invert_yaxis()
         ax.set(xlabel="test accuracy (%)", title=f"Student {student}: every setting "
                "(orange: chosen on validation)")
@@ -247,27 +238,44 @@ def fig_study(study: pd.DataFrame, arms: pd.DataFrame) -> bytes:
     return _png(fig)
 
 
+def _knob_text(v) -> str:
+    if _missing(v):
+        return "–"
+    if isinstance(v, (bool, np.bool_)) or v in ("True", "False"):
+        return "on" if v in (True, "True") else "off"
+    return f"{v:g}" if isinstance(v, (int, float)) else str(v)
+
+
 def fig_heatmap(study: pd.DataFrame) -> bytes:
-    """Mean test accuracy over temperature x weight, one panel per student
-    and method; the cell with the best validation accuracy is boxed."""
+    """Mean test accuracy over each method's swept knobs, one panel per
+    student and method: rows the first knob that varies, columns the others
+    (from the method table, kdflow.methods); the cell with the best
+    validation accuracy is boxed."""
     groups = list(study.groupby(["student", "method"], sort=False))
     # One colour scale for all panels, so colours compare across methods.
     vmin, vmax = 100 * study["accuracy_mean"].min(), 100 * study["accuracy_mean"].max()
     fig, axes = plt.subplots(1, len(groups), squeeze=False,
                              figsize=(max(4.2, 3.6 * len(groups)), 3.4))
     for ax, ((student, method), d) in zip(axes[0], groups):
-        d = d.assign(T=d["temperature"].map(lambda v: "–" if _missing(v) else f"{v:g}"),
-                     w=d["weight"].map(lambda v: "–" if _missing(v) else f"{v:g}"),
+        knobs = [k for k in METHODS[method].knobs
+                 if k.key in d and d[k.key].map(_knob_text).nunique() > 1]
+        rows, cols = knobs[:1], knobs[1:]
+
+        def key(r, ks):
+            return ", ".join(_knob_text(r[k.key]) for k in ks) or "–"
+
+        d = d.assign(row=[key(r, rows) for _, r in d.iterrows()],
+                     col=[key(r, cols) for _, r in d.iterrows()],
                      acc=100 * d["accuracy_mean"])
-        grid = d.pivot_table(index="T", columns="w", values="acc", sort=False)
+        grid = d.pivot_table(index="row", columns="col", values="acc", sort=False)
         sns.heatmap(grid, ax=ax, annot=True, fmt=".2f", cmap="viridis", cbar=False,
                     vmin=vmin, vmax=vmax, annot_kws={"fontsize": 8})
         best = d.loc[d["val_accuracy_mean"].idxmax()]
-        ax.add_patch(plt.Rectangle((list(grid.columns).index(best["w"]),
-                                    list(grid.index).index(best["T"])), 1, 1,
+        ax.add_patch(plt.Rectangle((list(grid.columns).index(best["col"]),
+                                    list(grid.index).index(best["row"])), 1, 1,
                                    fill=False, edgecolor="#dd8452", lw=2.5))
-        ax.set(title=f"{student}, {METHOD_LABELS.get(method, method)}",
-               xlabel="weight w of the distillation term", ylabel="temperature T")
+        ax.set(title=f"{student}, {METHODS[method].label}",
+               xlabel=", ".join(k.key for k in cols) or "", ylabel=rows[0].key if rows else "")
     fig.suptitle("Mean test accuracy (%) per setting; box: best on validation", fontsize=10)
     fig.tight_layout()
     return _png(fig)
@@ -326,7 +334,7 @@ def render_report(tables: dict[str, str], out: str, title: str, experiment: dict
     jobs = t["jobs"]
     cost = (jobs.groupby(["job", "arm"], sort=False)["wall_seconds"]
             .agg(["count", "sum", "mean"]).reset_index())
-    study = t["study"].assign(label=[_setting_label(r) for _, r in t["study"].iterrows()])
+    study = t["study"]
     ranking = study[study["best_of_method"]].sort_values("method_rank")
     chosen = study[study["chosen"]].iloc[0].to_dict()
 

@@ -1,15 +1,21 @@
-"""A study: the config's lists expanded into the models to train.
+"""A study as a plan: the config's lists expanded into typed records, one per model.
 
-Every model of a seed has an *arm*, a path under results/seed{seed}/:
+`plan(config)` returns one `Arm` per model of a seed, each with its path
+under results/seed{seed}/, its role, its training section and, for a
+distilled student, its method and that setting's exact values:
 
     teacher                          the teacher
     {student}/ce                     a plain (cross-entropy) student
     {student}/{method}/{setting}     a distilled student
 
-with settings `T{T}_w{w}` (kd), `T{T}` (dkd) and `w{w}` (cosine, hint). A
-setting's values live in its name, so adding or changing one value of a list
-adds or renames only that setting's jobs: the others keep their paths, their
-parameters and their results. Plain students do not depend on any
+The method table (kdflow.methods) says which knobs a method has; any knob
+may be a list in the config, and every combination is a setting. A setting's
+name is written once from its exact values (T2_w0.25, T2_w0.25_ls, T4_b2)
+and never read back: the workflow looks records up by path, every job gets
+its record as a parameter, and the checkpoint and metrics.json keep it, so
+the aggregate reads values from there. Adding or changing one value of a
+list adds or renames only that setting's jobs: the others keep their paths,
+their parameters and their results. Plain students do not depend on any
 distillation setting and are shared by all of them.
 
 Two stages (config `confirm_seeds`): with several settings, the one with the
@@ -23,165 +29,145 @@ chose it overstates its gain (the winner's curse).
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass, field
-from typing import Optional
-
+import itertools
 import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
-from kdflow import KdflowError, atomic
+from kdflow import KdflowError, atomic, schema
+from kdflow.methods import METHODS, MethodSpec, spec
 
-METHODS = ("kd", "dkd", "cosine", "hint")
-# Which swept values each method uses (the rest of its settings are fixed
-# in the config and passed as parameters).
-USES_TEMPERATURE = {"kd", "dkd"}
-USES_WEIGHT = {"kd", "cosine", "hint"}
-METHOD_LABELS = {
-    "kd": "KD (Hinton)",
-    "dkd": "DKD",
-    "cosine": "cosine (features)",
-    "hint": "hint (FitNets)",
-}
-
-_SETTING = re.compile(r"^(?:T(?P<T>[0-9.e+-]+))?_?(?:w(?P<w>[0-9.e+-]+))?$")
+ROLES = ("teacher", "student_baseline", "student_kd")
 
 
 def as_list(value) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
-def fmt(x: float) -> str:
-    """A number as it appears in a path: 2.0 -> '2', 0.25 -> '0.25'.
+def fmt(x) -> str:
+    """A number as it appears in a name: 2.0 -> '2', 0.25 -> '0.25'.
 
     Python's shortest round-trip form of the float, so two different values
-    never share a name (2.0000001 stays '2.0000001') and the name reads back
-    to exactly the value."""
+    never share a name (2.0000001 stays '2.0000001')."""
     text = repr(float(x))
     return text[:-2] if text.endswith(".0") else text
 
 
-def setting_name(method: str, temperature: Optional[float] = None,
-                 weight: Optional[float] = None) -> str:
-    parts = []
-    if method in USES_TEMPERATURE:
-        parts.append(f"T{fmt(temperature)}")
-    if method in USES_WEIGHT:
-        parts.append(f"w{fmt(weight)}")
-    return "_".join(parts)
-
-
-def parse_setting(method: str, setting: str) -> dict:
-    """{'temperature': T, 'weight': w} (those the method uses) from a name."""
-    if method not in METHODS:
-        raise KdflowError(f"unknown distillation method {method!r}; choose one of {METHODS}")
-    m = _SETTING.match(setting)
-    want_t, want_w = method in USES_TEMPERATURE, method in USES_WEIGHT
-    if not m or (m["T"] is not None) != want_t or (m["w"] is not None) != want_w:
-        example = setting_name(method, 2, 0.25)
-        raise KdflowError(f"setting {setting!r} of method {method!r} must look like {example!r}")
-    try:
-        out = {}
-        if want_t:
-            out["temperature"] = float(m["T"])
-        if want_w:
-            out["weight"] = float(m["w"])
-    except ValueError:
-        raise KdflowError(f"setting {setting!r}: not a number") from None
-    if setting_name(method, out.get("temperature"), out.get("weight")) != setting:
-        # e.g. T2.0 for T2: one setting must have one name, or it would train twice.
-        canonical = setting_name(method, out.get("temperature"), out.get("weight"))
-        raise KdflowError(f"setting {setting!r} is written {canonical!r}")
-    return out
-
-
 @dataclass(frozen=True)
 class Arm:
-    """One model of every seed; see the module docstring for the paths."""
+    """One model of every seed: the record a job is planned, trained,
+    evaluated and aggregated by (see the module docstring for the paths)."""
 
     path: str
-    role: str                          # teacher | student_baseline | student_kd
+    role: str                                  # one of ROLES
     model: str
-    method: Optional[str] = None       # distilled students only
+    # The training section (teacher or student, `model` set to this arm's).
+    training: dict = field(hash=False, compare=False)
+    method: Optional[str] = None               # distilled students only
     setting: Optional[str] = None
+    # Every knob of the method (kdflow.methods), by config key, exact values.
     values: dict = field(default_factory=dict, hash=False, compare=False)
 
-    @property
-    def temperature(self) -> Optional[float]:
-        return self.values.get("temperature")
+    def record(self) -> dict:
+        """Plain data: a job's parameter, stored in its checkpoint and metrics."""
+        return {"path": self.path, "role": self.role, "model": self.model,
+                "training": self.training, "method": self.method, "setting": self.setting,
+                "values": self.values}
 
-    @property
-    def weight(self) -> Optional[float]:
-        return self.values.get("weight")
+    @classmethod
+    def from_record(cls, record: dict) -> "Arm":
+        return cls(**record)
 
 
-def describe(path: str) -> Arm:
-    """The Arm of a path (inverse of the layout above)."""
-    parts = path.split("/")
-    if parts == ["teacher"]:
-        return Arm(path, "teacher", "")
-    if len(parts) == 2 and parts[1] == "ce":
-        return Arm(path, "student_baseline", parts[0])
-    if len(parts) == 3:
-        return Arm(path, "student_kd", parts[0], parts[1], parts[2],
-                   parse_setting(parts[1], parts[2]))
-    raise KdflowError(f"{path!r} is not an arm (teacher, STUDENT/ce or STUDENT/METHOD/SETTING)")
+def _kd_value(kd: dict, key: str):
+    """The config value of a knob: kd[key], or kd[section][name] for a
+    dotted key."""
+    node = kd
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def _knob_text(knob, value) -> str:
+    if isinstance(value, bool):
+        return knob.tag if value else f"no{knob.tag}"
+    return f"{knob.tag}{fmt(value)}"
+
+
+def _shown(method: MethodSpec, values: dict):
+    """(knob, value) of the knobs a setting's name shows: each primary
+    knob, then each other knob whose value differs from its schema default
+    (so a newly swept knob leaves the names of existing settings as they
+    were)."""
+    for knob in method.knobs:
+        value = values[knob.key]
+        if knob.primary or value != schema.default(f"kd.{knob.key}"):
+            yield knob, value
+
+
+def setting_name(method: MethodSpec, values: dict) -> str:
+    """The name of one setting, from its exact values: T2_w0.25, T2_w0.25_ls."""
+    return "_".join(_knob_text(k, v) for k, v in _shown(method, values)) or "default"
+
+
+def label(arm: Arm) -> str:
+    """How the report names a model: "teacher", "CE only", or a distilled
+    setting's method and the values its name shows, "KD (Hinton) T=2,
+    w=0.25, ls"."""
+    if arm.role == "teacher":
+        return "teacher"
+    if arm.role == "student_baseline":
+        return "CE only"
+    method = spec(arm.method)
+    parts = [k.tag if isinstance(v, bool) and v else
+             f"no {k.tag}" if isinstance(v, bool) else f"{k.tag}={fmt(v)}"
+             for k, v in _shown(method, arm.values)]
+    return f"{method.label} {', '.join(parts)}".strip()
 
 
 def students(config: dict) -> list[str]:
     return as_list(config["student"]["model"])
 
 
-def settings(config: dict) -> list[tuple[str, str]]:
-    """(method, setting) pairs the config's lists expand to, in config order."""
+def settings(config: dict) -> list[tuple[str, str, dict]]:
+    """(method, setting name, values) of every distilled setting the
+    config's lists expand to, in config order (methods, then each knob's
+    values in the order of the method's knobs)."""
     kd = config["kd"]
-    temps, weights = as_list(kd["temperature"]), as_list(kd["soft_target_weight"])
     out = []
-    for method in as_list(kd["method"]):
-        for t in temps if method in USES_TEMPERATURE else [None]:
-            for w in weights if method in USES_WEIGHT else [None]:
-                out.append((method, setting_name(method, t, w)))
+    for name in as_list(kd["method"]):
+        method = spec(name)
+        keys = [k.key for k in method.knobs]
+        for combo in itertools.product(*(as_list(_kd_value(kd, k)) for k in keys)):
+            values = dict(zip(keys, combo))
+            out.append((name, setting_name(method, values), values))
     seen = set()
-    for pair in out:
-        if pair in seen:  # e.g. 1 and 1.0 in one list
-            raise KdflowError(f"invalid config: two {pair[0]} settings are both named "
-                              f"{pair[1]!r}; list each value once")
-        seen.add(pair)
+    for name, setting, _ in out:
+        if (name, setting) in seen:  # e.g. 1 and 1.0 in one list
+            raise KdflowError(f"invalid config: two {name} settings are both named "
+                              f"{setting!r}; list each value once")
+        seen.add((name, setting))
     return out
 
 
-def arms(config: dict) -> list[Arm]:
+def plan(config: dict) -> list[Arm]:
     """Every model of one seed: the teacher, then per student its baseline
-    and its distilled variants."""
-    out = [Arm("teacher", "teacher", config["teacher"]["model"])]
+    and its distilled settings."""
+    teacher = config["teacher"]
+    out = [Arm("teacher", "teacher", teacher["model"], dict(teacher))]
     for s in students(config):
-        out.append(Arm(f"{s}/ce", "student_baseline", s))
-        for method, setting in settings(config):
-            out.append(Arm(f"{s}/{method}/{setting}", "student_kd", s, method, setting,
-                           parse_setting(method, setting)))
+        training = {**config["student"], "model": s}
+        out.append(Arm(f"{s}/ce", "student_baseline", s, training))
+        for method, setting, values in settings(config):
+            out.append(Arm(f"{s}/{method}/{setting}", "student_kd", s, training, method,
+                           setting, values))
     return out
-
-
-def student_config(config: dict, model: str) -> dict:
-    """The training section of one student architecture."""
-    return {**config["student"], "model": model}
-
-
-def method_config(config: dict, method: str, setting: str) -> dict:
-    """Exactly what a distilled job depends on: its method, its setting's
-    values and that method's fixed parameters, nothing of other settings."""
-    cfg = {"method": method, **parse_setting(method, setting)}
-    if method == "kd":
-        # The loss takes w by its established name.
-        cfg["soft_target_weight"] = cfg.pop("weight")
-    if method == "dkd":
-        cfg.update(config["kd"]["dkd"])
-    return cfg
 
 
 def distilled_arms(config: dict) -> list[Arm]:
-    return [a for a in arms(config) if a.role == "student_kd"]
+    return [a for a in plan(config) if a.role == "student_kd"]
 
 
 def confirmation_fixed_arms(config: dict) -> list[Arm]:
@@ -189,7 +175,7 @@ def confirmation_fixed_arms(config: dict) -> list[Arm]:
     teacher and each student's plain twin (none without confirm_seeds)."""
     if not config.get("confirm_seeds"):
         return []
-    return [a for a in arms(config) if a.role != "student_kd"]
+    return [a for a in plan(config) if a.role != "student_kd"]
 
 
 def choose(candidates: list[dict]) -> dict[str, dict]:

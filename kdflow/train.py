@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from kdflow import KdflowError, atomic, checkpoint, methods, provenance, resume, streams
+from kdflow import KdflowError, atomic, checkpoint, methods, provenance, resume, streams, study
 from kdflow.data import CifarSplits, Normalizer
 from kdflow.engine import (Augment, EngineOptions, TeacherFn, autocast_dtype, configure,
                            features_and_logits, fit, predict_logits, resolve_device,
@@ -18,9 +18,6 @@ from kdflow.engine import (Augment, EngineOptions, TeacherFn, autocast_dtype, co
 from kdflow.models import build_model, count_parameters
 
 log = logging.getLogger(__name__)
-
-ROLES = ("teacher", "student_baseline", "student_kd")
-
 
 def write_history(rows: list[dict], path: str | os.PathLike) -> None:
     def write(tmp):
@@ -32,39 +29,38 @@ def write_history(rows: list[dict], path: str | os.PathLike) -> None:
 
 
 def train(
-    role: str,
+    arm: dict,
     *,
     dataset: str,
     split: str,
     out_model: str,
     out_history: str,
-    model_cfg: dict,
     seed: int,
     device: str = "auto",
     threads: Optional[int] = None,
     teacher: Optional[str] = None,
     teacher_logits: Optional[str] = None,
-    kd: Optional[dict] = None,
     engine: Optional[dict] = None,
 ) -> None:
     """Train one model and save its best-validation checkpoint and history.
 
-    model_cfg: a training section of the config ({model, epochs, batch_size,
-    lr, optimizer, ..., augment}). Students get the `teacher` checkpoint of
-    their seed: the baseline only to measure agreement with it, a distilled
-    student (`kd` from kdflow.study.method_config) to learn from it, from the
-    precomputed `teacher_logits` file when given. engine: {precision,
-    compile, deterministic}.
+    arm: the model's plan record (kdflow.study.Arm.record(): role, training
+    section {model, epochs, batch_size, lr, optimizer, ..., augment},
+    method and values). Students get the `teacher` checkpoint of their
+    seed: the baseline only to measure agreement with it, a distilled
+    student to learn from it, from the precomputed `teacher_logits` file
+    when given. engine: {precision, compile, deterministic}.
     """
-    if role not in ROLES:
-        raise ValueError(f"role must be one of {ROLES}")
+    role, model_cfg = arm["role"], arm["training"]
+    if role not in study.ROLES:
+        raise KdflowError(f"role must be one of {study.ROLES}, not {role!r}")
     set_threads(threads)
     options = EngineOptions.from_config(engine)
-    aug = Augment(**model_cfg.get("augment", {}))
+    aug = Augment(**model_cfg["augment"])
     dev = resolve_device(device)
     configure(dev, options)
     amp = autocast_dtype(dev, options.precision)
-    log.info("%s, seed %d, on %s (%s), %s, augmentation %s", role, seed, dev,
+    log.info("%s, seed %d, on %s (%s), %s, augmentation %s", arm["path"], seed, dev,
              provenance.device_name(dev), amp or "fp32", aug if aug.enabled else "off")
     data = CifarSplits(dataset, split, dev)
     normalize = Normalizer(dev, data.mean, data.std)
@@ -92,24 +88,27 @@ def train(
     model = build_model(model_cfg["model"], data.num_classes)
     log.info("model %s: %d parameters", model_cfg["model"], count_parameters(model))
 
-    if kd is not None:
+    if role == "student_kd":
         if teacher is None:
             raise KdflowError("a distilled student needs its teacher's checkpoint")
         # A method's own modules (a hint regressor) draw their initial
         # weights from a generator of their own, never from the global ones:
         # the student's dropout masks stay those of its plain twin.
-        method = methods.build(kd, model, t_model, dev,
-                               generator=streams.generator(seed, "method"))
-        log.info("distillation: %s", ", ".join(f"{k} {v}" for k, v in kd.items()))
+        method = methods.build(arm["method"], arm["values"], methods.BuildContext(
+            model, t_model, dev, streams.generator(seed, "method"),
+            tuple(data.train_x.shape[1:])))
+        log.info("distillation: %s, %s", arm["method"],
+                 ", ".join(f"{k} {v}" for k, v in arm["values"].items()))
         cached = None
-        if teacher_logits is not None and not aug.enabled and not method.features:
-            cached = load_teacher_logits(teacher_logits, teacher, split, dev)
-        teacher_fn = teacher_signal(t_model, data.train_x, normalize, aug, amp,
-                                    features=method.features, cached=cached)
+        if methods.caches_teacher_logits(arm["method"], model_cfg["augment"]):
+            cached = (load_teacher_logits(teacher_logits, teacher, split, dev)
+                      if teacher_logits is not None else
+                      predict_logits(t_model, data.train_x, normalize, amp_dtype=amp))
+        teacher_fn = teacher_signal(t_model, features=method.features, cached=cached)
 
     # Resumable state beside the outputs, not one of them (kdflow.resume).
     state_path = str(Path(out_model).with_name("resume.pt"))
-    job = job_identity(role, model_cfg, kd, options, seed, dev.type, dataset, split, teacher)
+    job = job_identity(arm, options, seed, dev.type, dataset, split, teacher)
     result = fit(model, data.train_x, data.train_y, data.val_x, data.val_y,
                  loss_fn=method.loss if method else None, teacher=teacher_fn,
                  teacher_val_logits=teacher_val, epochs=model_cfg["epochs"],
@@ -133,8 +132,10 @@ def train(
         classes=data.classes,
         role=role,
         seed=seed,
-        config={"model": dict(model_cfg), "kd": dict(kd) if kd else None,
-                "engine": dict(engine) if engine else None},
+        # The plan record: the training section, method and values it was
+        # trained with (the aggregate reads them from metrics.json).
+        plan=dict(arm),
+        engine=dict(engine) if engine else None,
         best_epoch=result.best_epoch,
         best_val_accuracy=result.best_val_accuracy,
         last_epoch=last["epoch"],
@@ -146,37 +147,33 @@ def train(
     resume.remove(state_path)  # outputs complete: nothing left to resume
 
 
-def job_identity(role: str, model_cfg: dict, kd: Optional[dict], options: EngineOptions,
-                 seed: int, device_type: str, dataset: str, split: str,
-                 teacher: Optional[str]) -> str:
-    """What a saved training state must match to be resumed: the config, the
-    seed, the inputs' contents and the device type (a CUDA generator state
-    cannot be restored on a CPU node, nor the reverse)."""
+def job_identity(arm: dict, options: EngineOptions, seed: int, device_type: str,
+                 dataset: str, split: str, teacher: Optional[str]) -> str:
+    """What a saved training state must match to be resumed: the plan
+    record, the seed, the inputs' contents and the device type (a CUDA
+    generator state cannot be restored on a CPU node, nor the reverse)."""
     return resume.fingerprint(
-        role=role, model=model_cfg, kd=kd, engine=options, seed=seed, device=device_type,
+        arm=arm, engine=options, seed=seed, device=device_type,
         split=resume.file_digest(split), dataset=resume.file_digest(dataset),
         teacher=resume.file_digest(teacher) if teacher else None)
 
 
-def teacher_signal(t_model, train_x, normalize, aug: Augment, amp, *,
-                   features: bool = False,
-                   cached: Optional[torch.Tensor] = None) -> TeacherFn:
+def teacher_signal(t_model, *, features: bool,
+                   cached: Optional[torch.Tensor]) -> TeacherFn:
     """The teacher's (logits, feature map or None) for each training step.
 
-    Without augmentation the teacher (eval mode: dropout off, BatchNorm on
-    running statistics) gives the same logits for an image every epoch, so
-    logit-based methods get them computed once (or precomputed: `cached`)
-    and looked up by index: the teacher's forward pass leaves the training
-    loop. With augmentation the teacher must see the very view the student
-    sees in that step (Beyer et al. 2022, "consistent teaching"), so it runs
-    online; so it does for feature-based methods, whose maps are too large
-    to keep for the whole training set.
+    With `cached` (the teacher's logits for the whole training split, where
+    kdflow.methods.caches_teacher_logits allows: a logit-only method without
+    augmentation, so the teacher in eval mode gives an image the same
+    logits every epoch) they are looked up by index: the teacher's forward
+    pass leaves the training loop. Otherwise the teacher runs online: with
+    augmentation it must see the very view the student sees in that step
+    (Beyer et al. 2022, "consistent teaching"), and feature maps are too
+    large to keep for the whole training set.
     """
     t_model.eval()
-    if not aug.enabled and not features:
-        cache = cached if cached is not None else \
-            predict_logits(t_model, train_x, normalize, amp_dtype=amp)
-        return lambda idx, xb: (cache[idx], None)
+    if cached is not None:
+        return lambda idx, xb: (cached[idx], None)
 
     @torch.no_grad()
     def online(idx, xb):

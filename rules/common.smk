@@ -5,7 +5,7 @@ import sys
 
 sys.path.insert(0, workflow.basedir)
 
-from kdflow import KdflowError, study
+from kdflow import KdflowError, methods, study
 from kdflow.config import validate as _validate_config
 from kdflow.data import dataset_spec
 
@@ -16,8 +16,10 @@ except KdflowError as e:
 
 SEEDS = config["seeds"]
 # Every model of a seed, by its path under results/seed{seed}/ (kdflow.study):
-# teacher, {student}/ce, {student}/{method}/{setting}.
-ARMS = [a.path for a in study.arms(config)]
+# teacher, {student}/ce, {student}/{method}/{setting}. Jobs look their
+# record up here by path; nothing is read back from a path's name.
+PLAN = {a.path: a for a in study.plan(config)}
+ARMS = list(PLAN)
 DISTILLED = study.distilled_arms(config)
 # Two-stage studies (kdflow.study): the confirmation seeds train the teacher
 # and plain students at once, and the chosen settings once the `choose`
@@ -39,11 +41,11 @@ TEACHER_LOGITS = "results/seed{seed}/teacher/train_logits.pt"
 wildcard_constraints:
     seed=r"\d+",
     student=r"[A-Za-z0-9_]+",
-    method="|".join(study.METHODS),
+    method="|".join(methods.METHODS),
     setting=r"[A-Za-z0-9_.+-]+",
     # An arm spans one to three path segments (see ARMS).
     arm=r"teacher|[A-Za-z0-9_]+/ce|[A-Za-z0-9_]+/("
-    + "|".join(study.METHODS)
+    + "|".join(methods.METHODS)
     + r")/[A-Za-z0-9_.+-]+",
 
 
@@ -54,10 +56,34 @@ def teacher_of(wildcards):
     return TEACHER.format(seed=wildcards.seed)
 
 
+def planned(path):
+    """The plan record of the model at `path` (a job's `arm` parameter:
+    role, training section, method and values)."""
+    try:
+        return PLAN[path]
+    except KeyError:
+        raise WorkflowError(
+            f"results/seed*/{path} is not a model of this config's study; the config "
+            f"plans: {', '.join(PLAN)}"
+        ) from None
+
+
+def student_arm(wildcards):
+    """The path of a student job's model, from its wildcards."""
+    if "method" in wildcards.keys():
+        return f"{wildcards.student}/{wildcards.method}/{wildcards.setting}"
+    return f"{wildcards.student}/ce"
+
+
+def arm_record(wildcards):
+    return planned(student_arm(wildcards)).record()
+
+
 def cached_teacher_logits(wildcards):
-    """The shared logits, for the students that can use them."""
-    augment = config["student"]["augment"]
-    if wildcards.method in ("kd", "dkd") and not (augment["crop"] or augment["flip"]):
+    """The shared logits, for the students that can use them (decided by
+    kdflow.methods.caches_teacher_logits, as in the job)."""
+    arm = planned(student_arm(wildcards))
+    if methods.caches_teacher_logits(arm.method, arm.training["augment"]):
         return TEACHER_LOGITS.format(seed=wildcards.seed)
     return []
 

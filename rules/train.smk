@@ -1,7 +1,8 @@
 # One training job per model and seed. Each declares gpu=1, so with
 # `--resources gpu=1` one trains at a time while CPU rules run beside it.
-# params carry exactly the config a job depends on: a student setting never
-# reruns a teacher, and one distillation setting never reruns another.
+# params carry exactly the config a job depends on, its plan record
+# (kdflow.study.plan): a student setting never reruns a teacher, and one
+# distillation setting never reruns another.
 
 
 rule train_teacher:
@@ -21,7 +22,8 @@ rule train_teacher:
     resources:
         gpu=1,
     params:
-        model_cfg=config["teacher"],
+        # The plan record (kdflow.study): role, training section.
+        arm=PLAN["teacher"].record(),
         device=config["device"],
         engine=config["engine"],
     script:
@@ -71,7 +73,7 @@ rule train_student_baseline:
     resources:
         gpu=1,
     params:
-        model_cfg=lambda wc: study.student_config(config, wc.student),
+        arm=arm_record,
         device=config["device"],
         engine=config["engine"],
     script:
@@ -97,8 +99,8 @@ rule train_student_kd:
     resources:
         gpu=1,
     params:
-        model_cfg=lambda wc: study.student_config(config, wc.student),
-        kd=lambda wc: study.method_config(config, wc.method, wc.setting),
+        # Role, training section, method and this setting's values only.
+        arm=arm_record,
         device=config["device"],
         engine=config["engine"],
     script:

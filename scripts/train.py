@@ -1,20 +1,18 @@
-# Trains a teacher, plain student or distilled student; the role is the rule
-# name without its "train_" prefix.
+# Trains one model of the study: a teacher, a plain student or a distilled
+# student, as its plan record (the `arm` param, kdflow.study.plan) says.
 from kdflow.cli import run_step
 from kdflow.train import train
 
 run_step(
     snakemake.log[0],
     lambda: train(
-        snakemake.rule.removeprefix("train_"),
+        snakemake.params.arm,
         dataset=snakemake.input.dataset,
         split=snakemake.input.split,
         teacher=snakemake.input.get("teacher"),
         teacher_logits=snakemake.input.get("teacher_logits") or None,
         out_model=snakemake.output.model,
         out_history=snakemake.output.history,
-        model_cfg=snakemake.params.model_cfg,
-        kd=snakemake.params.get("kd"),
         seed=int(snakemake.wildcards.seed),
         device=snakemake.params.device,
         engine=snakemake.params.engine,
