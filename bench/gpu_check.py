@@ -122,44 +122,44 @@ def make_data(directory: Path, n_train: int, n_test: int, seed: int = 0,
 # Training runs through the library, as the workflow's jobs make them
 # --------------------------------------------------------------------------
 
-def train_and_evaluate(out: Path, data: tuple[str, str], device: str, engine: dict,
-                       epochs: int, batch: int, model: str, kd: dict | None = None,
-                       teacher: str | None = None) -> dict:
+def train_and_evaluate(work: Path, arm: str, data: tuple[str, str], device: str,
+                       engine: dict, epochs: int, batch: int,
+                       methods: tuple[str, ...] = ("kd",)) -> dict:
+    """Train and evaluate the model at `arm` (a path of the study plan:
+    teacher, lightnn/ce, lightnn/kd/T2_w0.25, ...) in `work`/`arm`, as the
+    workflow's jobs do; students learn from `work`/teacher."""
+    from kdflow import study
     from kdflow.config import validate
     from kdflow.evaluate import evaluate
     from kdflow.train import train
 
+    out = work / arm
     out.mkdir(parents=True, exist_ok=True)
-    role = "teacher" if teacher is None else ("student_kd" if kd else "student_baseline")
     # The config's defaults (the tutorial's recipe) but for these sizes.
-    model_cfg = validate({"teacher": {"model": model, "epochs": epochs,
-                                      "batch_size": batch}})["teacher"]
-    train(role, dataset=data[0], split=data[1], teacher=teacher,
-          out_model=str(out / "model.pt"), out_history=str(out / "history.csv"),
-          model_cfg=model_cfg, kd=kd, seed=0, device=device, engine=engine)
+    sizes = {"epochs": epochs, "batch_size": batch}
+    config = validate({"teacher": {"model": "deepnn", **sizes},
+                       "student": {"model": "lightnn", **sizes},
+                       "kd": {"method": list(methods)}})
+    teacher = None if arm == "teacher" else str(work / "teacher" / "model.pt")
+    train(study.lookup(config, arm).record(), dataset=data[0], split=data[1],
+          teacher=teacher, out_model=str(out / "model.pt"),
+          out_history=str(out / "history.csv"), seed=0, device=device, engine=engine)
     evaluate(str(out / "model.pt"), data[0], str(out / "metrics.json"),
-             arm=str(out.name), seed=0, device=device, teacher=teacher)
+             arm=arm, seed=0, device=device, teacher=teacher)
     return json.loads((out / "metrics.json").read_text())
 
 
 def check_determinism(work: Path, data, device: str, s: Sizes) -> Row:
-    from kdflow.config import validate
-    from kdflow.study import method_config
-
-    cfg = validate({"kd": {"method": ["kd", "hint", "cosine"]}})
     engine = {"deterministic": True}
-    arms = {"teacher": None, "kd": method_config(cfg, "kd", "T2_w0.25"),
-            "hint": method_config(cfg, "hint", "w0.25"),
-            "cosine": method_config(cfg, "cosine", "w0.25")}
+    methods = ("kd", "hint", "cosine")
+    arms = ["teacher", "lightnn/kd/T2_w0.25", "lightnn/hint/w0.25", "lightnn/cosine/w0.25"]
     # Both runs in the same directory: metrics files name their checkpoints.
     metrics = {}
     for run in ("a", "b"):
         shutil.rmtree(work, ignore_errors=True)
-        teacher = work / "teacher"
-        for arm, kd in arms.items():
-            train_and_evaluate(work / arm, data, device, engine, s.det_epochs, s.batch,
-                               "deepnn" if kd is None else "lightnn", kd,
-                               None if kd is None else str(teacher / "model.pt"))
+        for arm in arms:
+            train_and_evaluate(work, arm, data, device, engine, s.det_epochs, s.batch,
+                               methods)
             metrics[run, arm] = (work / arm / "metrics.json").read_bytes()
     same, detail = [], []
     for arm in arms:
@@ -174,8 +174,8 @@ def check_determinism(work: Path, data, device: str, s: Sizes) -> Row:
 def check_bf16(work: Path, data, device: str, s: Sizes) -> Row:
     acc = {}
     for precision in ("fp32", "bf16"):
-        m = train_and_evaluate(work / precision, data, device, {"precision": precision},
-                               s.bf16_epochs, s.batch, "deepnn")
+        m = train_and_evaluate(work / precision, "teacher", data, device,
+                               {"precision": precision}, s.bf16_epochs, s.batch)
         acc[precision] = 100 * m["accuracy"]
     gap = acc["fp32"] - acc["bf16"]
     return Row(f"bf16 autocast vs fp32, teacher test accuracy ({s.bf16_epochs} epochs)",

@@ -166,6 +166,15 @@ def plan(config: dict) -> list[Arm]:
     return out
 
 
+def lookup(config: dict, path: str) -> Arm:
+    """The planned Arm at `path`, or a clear error naming the planned ones."""
+    for arm in plan(config):
+        if arm.path == path:
+            return arm
+    raise KdflowError(f"{path!r} is not a model of this config's study; it plans "
+                      f"{', '.join(a.path for a in plan(config))}")
+
+
 def distilled_arms(config: dict) -> list[Arm]:
     return [a for a in plan(config) if a.role == "student_kd"]
 

@@ -171,14 +171,16 @@ def deep_update(base: dict, change: dict) -> dict:
 
 
 def snakemake(workdir: Path, config: dict, *args: str, name: str = "config.yaml",
-              check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run the repository's workflow in `workdir` with `config` (a file there)."""
+              check: bool = True, env: dict | None = None,
+              repo: Path = REPO) -> subprocess.CompletedProcess:
+    """Run the repository's workflow (or that of a copy at `repo`) in
+    `workdir` with `config` (a file there)."""
     cfg = workdir / name
     cfg.write_text(yaml.safe_dump(config))
     # Two one-thread jobs at a time: on tiny data a job is mostly Python
     # start-up, which a second core halves. Results do not depend on it
     # (deterministic kernels; every test run uses the same thread count).
-    cmd = [SNAKEMAKE, "-s", str(REPO / "Snakefile"), "--directory", str(workdir),
+    cmd = [SNAKEMAKE, "-s", str(repo / "Snakefile"), "--directory", str(workdir),
            "--configfile", str(cfg), "--cores", "2", "--resources", "gpu=2",
            "--max-threads", "1", *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900,
@@ -189,11 +191,11 @@ def snakemake(workdir: Path, config: dict, *args: str, name: str = "config.yaml"
 
 
 def planned_jobs(workdir: Path, config: dict, env: dict | None = None,
-                 targets: tuple[str, ...] = ()) -> dict[str, int]:
+                 targets: tuple[str, ...] = (), repo: Path = REPO) -> dict[str, int]:
     """Jobs a dry run would execute (for `targets`, default all), as
     {rule: count}; {} when up to date."""
     proc = snakemake(workdir, config, "-n", "--quiet", "rules", "--", *targets,
-                     name="dryrun.yaml", env=env)
+                     name="dryrun.yaml", env=env, repo=repo)
     out = proc.stdout + proc.stderr
     if "Nothing to be done" in out:
         return {}

@@ -120,10 +120,11 @@ def test_setting_names_round_trip_exactly():
     from kdflow import study
 
     c = validate({"kd": {"temperature": [2.0000001, 2.0000002]}})
-    names = [s for _, s in study.settings(c)]
+    names = [s for _, s, _ in study.settings(c)]
     assert names == ["T2.0000001_w0.25", "T2.0000002_w0.25"]
-    for (method, name), t in zip(study.settings(c), [2.0000001, 2.0000002]):
-        assert study.parse_setting(method, name)["temperature"] == t
+    # Each job gets its exact value from its plan record, never from the name.
+    for name, t in zip(names, [2.0000001, 2.0000002]):
+        assert study.lookup(c, f"lightnn/kd/{name}").values["temperature"] == t
     # 1 and 1.0 are one value: listed twice, refused.
     with pytest.raises(KdflowError, match="kd.temperature"):
         validate({"kd": {"temperature": [1, 1.0]}})

@@ -18,7 +18,7 @@ from kdflow.config import validate
 from kdflow.engine import Step, features_and_logits
 from kdflow.losses import HintRegressor, cosine_loss, hint_loss
 from kdflow.models import build_model
-from kdflow.study import method_config
+from kdflow import study
 
 # The docstring of torch.use_deterministic_algorithms (torch 2.14), list
 # "The following normally-nondeterministic operations will throw a
@@ -149,8 +149,9 @@ def test_a_whole_distillation_step_uses_only_deterministic_cuda_ops(
     torch.manual_seed(0)
     cfg = validate({"kd": {"method": method}})
     student, teacher = build_model(student_name), build_model(teacher_name).eval()
-    m = methods.build(method_config(cfg, method, "w0.25"), student, teacher, "cpu",
-                      generator=torch.Generator().manual_seed(1))
+    arm = study.lookup(cfg, f"lightnn/{method}/w0.25")
+    m = methods.build(method, arm.values, methods.BuildContext(
+        student, teacher, "cpu", torch.Generator().manual_seed(1), (3, 32, 32)))
     x = torch.randn(2, 3, 32, 32)
 
     def step():

@@ -13,6 +13,8 @@ from kdflow.evaluate import evaluate
 from kdflow.losses import kd_loss
 from kdflow.models import build_model
 from kdflow.train import teacher_signal, train
+from kdflow import study
+from kdflow.config import validate
 
 
 def images(n=16, seed=0):
@@ -60,7 +62,7 @@ def test_teacher_sees_exactly_the_students_augmented_views():
     torch.manual_seed(0)
     teacher = build_model("lightnn").eval()
     seen_by_teacher, seen_by_student = [], []
-    online = teacher_signal(teacher, x, Normalizer("cpu"), Augment(crop=4, flip=True), None)
+    online = teacher_signal(teacher, features=False, cached=None)
 
     def teacher_fn(idx, xb):
         seen_by_teacher.append(xb.clone())
@@ -85,7 +87,8 @@ def test_cached_teacher_logits_give_the_online_kd_losses():
     torch.manual_seed(0)
     teacher = build_model("deepnn").eval()
     normalize = Normalizer("cpu")
-    cached = teacher_signal(teacher, x, normalize, Augment(), None)
+    cached = teacher_signal(teacher, features=False,
+                            cached=predict_logits(teacher, x, normalize))
     student = build_model("lightnn")
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
     for start in range(0, len(x), 32):
@@ -115,6 +118,9 @@ def test_fit_is_deterministic_on_cpu():
     assert strip(a.history) == strip(b.history)
 
 
+KD = "lightnn/kd/T2_w0.25"
+
+
 def test_deterministic_mode_gives_byte_identical_metrics_files(workflow_run, tmp_path, monkeypatch):
     """Two CPU runs of a seed, trained and evaluated as the workflow does."""
     workdir, config = workflow_run
@@ -124,19 +130,18 @@ def test_deterministic_mode_gives_byte_identical_metrics_files(workflow_run, tmp
         monkeypatch.chdir(d)
         common = dict(dataset="results/data/cifar10.npz", split="results/data/split.npz",
                       seed=0, device="cpu", engine={"deterministic": True})
-        train("teacher", out_model="results/seed0/teacher/model.pt",
-              out_history="results/seed0/teacher/history.csv",
-              model_cfg={"model": "deepnn", "epochs": 1, "batch_size": 32, "lr": 1e-3}, **common)
-        train("student_kd", out_model="results/seed0/student_kd/model.pt",
-              out_history="results/seed0/student_kd/history.csv",
-              model_cfg={"model": "lightnn", "epochs": 2, "batch_size": 32, "lr": 1e-3},
-              teacher="results/seed0/teacher/model.pt",
-              kd={"method": "kd", "temperature": 2.0, "soft_target_weight": 0.25}, **common)
-        for arm in ("teacher", "student_kd"):
+        cfg = validate({"teacher": {"model": "deepnn", "epochs": 1, "batch_size": 32},
+                        "student": {"model": "lightnn", "epochs": 2, "batch_size": 32}})
+        train(study.lookup(cfg, "teacher").record(), out_model="results/seed0/teacher/model.pt",
+              out_history="results/seed0/teacher/history.csv", **common)
+        train(study.lookup(cfg, KD).record(), out_model=f"results/seed0/{KD}/model.pt",
+              out_history=f"results/seed0/{KD}/history.csv",
+              teacher="results/seed0/teacher/model.pt", **common)
+        for arm in ("teacher", KD):
             evaluate(f"results/seed0/{arm}/model.pt", "results/data/cifar10.npz",
                      f"results/seed0/{arm}/metrics.json", arm=arm, seed=0, device="cpu",
                      teacher=None if arm == "teacher" else "results/seed0/teacher/model.pt")
-    for arm in ("teacher", "student_kd"):
+    for arm in ("teacher", KD):
         a = tmp_path / "a" / "results" / "seed0" / arm / "metrics.json"
         b = tmp_path / "b" / "results" / "seed0" / arm / "metrics.json"
         assert filecmp.cmp(a, b, shallow=False), arm

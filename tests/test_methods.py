@@ -7,15 +7,22 @@ import torch
 
 from kdflow import KdflowError, methods
 from kdflow.data import Normalizer
-from kdflow.engine import Augment, Step, fit
+from kdflow.engine import Augment, Step, fit, predict_logits
 from kdflow.optim import make_optimizer
 from kdflow.models import build_model
-from kdflow.study import method_config
+from kdflow.study import plan
 from kdflow.config import validate
 from kdflow.train import teacher_signal
 
-CONFIG = validate({"kd": {"method": ["kd", "dkd", "cosine", "hint"]}})
-SETTINGS = {"kd": "T2_w0.25", "dkd": "T4", "cosine": "w0.25", "hint": "w0.25"}
+CONFIG = validate({"kd": {"method": list(methods.METHODS), "standardize": [False, True],
+                          "soft_target_weight": [0.25, 0.5]}})
+# One setting of each method, by its plan record.
+SETTINGS = {a.method: a for a in reversed(plan(CONFIG)) if a.role == "student_kd"}
+
+
+def build(arm, student, teacher, generator=None):
+    ctx = methods.BuildContext(student, teacher, "cpu", generator, (3, 32, 32))
+    return methods.build(arm.method, arm.values, ctx)
 
 
 def problem(n=64, seed=0):
@@ -28,8 +35,8 @@ def problem(n=64, seed=0):
 def test_each_method_gives_a_finite_loss_and_gradients(name):
     torch.manual_seed(0)
     student, teacher = build_model("lightnn"), build_model("deepnn").eval()
-    method = methods.build(method_config(CONFIG, name, SETTINGS[name]), student, teacher, "cpu")
-    assert method.features == (name in methods.FEATURE_METHODS)
+    method = build(SETTINGS[name], student, teacher)
+    assert method.features == (not methods.METHODS[name].logits_only)
     x, y = problem(8)
     xb = Normalizer("cpu")(x)
     with torch.no_grad():
@@ -45,7 +52,7 @@ def test_each_method_gives_a_finite_loss_and_gradients(name):
 
 def test_hint_regressor_maps_student_channels_to_the_teachers():
     student, teacher = build_model("lightnn"), build_model("deepnn")
-    method = methods.build(method_config(CONFIG, "hint", "w0.5"), student, teacher, "cpu")
+    method = build(SETTINGS["hint"], student, teacher)
     conv = method.extra.conv
     # The tutorial's regressor: Conv2d(16, 32, 3, padding=1) on 16x8x8 -> 32x8x8.
     assert (conv.in_channels, conv.out_channels, conv.kernel_size) == (16, 32, (3, 3))
@@ -54,10 +61,10 @@ def test_hint_regressor_maps_student_channels_to_the_teachers():
 def test_hint_trains_its_regressor_with_the_student():
     torch.manual_seed(0)
     student, teacher = build_model("lightnn"), build_model("deepnn").eval()
-    method = methods.build(method_config(CONFIG, "hint", "w0.5"), student, teacher, "cpu")
+    method = build(SETTINGS["hint"], student, teacher)
     before = copy.deepcopy(method.extra.state_dict())
     x, y = problem()
-    online = teacher_signal(teacher, x, Normalizer("cpu"), Augment(), None, features=True)
+    online = teacher_signal(teacher, features=True, cached=None)
     result = fit(student, x, y, x[:16], y[:16], epochs=1, batch_size=32, lr=1e-3, seed=0,
                  loss_fn=method.loss, teacher=online, features=True, extra=method.extra)
     after = method.extra.state_dict()
@@ -74,7 +81,8 @@ def test_batchnorm_teacher_is_used_in_eval_mode():
     x, _ = problem(32)
     normalize = Normalizer("cpu")
     for aug in (Augment(), Augment(flip=True)):
-        fn = teacher_signal(teacher, x, normalize, aug, None, features=aug.enabled)
+        cached = None if aug.enabled else predict_logits(teacher, x, normalize)
+        fn = teacher_signal(teacher, features=aug.enabled, cached=cached)
         assert not teacher.training
         logits, _ = fn(torch.arange(4), normalize(x[:4]))
         with torch.no_grad():

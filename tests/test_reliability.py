@@ -14,7 +14,8 @@ import pandas as pd
 import pytest
 import torch
 
-from kdflow import resume
+from kdflow import resume, study
+from kdflow.config import validate
 from kdflow.engine import EngineOptions
 from kdflow.train import job_identity, train
 from tests.conftest import REPO, local_env
@@ -113,21 +114,22 @@ def test_a_full_disk_fails_clearly_and_leaves_no_debris(kind, tmp_path, workflow
 def test_a_state_saved_on_another_device_type_is_set_aside(workflow_run, tmp_path, caplog):
     workdir, _ = workflow_run
     data = workdir / "results/data"
-    cfg = {"model": "lightnn", "epochs": 2, "batch_size": 32, "lr": 1e-3}
+    arm = study.lookup(validate({"teacher": {"model": "lightnn", "epochs": 2, "batch_size": 32}}),
+                       "teacher").record()
     engine = {"deterministic": True}
     args = dict(dataset=str(data / "cifar10.npz"), split=str(data / "split.npz"))
     out = tmp_path / "seed0" / "ce"
     out.mkdir(parents=True)
     # What a CUDA node saved after epoch 1: its generator states cannot be
     # restored here, and its fingerprint says so.
-    job = job_identity("teacher", cfg, None, EngineOptions.from_config(engine), 0, "cuda",
+    job = job_identity(arm, EngineOptions.from_config(engine), 0, "cuda",
                        args["dataset"], args["split"], None)
     resume.save(out / "resume.pt", {
         "job": job, "epoch": 1, "partial": None,
         "rng": {"cuda": torch.zeros(16, dtype=torch.uint8), "torch": torch.get_rng_state()}})
     with caplog.at_level("WARNING"):
-        train("teacher", out_model=str(out / "model.pt"), out_history=str(out / "history.csv"),
-              model_cfg=cfg, seed=0, device="cpu", threads=1, engine=engine, **args)
+        train(arm, out_model=str(out / "model.pt"), out_history=str(out / "history.csv"),
+              seed=0, device="cpu", threads=1, engine=engine, **args)
     assert (out / "resume.pt.set-aside").is_file() and not (out / "resume.pt").exists()
     said = [r.getMessage() for r in caplog.records if "set aside" in r.getMessage()]
     assert len(said) == 1 and "device type" in said[0]

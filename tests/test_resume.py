@@ -22,10 +22,13 @@ def start_job(workdir: Path, data: Path) -> subprocess.Popen:
     code = f"""
 from kdflow.cli import run_step
 from kdflow.train import train
+from kdflow import study
+from kdflow.config import validate
+arm = study.lookup(validate({{"teacher": {{"model": "deepnn", "epochs": {EPOCHS},
+                                        "batch_size": 32}}}}), "teacher").record()
 run_step({str(workdir / 'train.log')!r}, lambda: train(
-    "teacher", dataset={str(data / 'cifar10.npz')!r}, split={str(data / 'split.npz')!r},
+    arm, dataset={str(data / 'cifar10.npz')!r}, split={str(data / 'split.npz')!r},
     out_model={str(out / 'model.pt')!r}, out_history={str(out / 'history.csv')!r},
-    model_cfg={{"model": "deepnn", "epochs": {EPOCHS}, "batch_size": 32, "lr": 1e-3}},
     seed=0, device="cpu", threads=1, engine={{"deterministic": True}}))
 """
     out.mkdir(parents=True, exist_ok=True)

@@ -116,7 +116,7 @@ def test_changing_a_setting_that_is_not_chosen_retrains_no_confirmation_model(
     res = workdir / "results"
     chosen = json.loads((res / "study/choice.json").read_text())["students"]["lightnn"]["arm"]
     chosen_t = json.loads((res / f"seed0/{chosen}/metrics.json").read_text()
-                          )["config"]["kd"]["temperature"]
+                          )["plan"]["values"]["temperature"]
     other = next(t for t in config["kd"]["temperature"] if t != chosen_t)
     stamps = {p: p.stat().st_mtime_ns
               for s in CONFIRM for p in (res / f"seed{s}").rglob("model.pt")}
@@ -229,23 +229,27 @@ def test_every_seed_and_purpose_has_its_own_stream():
     assert streams.stream_seed(3, "order") == streams.stream_seed(3, "order")
 
 
-@pytest.mark.parametrize("cfg", [
-    {"method": "kd", "temperature": 2.0, "soft_target_weight": 0.5},
-    {"method": "dkd", "temperature": 4.0, "alpha": 1.0, "beta": 8.0, "warmup_epochs": 1},
-    {"method": "cosine", "weight": 0.5},
-    {"method": "hint", "weight": 0.5},
-])
-def test_building_a_method_leaves_the_global_random_state_alone(cfg):
+@pytest.mark.parametrize("method", list(methods.METHODS))
+def test_building_a_method_leaves_the_global_random_state_alone(method):
+    from kdflow import study
+    from kdflow.config import validate
+
+    arm = next(a for a in study.plan(validate({"kd": {"method": method}}))
+               if a.role == "student_kd")
     student, teacher = build_model("lightnn"), build_model("deepnn").eval()
     cpu = torch.get_rng_state()
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    m = methods.build(cfg, student, teacher, "cpu", generator=streams.generator(0, "method"))
+
+    def build():
+        return methods.build(method, arm.values, methods.BuildContext(
+            student, teacher, "cpu", streams.generator(0, "method"), (3, 32, 32)))
+
+    m = build()
     assert torch.equal(torch.get_rng_state(), cpu)
     if cuda is not None:
         assert all(torch.equal(a, b) for a, b in zip(torch.cuda.get_rng_state_all(), cuda))
     if m.extra is not None:  # the regressor's weights come from its own stream
-        again = methods.build(cfg, student, teacher, "cpu",
-                              generator=streams.generator(0, "method"))
+        again = build()
         assert all(torch.equal(a, b) for a, b in
                    zip(m.extra.state_dict().values(), again.extra.state_dict().values()))
 
@@ -273,17 +277,17 @@ def test_plain_and_distilled_twins_draw_the_same_dropout_masks(workflow_run, tmp
     monkeypatch.setattr(train_module, "build_model", recording_build)
     teacher = str(workdir / "results/seed0/teacher/model.pt")
     common = dict(dataset=str(data / "cifar10.npz"), split=str(data / "split.npz"), seed=0,
-                  device="cpu", threads=1, teacher=teacher, engine={"deterministic": True},
-                  model_cfg={"model": "lightnn", "epochs": 1, "batch_size": 32, "lr": 1e-3})
-    for current, role, kd in (
-            ("plain", "student_baseline", None),
-            ("hint", "student_kd", {"method": "hint", "weight": 0.5}),
-            ("kd", "student_kd", {"method": "kd", "temperature": 2.0,
-                                  "soft_target_weight": 0.5})):
+                  device="cpu", threads=1, teacher=teacher, engine={"deterministic": True})
+    from kdflow import study
+    from kdflow.config import validate
+    config = validate({"student": {"model": "lightnn", "epochs": 1, "batch_size": 32},
+                       "kd": {"method": ["hint", "kd"], "soft_target_weight": 0.5}})
+    for current, path in (("plain", "lightnn/ce"), ("hint", "lightnn/hint/w0.5"),
+                          ("kd", "lightnn/kd/T2_w0.5")):
         out = tmp_path / current
         out.mkdir()
-        train_module.train(role, out_model=str(out / "model.pt"),
-                           out_history=str(out / "history.csv"), kd=kd, **common)
+        train_module.train(study.lookup(config, path).record(), out_model=str(out / "model.pt"),
+                           out_history=str(out / "history.csv"), **common)
     assert masks["plain"] and masks["plain"][0].any()
     for twin in ("hint", "kd"):
         assert torch.equal(masks[twin][0], masks["plain"][0]), twin

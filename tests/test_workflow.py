@@ -39,9 +39,11 @@ def test_checkpoints_are_self_describing_and_safe_to_load(workflow_run):
     for arm, role, section in ((TEACHER, "teacher", "teacher"), (KD, "student_kd", "student")):
         ckpt = torch.load(workdir / f"results/seed1/{arm}/model.pt", weights_only=True)
         assert ckpt["seed"] == 1 and ckpt["role"] == role
+        assert ckpt["plan"]["path"] == arm and ckpt["plan"]["role"] == role
         for key, value in config[section].items():
-            assert ckpt["config"]["model"][key] == value
-        assert ckpt["config"]["model"]["lr"] == 0.001  # schema default, filled in
+            assert ckpt["plan"]["training"][key] == value
+        assert ckpt["plan"]["training"]["lr"] == 0.001  # schema default, filled in
+        assert ckpt["engine"] == {"precision": "auto", "compile": False, "deterministic": True}
         assert ckpt["provenance"]["torch"] == torch.__version__
         # The kept weights are those of the best validation epoch.
         hist = pd.read_csv(workdir / f"results/seed1/{arm}/history.csv")
@@ -49,23 +51,28 @@ def test_checkpoints_are_self_describing_and_safe_to_load(workflow_run):
         assert ckpt["last_epoch"] == len(hist)
     kd = torch.load(workdir / f"results/seed1/{KD}/model.pt", weights_only=True)
     # Exactly this setting's values, not the study's lists.
-    assert kd["config"]["kd"] == {"method": "kd", **config["kd"]}
+    assert kd["plan"]["method"] == "kd"
+    assert kd["plan"]["values"] == {**config["kd"], "standardize": False}
+    # ... and metrics.json carries the same record, which the aggregate reads.
+    m = json.loads((workdir / f"results/seed1/{KD}/metrics.json").read_text())
+    assert m["plan"] == kd["plan"]
 
 
 def test_students_of_a_seed_start_from_the_same_weights(workflow_run):
     """Paired comparison: same init, same batches; only the loss differs.
     With soft-target weight 0 the KD student must equal the baseline."""
+    from kdflow import study
     from kdflow.config import validate
     from kdflow.train import train
     workdir, config = workflow_run
     res = workdir / "results"
     common = dict(dataset=str(res / "data/cifar10.npz"), split=str(res / "data/split.npz"),
-                  model_cfg=validate(config)["student"], seed=0, device="cpu",
-                  teacher=str(res / "seed0/teacher/model.pt"))
+                  seed=0, device="cpu", teacher=str(res / "seed0/teacher/model.pt"))
     out = workdir / "pairing"
     out.mkdir()
-    train("student_kd", out_model=str(out / "kd.pt"), out_history=str(out / "kd.csv"),
-          kd={"method": "kd", "temperature": 2.0, "soft_target_weight": 0.0}, **common)
+    plain_kd = validate(deep_update(config, {"kd": {"soft_target_weight": 0.0}}))
+    train(study.lookup(plain_kd, "lightnn/kd/T2_w0").record(), out_model=str(out / "kd.pt"),
+          out_history=str(out / "kd.csv"), **common)
     base = torch.load(res / f"seed0/{BASELINE}/model.pt", weights_only=True)
     kd = torch.load(out / "kd.pt", weights_only=True)
     for k, v in base["state_dict"].items():
