@@ -185,8 +185,8 @@ def test_a_toy_method_in_one_table_entry_dry_runs_and_runs(toy_repo, tmp_path, t
     assert jobs["train_student_kd"] == 3 and jobs["teacher_logits"] == 1
     snakemake(tmp_path, config, repo=toy_repo)
     res = tmp_path / "results"
-    for scale in (0.5, 2.0):
-        arm = f"lightnn/toy/s{scale}"
+    for scale, name in ((0.5, "s0.5"), (2.0, "s2")):
+        arm = f"lightnn/toy/{name}"
         m = json.loads((res / f"seed0/{arm}/metrics.json").read_text())
         assert m["plan"]["values"] == {"toy.scale": scale} and m["plan"]["method"] == "toy"
     study = __import__("pandas").read_csv(res / "summary/study.csv")
