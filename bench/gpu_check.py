@@ -132,11 +132,11 @@ def train_and_evaluate(out: Path, data: tuple[str, str], device: str, engine: di
     out.mkdir(parents=True, exist_ok=True)
     role = "teacher" if teacher is None else ("student_kd" if kd else "student_baseline")
     # The config's defaults (the tutorial's recipe) but for these sizes.
-    model_cfg = validate({"teacher": {"model": model, "epochs": epochs,
-                                      "batch_size": batch}})["teacher"]
+    config = validate({"teacher": {"model": model, "epochs": epochs, "batch_size": batch},
+                       "engine": engine})
     train(role, dataset=data[0], split=data[1], teacher=teacher,
           out_model=str(out / "model.pt"), out_history=str(out / "history.csv"),
-          model_cfg=model_cfg, kd=kd, seed=0, device=device, engine=engine)
+          model_cfg=config["teacher"], kd=kd, seed=0, device=device, engine=config["engine"])
     evaluate(str(out / "model.pt"), data[0], str(out / "metrics.json"),
              arm=str(out.name), seed=0, device=device, teacher=teacher)
     return json.loads((out / "metrics.json").read_text())

@@ -12,9 +12,8 @@ import torch
 
 from kdflow import KdflowError, atomic, checkpoint, methods, provenance, resume, streams
 from kdflow.data import CifarSplits, Normalizer
-from kdflow.engine import (Augment, EngineOptions, TeacherFn, autocast_dtype, configure,
-                           features_and_logits, fit, predict_logits, resolve_device,
-                           set_threads)
+from kdflow.engine import (Augment, EngineOptions, TeacherFn, TrainConfig, autocast_dtype,
+                           features_and_logits, fit, predict_logits, setup)
 from kdflow.models import build_model, count_parameters
 
 log = logging.getLogger(__name__)
@@ -40,29 +39,27 @@ def train(
     out_history: str,
     model_cfg: dict,
     seed: int,
-    device: str = "auto",
+    device: str,
+    engine: dict,
     threads: Optional[int] = None,
     teacher: Optional[str] = None,
     teacher_logits: Optional[str] = None,
     kd: Optional[dict] = None,
-    engine: Optional[dict] = None,
 ) -> None:
     """Train one model and save its best-validation checkpoint and history.
 
-    model_cfg: a training section of the config ({model, epochs, batch_size,
-    lr, optimizer, ..., augment}). Students get the `teacher` checkpoint of
+    model_cfg: a validated training section of the config ({model, epochs,
+    batch_size, lr, optimizer, ..., augment}). Students get the `teacher` checkpoint of
     their seed: the baseline only to measure agreement with it, a distilled
     student (`kd` from kdflow.study.method_config) to learn from it, from the
-    precomputed `teacher_logits` file when given. engine: {precision,
-    compile, deterministic}.
+    precomputed `teacher_logits` file when given. engine: the validated
+    engine section {precision, compile, deterministic}.
     """
     if role not in ROLES:
         raise ValueError(f"role must be one of {ROLES}")
-    set_threads(threads)
-    options = EngineOptions.from_config(engine)
-    aug = Augment(**model_cfg.get("augment", {}))
-    dev = resolve_device(device)
-    configure(dev, options)
+    dev, options = setup(device, engine, threads)
+    cfg = TrainConfig.from_config(model_cfg, engine)
+    aug = cfg.augment
     amp = autocast_dtype(dev, options.precision)
     log.info("%s, seed %d, on %s (%s), %s, augmentation %s", role, seed, dev,
              provenance.device_name(dev), amp or "fp32", aug if aug.enabled else "off")
@@ -110,12 +107,9 @@ def train(
     # Resumable state beside the outputs, not one of them (kdflow.resume).
     state_path = str(Path(out_model).with_name("resume.pt"))
     job = job_identity(role, model_cfg, kd, options, seed, dev.type, dataset, split, teacher)
-    result = fit(model, data.train_x, data.train_y, data.val_x, data.val_y,
+    result = fit(model, data.train_x, data.train_y, data.val_x, data.val_y, cfg, seed=seed,
                  loss_fn=method.loss if method else None, teacher=teacher_fn,
-                 teacher_val_logits=teacher_val, epochs=model_cfg["epochs"],
-                 batch_size=model_cfg["batch_size"], lr=model_cfg["lr"], seed=seed,
-                 augment=aug, options=options, optim=model_cfg,
-                 features=bool(method and method.features),
+                 teacher_val_logits=teacher_val, features=bool(method and method.features),
                  extra=method.extra if method else None, normalize=normalize,
                  state_path=state_path, job=job, name=str(Path(out_model).parent))
     last = result.history[-1]
@@ -189,14 +183,10 @@ def teacher_signal(t_model, train_x, normalize, aug: Augment, amp, *,
 
 
 def save_teacher_logits(teacher: str, dataset: str, split: str, out: str, *,
-                        device: str = "auto", engine: Optional[dict] = None,
-                        threads: Optional[int] = None) -> None:
+                        device: str, engine: dict, threads: Optional[int] = None) -> None:
     """The teacher's logits on the training split, once, for every
     logit-based student of its seed (same computation as `teacher_signal`)."""
-    set_threads(threads)
-    options = EngineOptions.from_config(engine)
-    dev = resolve_device(device)
-    configure(dev, options)
+    dev, options = setup(device, engine, threads)
     data = CifarSplits(dataset, split, dev)
     t_model, _ = checkpoint.load_model(teacher, dev)
     logits = predict_logits(t_model, data.train_x, Normalizer(dev, data.mean, data.std),

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from kdflow import resume
+from kdflow.config import validate
 from kdflow.engine import EngineOptions
 from kdflow.train import job_identity, train
 from tests.conftest import REPO, local_env
@@ -113,8 +114,9 @@ def test_a_full_disk_fails_clearly_and_leaves_no_debris(kind, tmp_path, workflow
 def test_a_state_saved_on_another_device_type_is_set_aside(workflow_run, tmp_path, caplog):
     workdir, _ = workflow_run
     data = workdir / "results/data"
-    cfg = {"model": "lightnn", "epochs": 2, "batch_size": 32, "lr": 1e-3}
-    engine = {"deterministic": True}
+    config = validate({"teacher": {"model": "lightnn", "epochs": 2, "batch_size": 32},
+                       "engine": {"deterministic": True}})
+    cfg, engine = config["teacher"], config["engine"]
     args = dict(dataset=str(data / "cifar10.npz"), split=str(data / "split.npz"))
     out = tmp_path / "seed0" / "ce"
     out.mkdir(parents=True)

@@ -21,12 +21,14 @@ def start_job(workdir: Path, data: Path) -> subprocess.Popen:
     out = workdir / "seed0" / "teacher"
     code = f"""
 from kdflow.cli import run_step
+from kdflow.config import validate
 from kdflow.train import train
+cfg = validate({{"teacher": {{"model": "deepnn", "epochs": {EPOCHS}, "batch_size": 32}},
+                "engine": {{"deterministic": True}}}})
 run_step({str(workdir / 'train.log')!r}, lambda: train(
     "teacher", dataset={str(data / 'cifar10.npz')!r}, split={str(data / 'split.npz')!r},
     out_model={str(out / 'model.pt')!r}, out_history={str(out / 'history.csv')!r},
-    model_cfg={{"model": "deepnn", "epochs": {EPOCHS}, "batch_size": 32, "lr": 1e-3}},
-    seed=0, device="cpu", threads=1, engine={{"deterministic": True}}))
+    model_cfg=cfg["teacher"], seed=0, device="cpu", threads=1, engine=cfg["engine"]))
 """
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": str(REPO)}

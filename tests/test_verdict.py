@@ -272,9 +272,11 @@ def test_plain_and_distilled_twins_draw_the_same_dropout_masks(workflow_run, tmp
 
     monkeypatch.setattr(train_module, "build_model", recording_build)
     teacher = str(workdir / "results/seed0/teacher/model.pt")
+    cfg = validate({"student": {"model": "lightnn", "epochs": 1, "batch_size": 32},
+                    "engine": {"deterministic": True}})
     common = dict(dataset=str(data / "cifar10.npz"), split=str(data / "split.npz"), seed=0,
-                  device="cpu", threads=1, teacher=teacher, engine={"deterministic": True},
-                  model_cfg={"model": "lightnn", "epochs": 1, "batch_size": 32, "lr": 1e-3})
+                  device="cpu", threads=1, teacher=teacher, engine=cfg["engine"],
+                  model_cfg=cfg["student"])
     for current, role, kd in (
             ("plain", "student_baseline", None),
             ("hint", "student_kd", {"method": "hint", "weight": 0.5}),

@@ -60,7 +60,8 @@ def test_students_of_a_seed_start_from_the_same_weights(workflow_run):
     workdir, config = workflow_run
     res = workdir / "results"
     common = dict(dataset=str(res / "data/cifar10.npz"), split=str(res / "data/split.npz"),
-                  model_cfg=validate(config)["student"], seed=0, device="cpu",
+                  model_cfg=validate(config)["student"], engine=validate(config)["engine"],
+                  seed=0, device="cpu",
                   teacher=str(res / "seed0/teacher/model.pt"))
     out = workdir / "pairing"
     out.mkdir()
