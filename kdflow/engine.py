@@ -1,4 +1,4 @@
-"""The training and evaluation engine.
+"""Training loop (TrainConfig, TrainState, fit), batched augmentation, inference.
 
 Data never goes through PIL or DataLoader workers: a split lives in memory as
 one uint8 tensor on the training device, each epoch draws one permutation and

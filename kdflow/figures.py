@@ -1,4 +1,4 @@
-"""The report's figures by name: the one list the report and the workflow's outputs share.
+"""The report's figures by name: one list for the report and the workflow's outputs.
 
 Apart from kdflow.report, whose plotting libraries take seconds to import,
 because Snakemake reads this list each time it parses the workflow. Each
