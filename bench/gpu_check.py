@@ -139,11 +139,12 @@ def train_and_evaluate(work: Path, arm: str, data: tuple[str, str], device: str,
     sizes = {"epochs": epochs, "batch_size": batch}
     config = validate({"teacher": {"model": "deepnn", **sizes},
                        "student": {"model": "lightnn", **sizes},
-                       "kd": {"method": list(methods)}})
+                       "kd": {"method": list(methods)}, "engine": engine})
     teacher = None if arm == "teacher" else str(work / "teacher" / "model.pt")
     train(study.lookup(config, arm).record(), dataset=data[0], split=data[1],
           teacher=teacher, out_model=str(out / "model.pt"),
-          out_history=str(out / "history.csv"), seed=0, device=device, engine=engine)
+          out_history=str(out / "history.csv"), seed=0, device=device,
+          engine=config["engine"])
     evaluate(str(out / "model.pt"), data[0], str(out / "metrics.json"),
              arm=arm, seed=0, device=device, teacher=teacher)
     return json.loads((out / "metrics.json").read_text())

@@ -43,7 +43,8 @@ from torchvision import transforms
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from kdflow.data import CIFAR10_MEAN, CIFAR10_STD, Normalizer  # noqa: E402
-from kdflow.engine import Augment, EngineOptions, fit, resolve_device  # noqa: E402
+from kdflow.config import validate  # noqa: E402
+from kdflow.engine import TrainConfig, fit, predict_logits, setup  # noqa: E402
 from kdflow.losses import kd_loss  # noqa: E402
 from kdflow.models import build_model  # noqa: E402
 from kdflow.train import teacher_signal  # noqa: E402
@@ -169,10 +170,15 @@ def kdflow_run(kind, x, y, device, steps, teacher=None, batch=BATCH) -> tuple[fl
     tx = torch.from_numpy(x[:n]).to(device)
     ty = torch.from_numpy(y[:n]).to(device)
     vx, vy = tx[:batch], ty[:batch]  # fit validates each epoch; keep it small
+    # The config's defaults (the tutorial's recipe) but for one epoch of `batch`.
+    config = validate({"teacher": {"model": "deepnn", "epochs": 1, "batch_size": batch}})
+    cfg = TrainConfig.from_config(config["teacher"], config["engine"])
     teacher_fn, loss_fn, t_once = None, None, 0.0
     if kind == "kd":
         t0 = time.perf_counter()
-        teacher_fn = teacher_signal(teacher, tx, Normalizer(device), Augment(), None)
+        # Computed once, as a logit-only method without augmentation does.
+        teacher_fn = teacher_signal(teacher, features=False,
+                                    cached=predict_logits(teacher, tx, Normalizer(device)))
         if device.type == "cuda":
             torch.cuda.synchronize()
         t_once = time.perf_counter() - t0
@@ -180,8 +186,7 @@ def kdflow_run(kind, x, y, device, steps, teacher=None, batch=BATCH) -> tuple[fl
     torch.manual_seed(0)
     model = build_model("deepnn" if kind == "teacher" else "lightnn")
     t0 = time.perf_counter()
-    fit(model, tx, ty, vx, vy, epochs=1, batch_size=batch, lr=1e-3, seed=0,
-        loss_fn=loss_fn, teacher=teacher_fn, options=EngineOptions())
+    fit(model, tx, ty, vx, vy, cfg, seed=0, loss_fn=loss_fn, teacher=teacher_fn)
     if device.type == "cuda":
         torch.cuda.synchronize()
     return n / (time.perf_counter() - t0), t_once
@@ -215,9 +220,8 @@ def main():
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
     args = ap.parse_args()
 
-    device = resolve_device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    # Device, threads and torch's global flags as a training job sets them.
+    device, _ = setup(args.device, validate({})["engine"], args.threads or None)
     x, y, teacher, teacher_cl = problem((args.steps + args.warmup) * BATCH, device)
     flops_fwd = forward_flops(build_model("deepnn").to(device), device)
 

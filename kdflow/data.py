@@ -1,5 +1,4 @@
-"""CIFAR-10 and CIFAR-100: fetch and verify the archive, read it safely,
-split, load.
+"""CIFAR-10 and CIFAR-100: fetch, verify, safely unpickle, split and load.
 
 The official archives (cifar-10-python.tar.gz, cifar-100-python.tar.gz) hold
 pickled batches. Pickle can run arbitrary code, and numpy's own array

@@ -1,5 +1,7 @@
-"""What a model costs: multiply-accumulates counted from the model, and
-inference latency / throughput measured on the device."""
+"""What a model costs: multiply-accumulates, inference latency and throughput.
+
+Multiply-accumulates are counted from the model; latency and throughput are
+measured on the device."""
 
 from __future__ import annotations
 

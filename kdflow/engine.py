@@ -1,4 +1,4 @@
-"""The training and evaluation engine.
+"""Training loop (TrainConfig, TrainState, fit), batched augmentation, inference.
 
 Data never goes through PIL or DataLoader workers: a split lives in memory as
 one uint8 tensor on the training device, each epoch draws one permutation and
@@ -13,7 +13,7 @@ import contextlib
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Callable, Optional
 
 import torch
@@ -90,17 +90,29 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def _fields_of(cls, section: dict, where: str) -> dict:
+    """The values of `cls`'s fields from a config section, every one required:
+    the defaults live in config/schema.yaml alone, and kdflow.config.validate
+    fills them in."""
+    names = [f.name for f in fields(cls)]
+    missing = [k for k in names if k not in section]
+    if missing:
+        raise KdflowError(f"{where} lacks {', '.join(missing)}: pass a config section "
+                          "validated by kdflow.config.validate (it fills in the defaults)")
+    return {k: section[k] for k in names}
+
+
 @dataclass(frozen=True)
 class EngineOptions:
     """How to run, not what to learn (config section `engine`)."""
 
-    precision: str = "auto"      # auto | fp32 | bf16
-    compile: bool = False        # torch.compile the training model
-    deterministic: bool = False  # bitwise reproducible kernels (slower on CUDA)
+    precision: str       # auto | fp32 | bf16
+    compile: bool        # torch.compile the training model
+    deterministic: bool  # bitwise reproducible kernels (slower on CUDA)
 
     @classmethod
-    def from_config(cls, cfg: Optional[dict]) -> "EngineOptions":
-        return cls(**(cfg or {}))
+    def from_config(cls, engine: dict) -> "EngineOptions":
+        return cls(**_fields_of(cls, engine, "the engine section"))
 
 
 def autocast_dtype(device: torch.device, precision: str) -> Optional[torch.dtype]:
@@ -124,7 +136,8 @@ def autocast(device: torch.device, dtype: Optional[torch.dtype]):
 
 
 def configure(device: torch.device, options: EngineOptions) -> None:
-    """Global flags for determinism or speed; call before any CUDA work."""
+    """Global flags for determinism or speed, process-wide: set once per
+    job, by `setup`, before any CUDA work."""
     if options.deterministic:
         # cuBLAS needs a fixed workspace to be deterministic; must be set
         # before the first cuBLAS call.
@@ -138,6 +151,16 @@ def configure(device: torch.device, options: EngineOptions) -> None:
         torch.backends.cudnn.allow_tf32 = True
 
 
+def setup(device: str, engine: dict, threads: Optional[int]) -> tuple[torch.device, EngineOptions]:
+    """A job's process-wide settings, in one place: threads, the device and
+    the global torch flags (`configure`). Call once, at the start of a job."""
+    set_threads(threads)
+    options = EngineOptions.from_config(engine)
+    dev = resolve_device(device)
+    configure(dev, options)
+    return dev, options
+
+
 # --------------------------------------------------------------------------
 # Augmentation, batched on the device
 # --------------------------------------------------------------------------
@@ -147,8 +170,12 @@ class Augment:
     """crop: random translation by up to ±crop pixels with zero padding (the
     classic RandomCrop(32, padding=crop)); flip: random horizontal flips."""
 
-    crop: int = 0
-    flip: bool = False
+    crop: int
+    flip: bool
+
+    @classmethod
+    def from_config(cls, augment: dict) -> "Augment":
+        return cls(**_fields_of(cls, augment, "the augment section"))
 
     @property
     def enabled(self) -> bool:
@@ -171,6 +198,32 @@ def augment_batch(x: torch.Tensor, aug: Augment, gen: torch.Generator) -> torch.
         cols = (dx + torch.arange(w, device=dev)).view(n, 1, w)
         x = padded[torch.arange(n, device=dev).view(n, 1, 1), rows, cols].permute(0, 3, 1, 2)
     return x
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """What to learn and how to run: a training section of the config
+    (`teacher`, or a student's from kdflow.study.student_config) and the
+    engine section, validated, built once per job."""
+
+    model: str
+    epochs: int
+    batch_size: int
+    lr: float
+    optimizer: str               # adam | sgd (with momentum)
+    momentum: float              # SGD only
+    weight_decay: float
+    lr_milestones: tuple[int, ...]  # epochs after which lr *= lr_gamma
+    lr_gamma: float
+    augment: Augment
+    engine: EngineOptions
+
+    @classmethod
+    def from_config(cls, training: dict, engine: dict) -> "TrainConfig":
+        v = _fields_of(cls, {**training, "engine": engine}, "the training section")
+        return cls(**{**v, "lr_milestones": tuple(sorted(v["lr_milestones"])),
+                      "augment": Augment.from_config(v["augment"]),
+                      "engine": EngineOptions.from_config(engine)})
 
 
 # --------------------------------------------------------------------------
@@ -201,178 +254,160 @@ class FitResult:
     history: list[dict]       # one row per epoch
 
 
-def fit(
-    model: nn.Module,
-    train_x: torch.Tensor,
-    train_y: torch.Tensor,
-    val_x: torch.Tensor,
-    val_y: torch.Tensor,
-    *,
-    epochs: int,
-    batch_size: int,
-    lr: float,
-    seed: int,
-    loss_fn: Optional[LossFn] = None,
-    teacher: Optional[TeacherFn] = None,
-    teacher_val_logits: Optional[torch.Tensor] = None,
-    augment: Augment = Augment(),
-    options: EngineOptions = EngineOptions(),
-    optim: Optional[dict] = None,
-    features: bool = False,
-    extra: Optional[nn.Module] = None,
-    normalize: Optional[Normalizer] = None,
-    state_path: Optional[str] = None,
-    job: str = "",
-    name: str = "training",
-) -> FitResult:
+@dataclass
+class TrainState:
+    """Everything that changes during training, and so everything a resumed
+    job restores (kdflow.resume): the weights of the model and of the
+    modules trained beside it, the optimizer and schedule, the random
+    streams, the epochs done and the position in the next one (`partial`,
+    set while SIGTERM interrupts an epoch), the history and the best epoch."""
+
+    model: nn.Module
+    extra: Optional[nn.Module]
+    optimizer: torch.optim.Optimizer
+    scheduler: Optional[torch.optim.lr_scheduler.LRScheduler]
+    order: torch.Generator          # batch order
+    augment: torch.Generator        # augmentation draws, on the training device
+    job: str                        # what a saved state must match (resume.fingerprint)
+    epoch: int                      # epochs completed
+    partial: Optional[dict]         # perm, next, loss_sum, correct, elapsed
+    history: list[dict]
+    best: FitResult
+
+    @classmethod
+    def start(cls, model: nn.Module, extra: Optional[nn.Module], cfg: TrainConfig,
+              seed: int, device: torch.device, job: str) -> "TrainState":
+        params = list(model.parameters()) + (list(extra.parameters()) if extra else [])
+        opt, sched = make_optimizer(params, cfg)
+        # Batch order and augmentation depend on the seed alone, so two
+        # students of one seed (plain and distilled) see the same views in
+        # the same order.
+        history: list[dict] = []
+        return cls(model, extra, opt, sched, streams.generator(seed, "order"),
+                   streams.generator(seed, "augment", device), job, 0, None, history,
+                   FitResult({}, 0, -1.0, history))
+
+    def end_epoch(self, epoch: int, row: dict) -> bool:
+        """Record a finished epoch; keep its weights if they are the best so
+        far on validation (and finite); says whether they are."""
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.history.append(row)
+        self.epoch = epoch
+        improved = row["val_accuracy"] > self.best.best_val_accuracy and _all_finite(self.model)
+        if improved:
+            self.best.best_state = {k: v.detach().to("cpu", copy=True)
+                                    for k, v in self.model.state_dict().items()}
+            self.best.best_epoch, self.best.best_val_accuracy = epoch, row["val_accuracy"]
+        return improved
+
+    def save(self, path: str | os.PathLike) -> None:
+        device = self.augment.device
+        partial = self.partial and {k: v.cpu() if torch.is_tensor(v) else v
+                                    for k, v in self.partial.items()}
+        resume.save(path, {
+            "job": self.job, "epoch": self.epoch, "partial": partial,
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler else None,
+            "extra": self.extra.state_dict() if self.extra is not None else None,
+            "rng": {"order": self.order.get_state(), "augment": self.augment.get_state().cpu(),
+                    "torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
+            "history": self.history, "best_state": self.best.best_state,
+            "best_epoch": self.best.best_epoch,
+            "best_val_accuracy": self.best.best_val_accuracy,
+        })
+
+    def restore(self, path: Optional[str | os.PathLike]) -> bool:
+        """Continue from the state saved at `path` if it is this job's (one
+        of another job is set aside, see resume.load)."""
+        saved = resume.load(path, self.job)
+        if saved is None:
+            return False
+        self.model.load_state_dict(saved["model"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(saved["scheduler"])
+        if self.extra is not None:
+            self.extra.load_state_dict(saved["extra"])
+        rng, device = saved["rng"], self.augment.device
+        self.order.set_state(rng["order"])
+        self.augment.set_state(rng["augment"].to(self.augment.get_state().device))
+        torch.set_rng_state(rng["torch"])
+        if device.type == "cuda" and rng.get("cuda") is not None:
+            torch.cuda.set_rng_state(rng["cuda"], device)
+        self.epoch, self.partial = saved["epoch"], saved["partial"]
+        self.history[:] = saved["history"]
+        self.best.best_state, self.best.best_epoch = saved["best_state"], saved["best_epoch"]
+        self.best.best_val_accuracy = saved["best_val_accuracy"]
+        p = self.partial
+        log.info("resuming from %s (saved state %s)",
+                 f"epoch {self.epoch + 1}, image {p['next']} of {len(p['perm'])}" if p
+                 else f"the end of epoch {self.epoch}", path)
+        return True
+
+
+@dataclass(frozen=True)
+class _Run:
+    """What stays fixed during one `fit`: data, loss, teacher, settings."""
+
+    cfg: TrainConfig
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    forward: Callable       # x -> (feature map or None, logits)
+    loss_fn: LossFn
+    teacher: Optional[TeacherFn]
+    normalize: Normalizer
+    amp: Optional[torch.dtype]
+    name: str
+    state_path: Optional[str]
+
+
+def fit(model: nn.Module, train_x: torch.Tensor, train_y: torch.Tensor,
+        val_x: torch.Tensor, val_y: torch.Tensor, cfg: TrainConfig, *, seed: int,
+        loss_fn: Optional[LossFn] = None, teacher: Optional[TeacherFn] = None,
+        teacher_val_logits: Optional[torch.Tensor] = None, features: bool = False,
+        extra: Optional[nn.Module] = None, normalize: Optional[Normalizer] = None,
+        state_path: Optional[str] = None, job: str = "", name: str = "training") -> FitResult:
     """Train and keep the weights of the best validation epoch.
 
     Selection uses the validation split only, never the test set. The loss
     (`loss_fn`, cross-entropy by default) gets a `Step`: with `teacher`, the
     teacher's output for the step's batch (distillation); with `features`,
     the student's last feature map too. `extra` holds modules trained beside
-    the student and not kept (a hint regressor). `optim` is the training
-    section of the config (optimizer, weight decay, lr schedule; Adam
-    without decay by default). With `teacher_val_logits` each epoch also
-    records the student's agreement with its teacher on the validation split.
+    the student and not kept (a hint regressor). With `teacher_val_logits`
+    each epoch also records the student's agreement with its teacher.
 
-    With `state_path`, the full training state is saved there after every
-    epoch and on SIGTERM, and a saved state of the same `job` (a fingerprint
-    of its config and inputs) is resumed; see kdflow.resume.
-
-    A non-finite training loss stops training at once with a KdflowError
-    naming `name`, the epoch and the step (the saved state is removed:
-    nothing of a diverged run is kept), and an epoch whose weights hold a
-    non-finite value is never selected.
-    """
+    With `state_path`, the TrainState is saved there after every epoch and
+    on SIGTERM, and a saved state of the same `job` is resumed. A non-finite
+    loss stops training with a KdflowError naming `name`, the epoch and the
+    step; an epoch with non-finite weights is never selected."""
     device = train_x.device
-    configure(device, options)
-    amp = autocast_dtype(device, options.precision)
-    loss_fn = loss_fn or cross_entropy
-    normalize = normalize or Normalizer(device)
-    model.to(device).to(memory_format=torch.channels_last)
-    params = list(model.parameters())
-    if extra is not None:
-        extra.to(device).to(memory_format=torch.channels_last)
-        params += list(extra.parameters())
+    if len(train_x) == 0:
+        raise KdflowError("the training split is empty; lower data.val_size")
+    for module in (model, extra):
+        if module is not None:
+            module.to(device).to(memory_format=torch.channels_last)
     forward = ((lambda x: features_and_logits(model, x)) if features
                else (lambda x: (None, model(x))))
-    step_fn = torch.compile(forward) if options.compile else forward
-    opt, sched = make_optimizer(params, lr, optim)
-    # Batch order and augmentation depend on the seed alone, so two students
-    # of one seed (plain and distilled) see the same views in the same order.
-    order = streams.generator(seed, "order")
-    aug_gen = streams.generator(seed, "augment", device)
-    n = len(train_x)
-    if n == 0:
-        raise KdflowError("the training split is empty; lower data.val_size")
-
-    history: list[dict] = []
-    best = FitResult({}, 0, -1.0, history)
-    first_epoch, partial = 1, None
-    saved = resume.load(state_path, job)
-    if saved is not None:
-        model.load_state_dict(saved["model"])
-        opt.load_state_dict(saved["optimizer"])
-        if sched is not None:
-            sched.load_state_dict(saved["scheduler"])
-        if extra is not None:
-            extra.load_state_dict(saved["extra"])
-        order.set_state(saved["rng"]["order"])
-        aug_gen.set_state(saved["rng"]["augment"].to(aug_gen.get_state().device))
-        torch.set_rng_state(saved["rng"]["torch"])
-        if device.type == "cuda" and saved["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(saved["rng"]["cuda"], device)
-        history[:] = saved["history"]
-        best.best_state, best.best_epoch = saved["best_state"], saved["best_epoch"]
-        best.best_val_accuracy = saved["best_val_accuracy"]
-        first_epoch, partial = saved["epoch"] + 1, saved["partial"]
-        where = (f"epoch {first_epoch}, step {partial['next'] // batch_size}"
-                 if partial else f"the end of epoch {saved['epoch']}")
-        log.info("resuming from %s (saved state %s)", where, state_path)
-
-    def save_state(epoch_done: int, partial_epoch: Optional[dict]) -> None:
-        resume.save(state_path, {
-            "job": job, "epoch": epoch_done, "partial": partial_epoch,
-            "model": model.state_dict(), "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict() if sched is not None else None,
-            "extra": extra.state_dict() if extra is not None else None,
-            "rng": {"order": order.get_state(), "augment": aug_gen.get_state().cpu(),
-                    "torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
-            "history": history, "best_state": best.best_state,
-            "best_epoch": best.best_epoch, "best_val_accuracy": best.best_val_accuracy,
-        })
-
-    # On the CPU checking every step's loss costs nothing; on CUDA it would
-    # force a host sync per step (see FINITE_CHECK_EVERY).
-    sync_check = device.type != "cuda"
-    bad_step = torch.full((), -1, dtype=torch.long, device=device)
+    run = _Run(cfg, train_x, train_y, torch.compile(forward) if cfg.engine.compile else forward,
+               loss_fn or cross_entropy, teacher, normalize or Normalizer(device),
+               autocast_dtype(device, cfg.engine.precision), name, state_path)
+    state = TrainState.start(model, extra, cfg, seed, device, job)
+    state.restore(state_path)
     with resume.TermGuard(enabled=state_path is not None) as term:
-        for epoch in range(first_epoch, epochs + 1):
+        for epoch in range(state.epoch + 1, cfg.epochs + 1):
             t0 = time.perf_counter()
-            model.train()
-            if extra is not None:
-                extra.train()
-            if partial is None:
-                perm = torch.randperm(n, generator=order).to(device)
-                begin, elapsed = 0, 0.0
-                loss_sum = torch.zeros((), device=device)
-                correct = torch.zeros((), device=device, dtype=torch.long)
-            else:
-                perm, begin, elapsed = partial["perm"].to(device), partial["next"], partial["elapsed"]
-                loss_sum = partial["loss_sum"].to(device)
-                correct = partial["correct"].to(device)
-                partial = None
-            for start in range(begin, n, batch_size):
-                if term.requested:
-                    save_state(epoch - 1, {"perm": perm.cpu(), "next": start,
-                                           "loss_sum": loss_sum.cpu(), "correct": correct.cpu(),
-                                           "elapsed": elapsed + time.perf_counter() - t0})
-                    raise resume.Preempted(
-                        f"stopped by SIGTERM in epoch {epoch}; state saved to {state_path}, "
-                        "rerun the job to resume")
-                idx = perm[start:start + batch_size]
-                xb = train_x[idx]
-                if augment.enabled:
-                    xb = augment_batch(xb, augment, aug_gen)
-                xb = normalize(xb)
-                targets = train_y[idx]
-                with autocast(device, amp):
-                    t_logits, t_feat = teacher(idx, xb) if teacher else (None, None)
-                    feat, logits = step_fn(xb)
-                    loss = loss_fn(Step(logits, targets, epoch, t_logits, feat, t_feat))
-                step = start // batch_size + 1
-                if sync_check or step % FINITE_CHECK_EVERY == 0:
-                    _check_finite(loss, bad_step, step, epoch, name, state_path, sync_check)
-                else:
-                    # Recorded on the device, checked every few steps: no
-                    # host sync per step on CUDA.
-                    bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()),
-                                           step, bad_step)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                # Accumulated on the device: no host sync per step on CUDA.
-                loss_sum += loss.detach().float() * len(idx)
-                correct += (logits.detach().argmax(1) == targets).sum()
-            if not sync_check:
-                _check_finite(None, bad_step, None, epoch, name, state_path, False)
-            row = _epoch_row(model, epoch, n, loss_sum, correct, val_x, val_y, normalize,
-                             amp, teacher_val_logits)
-            row["lr"] = opt.param_groups[0]["lr"]  # the rate this epoch trained with
+            loss_sum, correct, elapsed = _train_epoch(run, state, epoch, term)
+            row = _epoch_row(model, epoch, len(train_x), loss_sum, correct, val_x, val_y,
+                             run.normalize, run.amp, teacher_val_logits)
+            row["lr"] = state.optimizer.param_groups[0]["lr"]  # the rate this epoch trained with
             row["seconds"] = elapsed + time.perf_counter() - t0
-            if sched is not None:
-                sched.step()
-            history.append(row)
-            improved = row["val_accuracy"] > best.best_val_accuracy and _all_finite(model)
-            if improved:
-                best.best_state = {k: v.detach().to("cpu", copy=True)
-                                   for k, v in model.state_dict().items()}
-                best.best_epoch, best.best_val_accuracy = epoch, row["val_accuracy"]
-            _log_epoch(row, epochs, n, improved)
+            improved = state.end_epoch(epoch, row)
+            _log_epoch(row, cfg.epochs, len(train_x), improved)
             if state_path is not None:
-                save_state(epoch, None)
+                state.save(state_path)
+    best = state.best
     if not best.best_state:
         resume.remove(state_path)
         raise KdflowError(f"{name}: no epoch ended with finite weights, so there is no model "
@@ -380,6 +415,68 @@ def fit(
     # Weights are stored contiguous (NCHW): channels_last is a runtime layout.
     best.best_state = {k: v.contiguous() for k, v in best.best_state.items()}
     return best
+
+
+def _train_epoch(run: _Run, state: TrainState, epoch: int,
+                 term: resume.TermGuard) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """One pass over the training split, or the rest of an interrupted one;
+    returns the summed loss, the correct count and the seconds spent before
+    this process took over (0 unless resumed mid-epoch)."""
+    t0, device = time.perf_counter(), run.train_x.device
+    n, batch_size = len(run.train_x), run.cfg.batch_size
+    state.model.train()
+    if state.extra is not None:
+        state.extra.train()
+    p = state.partial or {
+        "perm": torch.randperm(n, generator=state.order), "next": 0, "elapsed": 0.0,
+        "loss_sum": torch.zeros(()), "correct": torch.zeros((), dtype=torch.long)}
+    state.partial = None
+    perm, elapsed = p["perm"].to(device), p["elapsed"]
+    loss_sum, correct = p["loss_sum"].to(device), p["correct"].to(device)
+    # On the CPU checking every step's loss costs nothing; on CUDA it would
+    # force a host sync per step, so the first bad step is recorded on the
+    # device and checked every FINITE_CHECK_EVERY steps and at the end.
+    sync_check = device.type != "cuda"
+    bad_step = torch.full((), -1, dtype=torch.long, device=device)
+    for start in range(p["next"], n, batch_size):
+        if term.requested:
+            state.partial = {"perm": perm, "next": start, "loss_sum": loss_sum,
+                             "correct": correct, "elapsed": elapsed + time.perf_counter() - t0}
+            state.save(run.state_path)
+            raise resume.Preempted(
+                f"stopped by SIGTERM in epoch {epoch}; state saved to {run.state_path}, "
+                "rerun the job to resume")
+        idx = perm[start:start + batch_size]
+        step = start // batch_size + 1
+        loss, logits, targets = _step(run, state, epoch, idx)
+        if sync_check or step % FINITE_CHECK_EVERY == 0:
+            _check_finite(loss, bad_step, step, epoch, run.name, run.state_path, sync_check)
+        else:
+            bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()),
+                                   step, bad_step)
+        state.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        state.optimizer.step()
+        # Accumulated on the device: no host sync per step on CUDA.
+        loss_sum += loss.detach().float() * len(idx)
+        correct += (logits.detach().argmax(1) == targets).sum()
+    if not sync_check:
+        _check_finite(None, bad_step, None, epoch, run.name, run.state_path, False)
+    return loss_sum, correct, elapsed
+
+
+def _step(run: _Run, state: TrainState, epoch: int,
+          idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The loss, the student's logits and the labels for the images `idx`."""
+    xb = run.train_x[idx]
+    if run.cfg.augment.enabled:
+        xb = augment_batch(xb, run.cfg.augment, state.augment)
+    xb, targets = run.normalize(xb), run.train_y[idx]
+    with autocast(xb.device, run.amp):
+        t_logits, t_feat = run.teacher(idx, xb) if run.teacher else (None, None)
+        feat, logits = run.forward(xb)
+        loss = run.loss_fn(Step(logits, targets, epoch, t_logits, feat, t_feat))
+    return loss, logits, targets
 
 
 def _all_finite(model: nn.Module) -> bool:

@@ -1,4 +1,6 @@
-"""The networks of PyTorch's knowledge-distillation tutorial.
+"""Every architecture by name (build_model), and the tutorial's DeepNN and LightNN.
+
+DeepNN and LightNN are the networks of PyTorch's knowledge-distillation tutorial.
 
 ReLUs are in place: the same function, but the teacher's largest activations
 (64 MiB per batch of 128 after its first convolution) are not allocated

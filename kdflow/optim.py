@@ -1,24 +1,25 @@
-"""Optimizer and learning-rate schedule from a training section of the config."""
+"""Optimizer and learning-rate schedule of a training configuration."""
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING
 
 import torch
 
+if TYPE_CHECKING:
+    from kdflow.engine import TrainConfig
 
-def make_optimizer(params, lr: float, cfg: Optional[dict] = None):
-    """Adam (the tutorial) or SGD with momentum, and the optional step
-    schedule (MultiStepLR, stepped once per epoch); cfg is a training section
-    of the config."""
-    cfg = cfg or {}
-    wd = cfg.get("weight_decay", 0.0)
-    if cfg.get("optimizer", "adam") == "sgd":
-        opt = torch.optim.SGD(params, lr=lr, momentum=cfg.get("momentum", 0.9),
-                              weight_decay=wd)
+
+def make_optimizer(params, cfg: "TrainConfig"):
+    """Adam (the tutorial) or SGD with momentum, and the step schedule
+    (MultiStepLR, stepped once per epoch) when cfg has milestones. Every
+    value comes from cfg: the defaults live in config/schema.yaml."""
+    if cfg.optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
+                              weight_decay=cfg.weight_decay)
     else:
-        opt = torch.optim.Adam(params, lr=lr, weight_decay=wd)
-    milestones = sorted(cfg.get("lr_milestones") or [])
-    sched = (torch.optim.lr_scheduler.MultiStepLR(opt, milestones, cfg.get("lr_gamma", 0.1))
+        opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    milestones = sorted(cfg.lr_milestones)
+    sched = (torch.optim.lr_scheduler.MultiStepLR(opt, milestones, cfg.lr_gamma)
              if milestones else None)
     return opt, sched

@@ -28,6 +28,7 @@ from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescap
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from kdflow import atomic  # noqa: E402
+from kdflow.figures import FIGURES  # noqa: E402
 from kdflow.aggregate import ARM_LABELS, ARM_ORDER, headline_view  # noqa: E402
 from kdflow.methods import METHODS  # noqa: E402
 from kdflow.provenance import config_hash  # noqa: E402
@@ -37,8 +38,6 @@ log = logging.getLogger(__name__)
 PALETTE = {ARM_LABELS["teacher"]: "#4c72b0", ARM_LABELS["student_baseline"]: "#8c8c8c",
            ARM_LABELS["student_kd"]: "#dd8452"}
 LABEL_ORDER = [ARM_LABELS[a] for a in ARM_ORDER]
-FIGURES = ("accuracy", "paired", "curves", "agreement", "per_class", "confusion",
-           "reliability", "efficiency", "study", "heatmap")
 
 
 def _missing(x) -> bool:
@@ -329,6 +328,8 @@ def render_report(tables: dict[str, str], out: str, title: str, experiment: dict
         "study": fig_study(t["study"], t["arms"][t["arms"]["stage"] == "selection"]),
         "heatmap": fig_heatmap(t["study"]),
     }
+    if set(figures) != set(FIGURES):  # the workflow's outputs are FIGURES
+        raise AssertionError(f"rendered {sorted(figures)}, kdflow.figures lists {FIGURES}")
     for name, path in figure_paths.items():
         atomic.write_bytes(path, figures[name])
     jobs = t["jobs"]

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Optional
 
 from kdflow import KdflowError, atomic, schema
-from kdflow.methods import METHODS, MethodSpec, spec
+from kdflow.methods import MethodSpec, spec
 
 ROLES = ("teacher", "student_baseline", "student_kd")
 

@@ -12,9 +12,8 @@ import torch
 
 from kdflow import KdflowError, atomic, checkpoint, methods, provenance, resume, streams, study
 from kdflow.data import CifarSplits, Normalizer
-from kdflow.engine import (Augment, EngineOptions, TeacherFn, autocast_dtype, configure,
-                           features_and_logits, fit, predict_logits, resolve_device,
-                           set_threads)
+from kdflow.engine import (EngineOptions, TeacherFn, TrainConfig, autocast_dtype,
+                           features_and_logits, fit, predict_logits, setup)
 from kdflow.models import build_model, count_parameters
 
 log = logging.getLogger(__name__)
@@ -36,29 +35,28 @@ def train(
     out_model: str,
     out_history: str,
     seed: int,
-    device: str = "auto",
+    device: str,
+    engine: dict,
     threads: Optional[int] = None,
     teacher: Optional[str] = None,
     teacher_logits: Optional[str] = None,
-    engine: Optional[dict] = None,
 ) -> None:
     """Train one model and save its best-validation checkpoint and history.
 
-    arm: the model's plan record (kdflow.study.Arm.record(): role, training
-    section {model, epochs, batch_size, lr, optimizer, ..., augment},
-    method and values). Students get the `teacher` checkpoint of their
-    seed: the baseline only to measure agreement with it, a distilled
+    arm: the model's plan record (kdflow.study.Arm.record(): role, validated
+    training section {model, epochs, batch_size, lr, optimizer, ...,
+    augment}, method and values). Students get the `teacher` checkpoint of
+    their seed: the baseline only to measure agreement with it, a distilled
     student to learn from it, from the precomputed `teacher_logits` file
-    when given. engine: {precision, compile, deterministic}.
+    when given. engine: the validated engine section {precision, compile,
+    deterministic}.
     """
     role, model_cfg = arm["role"], arm["training"]
     if role not in study.ROLES:
         raise KdflowError(f"role must be one of {study.ROLES}, not {role!r}")
-    set_threads(threads)
-    options = EngineOptions.from_config(engine)
-    aug = Augment(**model_cfg["augment"])
-    dev = resolve_device(device)
-    configure(dev, options)
+    dev, options = setup(device, engine, threads)
+    cfg = TrainConfig.from_config(model_cfg, engine)
+    aug = cfg.augment
     amp = autocast_dtype(dev, options.precision)
     log.info("%s, seed %d, on %s (%s), %s, augmentation %s", arm["path"], seed, dev,
              provenance.device_name(dev), amp or "fp32", aug if aug.enabled else "off")
@@ -109,12 +107,9 @@ def train(
     # Resumable state beside the outputs, not one of them (kdflow.resume).
     state_path = str(Path(out_model).with_name("resume.pt"))
     job = job_identity(arm, options, seed, dev.type, dataset, split, teacher)
-    result = fit(model, data.train_x, data.train_y, data.val_x, data.val_y,
+    result = fit(model, data.train_x, data.train_y, data.val_x, data.val_y, cfg, seed=seed,
                  loss_fn=method.loss if method else None, teacher=teacher_fn,
-                 teacher_val_logits=teacher_val, epochs=model_cfg["epochs"],
-                 batch_size=model_cfg["batch_size"], lr=model_cfg["lr"], seed=seed,
-                 augment=aug, options=options, optim=model_cfg,
-                 features=bool(method and method.features),
+                 teacher_val_logits=teacher_val, features=bool(method and method.features),
                  extra=method.extra if method else None, normalize=normalize,
                  state_path=state_path, job=job, name=str(Path(out_model).parent))
     last = result.history[-1]
@@ -186,14 +181,10 @@ def teacher_signal(t_model, *, features: bool,
 
 
 def save_teacher_logits(teacher: str, dataset: str, split: str, out: str, *,
-                        device: str = "auto", engine: Optional[dict] = None,
-                        threads: Optional[int] = None) -> None:
+                        device: str, engine: dict, threads: Optional[int] = None) -> None:
     """The teacher's logits on the training split, once, for every
     logit-based student of its seed (same computation as `teacher_signal`)."""
-    set_threads(threads)
-    options = EngineOptions.from_config(engine)
-    dev = resolve_device(device)
-    configure(dev, options)
+    dev, options = setup(device, engine, threads)
     data = CifarSplits(dataset, split, dev)
     t_model, _ = checkpoint.load_model(teacher, dev)
     logits = predict_logits(t_model, data.train_x, Normalizer(dev, data.mean, data.std),

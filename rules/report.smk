@@ -1,6 +1,10 @@
 # All metrics -> tidy tables (pandas) -> figures (seaborn) -> one HTML file.
 # Local rules: seconds of CPU work, not worth a cluster job.
 
+# The report rule has one output per figure of kdflow.figures.FIGURES, named
+# as the figure (results/figures/<name>.png, caption report/<name>.rst).
+from kdflow.figures import FIGURES
+
 
 localrules:
     aggregate,
@@ -51,19 +55,10 @@ rule report:
     input:
         **rules.aggregate.output,
     output:
+        **{name: figure(name) for name in FIGURES},
         html=report(
             "results/report.html", caption="../report/html.rst", category="Report"
         ),
-        accuracy=figure("accuracy"),
-        paired=figure("paired"),
-        curves=figure("curves"),
-        agreement=figure("agreement"),
-        per_class=figure("per_class"),
-        confusion=figure("confusion"),
-        reliability=figure("reliability"),
-        efficiency=figure("efficiency"),
-        study=figure("study"),
-        heatmap=figure("heatmap"),
     log:
         "results/logs/report.log",
     conda:

@@ -1,5 +1,6 @@
 """The training engine: augmentation, teacher signal, determinism."""
 
+import copy
 import filecmp
 import shutil
 
@@ -8,13 +9,24 @@ import torch
 import torch.nn.functional as F
 
 from kdflow.data import Normalizer
-from kdflow.engine import Augment, EngineOptions, augment_batch, fit, predict_logits
+from kdflow import KdflowError, streams
+from kdflow.config import validate
+from kdflow.engine import Augment, TrainConfig, augment_batch, fit, predict_logits
 from kdflow.evaluate import evaluate
 from kdflow.losses import kd_loss
 from kdflow.models import build_model
 from kdflow.train import teacher_signal, train
 from kdflow import study
-from kdflow.config import validate
+
+
+NO_AUGMENT = Augment(crop=0, flip=False)
+
+
+def train_config(**training) -> TrainConfig:
+    """A TrainConfig from a training section, defaults filled from the schema."""
+    engine = training.pop("engine", {})
+    cfg = validate({"teacher": {"model": "lightnn", **training}, "engine": engine})
+    return TrainConfig.from_config(cfg["teacher"], cfg["engine"])
 
 
 def images(n=16, seed=0):
@@ -35,7 +47,7 @@ def test_augmentation_is_reproducible_per_seed():
 def test_crop_is_a_zero_padded_translation_and_flip_a_mirror():
     x = images(32)
     p = 2
-    out = augment_batch(x, Augment(crop=p), torch.Generator().manual_seed(0))
+    out = augment_batch(x, Augment(crop=p, flip=False), torch.Generator().manual_seed(0))
     padded = F.pad(x, (p, p, p, p))
     shifts = set()
     for i in range(len(x)):
@@ -44,7 +56,7 @@ def test_crop_is_a_zero_padded_translation_and_flip_a_mirror():
         assert matches, f"image {i} is not a translated copy"
         shifts.add(matches[0])
     assert len(shifts) > 5  # per-sample, not one shift for the batch
-    flipped = augment_batch(x, Augment(flip=True), torch.Generator().manual_seed(0))
+    flipped = augment_batch(x, Augment(crop=0, flip=True), torch.Generator().manual_seed(0))
     kinds = [torch.equal(flipped[i], x[i]) or torch.equal(flipped[i], x[i].flip(2))
              for i in range(len(x))]
     assert all(kinds)
@@ -71,8 +83,8 @@ def test_teacher_sees_exactly_the_students_augmented_views():
     student = build_model("lightnn")
     student.register_forward_pre_hook(
         lambda m, args: seen_by_student.append(args[0].clone()) if m.training else None)
-    fit(student, x, y, vx, vy, epochs=2, batch_size=32, lr=1e-3, seed=0,
-        teacher=teacher_fn, augment=Augment(crop=4, flip=True),
+    cfg = train_config(epochs=2, batch_size=32, augment={"crop": 4, "flip": True})
+    fit(student, x, y, vx, vy, cfg, seed=0, teacher=teacher_fn,
         loss_fn=lambda s: kd_loss(s.logits, s.teacher_logits, s.targets, 2.0, 0.5))
     assert len(seen_by_teacher) == len(seen_by_student) == 6
     for t_view, s_view in zip(seen_by_teacher, seen_by_student):
@@ -108,9 +120,9 @@ def test_fit_is_deterministic_on_cpu():
     for _ in range(2):
         torch.manual_seed(0)
         model = build_model("lightnn")
-        runs.append(fit(model, x, y, vx, vy, epochs=2, batch_size=32, lr=1e-3, seed=0,
-                        augment=Augment(crop=2, flip=True),
-                        options=EngineOptions(deterministic=True)))
+        cfg = train_config(epochs=2, batch_size=32, augment={"crop": 2, "flip": True},
+                           engine={"deterministic": True})
+        runs.append(fit(model, x, y, vx, vy, cfg, seed=0))
     a, b = runs
     for k in a.best_state:
         assert torch.equal(a.best_state[k], b.best_state[k])
@@ -128,10 +140,11 @@ def test_deterministic_mode_gives_byte_identical_metrics_files(workflow_run, tmp
         d = tmp_path / run
         shutil.copytree(workdir / "results" / "data", d / "results" / "data")
         monkeypatch.chdir(d)
-        common = dict(dataset="results/data/cifar10.npz", split="results/data/split.npz",
-                      seed=0, device="cpu", engine={"deterministic": True})
         cfg = validate({"teacher": {"model": "deepnn", "epochs": 1, "batch_size": 32},
-                        "student": {"model": "lightnn", "epochs": 2, "batch_size": 32}})
+                        "student": {"model": "lightnn", "epochs": 2, "batch_size": 32},
+                        "engine": {"deterministic": True}})
+        common = dict(dataset="results/data/cifar10.npz", split="results/data/split.npz",
+                      seed=0, device="cpu", engine=cfg["engine"])
         train(study.lookup(cfg, "teacher").record(), out_model="results/seed0/teacher/model.pt",
               out_history="results/seed0/teacher/history.csv", **common)
         train(study.lookup(cfg, KD).record(), out_model=f"results/seed0/{KD}/model.pt",
@@ -151,3 +164,57 @@ def test_predict_logits_restores_training_mode():
     model = build_model("lightnn").train()
     out = predict_logits(model, images(5), Normalizer("cpu"), batch_size=2)
     assert out.shape == (5, 10) and model.training
+
+
+def test_fit_is_the_plain_training_loop_bit_for_bit():
+    """fit's weights and validation history equal, bit for bit, those of the
+    recipe written out as one straight loop (seeded streams, batched
+    augmentation, SGD with decay and a step schedule, best-validation
+    selection): a refactoring of the engine cannot change results unseen."""
+    x, y, vx, vy = small_problem()
+    cfg = train_config(epochs=3, batch_size=32, lr=0.05, optimizer="sgd", momentum=0.9,
+                       weight_decay=5e-4, lr_milestones=[2], lr_gamma=0.5,
+                       augment={"crop": 2, "flip": True})
+    torch.manual_seed(0)
+    model = build_model("lightnn")
+    ref = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    dropout = torch.get_rng_state()
+    result = fit(model, x, y, vx, vy, cfg, seed=7)
+
+    torch.set_rng_state(dropout)  # the same dropout masks
+    opt = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, [2], 0.5)
+    order, aug = streams.generator(7, "order"), streams.generator(7, "augment")
+    normalize = Normalizer("cpu")
+    rows, best_acc, best_state, best_epoch = [], -1.0, None, 0
+    for epoch in (1, 2, 3):
+        ref.train()
+        perm = torch.randperm(len(x), generator=order)
+        for start in range(0, len(x), 32):
+            idx = perm[start:start + 32]
+            loss = F.cross_entropy(ref(normalize(augment_batch(x[idx], cfg.augment, aug))), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        val = predict_logits(ref, vx, normalize)
+        acc = (val.argmax(1) == vy).sum().item() / len(vy)
+        rows.append((epoch, F.cross_entropy(val, vy).item(), acc, opt.param_groups[0]["lr"]))
+        sched.step()
+        if acc > best_acc:
+            best_acc, best_epoch = acc, epoch
+            best_state = {k: v.detach().clone().contiguous() for k, v in ref.state_dict().items()}
+    assert [(r["epoch"], r["val_loss"], r["val_accuracy"], r["lr"])
+            for r in result.history] == rows
+    assert (result.best_epoch, result.best_val_accuracy) == (best_epoch, best_acc)
+    assert result.best_state.keys() == best_state.keys()
+    for k, v in best_state.items():
+        assert torch.equal(result.best_state[k], v), k
+
+
+def test_a_training_section_without_defaults_is_refused():
+    """Defaults come from the schema via validation, never from the code."""
+    with pytest.raises(KdflowError, match="lacks .*weight_decay"):
+        TrainConfig.from_config({"model": "lightnn", "epochs": 1, "batch_size": 32, "lr": 1e-3,
+                                 "optimizer": "adam", "momentum": 0.9, "lr_milestones": [],
+                                 "lr_gamma": 0.1, "augment": {"crop": 0, "flip": False}},
+                                validate({})["engine"])

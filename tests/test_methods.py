@@ -7,7 +7,7 @@ import torch
 
 from kdflow import KdflowError, methods
 from kdflow.data import Normalizer
-from kdflow.engine import Augment, Step, fit, predict_logits
+from kdflow.engine import Augment, Step, TrainConfig, fit, predict_logits
 from kdflow.optim import make_optimizer
 from kdflow.models import build_model
 from kdflow.study import plan
@@ -65,8 +65,9 @@ def test_hint_trains_its_regressor_with_the_student():
     before = copy.deepcopy(method.extra.state_dict())
     x, y = problem()
     online = teacher_signal(teacher, features=True, cached=None)
-    result = fit(student, x, y, x[:16], y[:16], epochs=1, batch_size=32, lr=1e-3, seed=0,
-                 loss_fn=method.loss, teacher=online, features=True, extra=method.extra)
+    cfg = validate({"student": {"model": "lightnn", "epochs": 1, "batch_size": 32}})
+    result = fit(student, x, y, x[:16], y[:16], TrainConfig.from_config(cfg["student"], cfg["engine"]),
+                 seed=0, loss_fn=method.loss, teacher=online, features=True, extra=method.extra)
     after = method.extra.state_dict()
     assert not torch.equal(before["conv.weight"], after["conv.weight"])
     assert not any(k.startswith("conv") for k in result.best_state)
@@ -80,7 +81,7 @@ def test_batchnorm_teacher_is_used_in_eval_mode():
     running = teacher.bn1.running_mean.clone()
     x, _ = problem(32)
     normalize = Normalizer("cpu")
-    for aug in (Augment(), Augment(flip=True)):
+    for aug in (Augment(crop=0, flip=False), Augment(crop=0, flip=True)):
         cached = None if aug.enabled else predict_logits(teacher, x, normalize)
         fn = teacher_signal(teacher, features=aug.enabled, cached=cached)
         assert not teacher.training
@@ -95,14 +96,18 @@ def test_batchnorm_teacher_is_used_in_eval_mode():
 def test_sgd_with_milestones_steps_the_learning_rate_per_epoch():
     x, y = problem()
     model = build_model("lightnn")
-    cfg = {"optimizer": "sgd", "momentum": 0.9, "weight_decay": 5e-4,
-           "lr_milestones": [1, 2], "lr_gamma": 0.1}
-    result = fit(model, x, y, x[:16], y[:16], epochs=3, batch_size=32, lr=0.05, seed=0,
-                 optim=cfg)
+    config = validate({"student": {"model": "lightnn", "epochs": 3, "batch_size": 32,
+                                   "lr": 0.05, "optimizer": "sgd", "momentum": 0.9,
+                                   "weight_decay": 5e-4, "lr_milestones": [2, 1],
+                                   "lr_gamma": 0.1}})
+    cfg = TrainConfig.from_config(config["student"], config["engine"])
+    result = fit(model, x, y, x[:16], y[:16], cfg, seed=0)
     assert [r["lr"] for r in result.history] == pytest.approx([0.05, 0.005, 0.0005])
-    opt, sched = make_optimizer(model.parameters(), 0.05, cfg)
+    opt, sched = make_optimizer(model.parameters(), cfg)
     assert isinstance(opt, torch.optim.SGD) and opt.defaults["weight_decay"] == 5e-4
-    opt, sched = make_optimizer(model.parameters(), 1e-3, {})
+    plain = validate({})  # the schema's defaults: Adam, constant rate
+    opt, sched = make_optimizer(model.parameters(),
+                                TrainConfig.from_config(plain["student"], plain["engine"]))
     assert isinstance(opt, torch.optim.Adam) and sched is None
 
 
@@ -121,7 +126,8 @@ def test_shared_teacher_logits_equal_the_in_job_computation(tmp_path, tiny_archi
     checkpoint.save(teacher, state_dict=build_model("deepnn").state_dict(), model="deepnn",
                     num_classes=10)
     out = tmp_path / "logits.pt"
-    save_teacher_logits(str(teacher), str(dataset), str(split), str(out), device="cpu")
+    save_teacher_logits(str(teacher), str(dataset), str(split), str(out), device="cpu",
+                        engine=validate({})["engine"])
     data = CifarSplits(dataset, split)
     model, _ = checkpoint.load_model(teacher)
     direct = predict_logits(model, data.train_x, Normalizer("cpu", data.mean, data.std))

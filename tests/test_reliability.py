@@ -114,9 +114,9 @@ def test_a_full_disk_fails_clearly_and_leaves_no_debris(kind, tmp_path, workflow
 def test_a_state_saved_on_another_device_type_is_set_aside(workflow_run, tmp_path, caplog):
     workdir, _ = workflow_run
     data = workdir / "results/data"
-    arm = study.lookup(validate({"teacher": {"model": "lightnn", "epochs": 2, "batch_size": 32}}),
-                       "teacher").record()
-    engine = {"deterministic": True}
+    config = validate({"teacher": {"model": "lightnn", "epochs": 2, "batch_size": 32},
+                       "engine": {"deterministic": True}})
+    arm, engine = study.lookup(config, "teacher").record(), config["engine"]
     args = dict(dataset=str(data / "cifar10.npz"), split=str(data / "split.npz"))
     out = tmp_path / "seed0" / "ce"
     out.mkdir(parents=True)

@@ -21,15 +21,16 @@ def start_job(workdir: Path, data: Path) -> subprocess.Popen:
     out = workdir / "seed0" / "teacher"
     code = f"""
 from kdflow.cli import run_step
+from kdflow.config import validate
 from kdflow.train import train
 from kdflow import study
-from kdflow.config import validate
-arm = study.lookup(validate({{"teacher": {{"model": "deepnn", "epochs": {EPOCHS},
-                                        "batch_size": 32}}}}), "teacher").record()
+cfg = validate({{"teacher": {{"model": "deepnn", "epochs": {EPOCHS}, "batch_size": 32}},
+                "engine": {{"deterministic": True}}}})
+arm = study.lookup(cfg, "teacher").record()
 run_step({str(workdir / 'train.log')!r}, lambda: train(
     arm, dataset={str(data / 'cifar10.npz')!r}, split={str(data / 'split.npz')!r},
     out_model={str(out / 'model.pt')!r}, out_history={str(out / 'history.csv')!r},
-    seed=0, device="cpu", threads=1, engine={{"deterministic": True}}))
+    seed=0, device="cpu", threads=1, engine=cfg["engine"]))
 """
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": str(REPO)}

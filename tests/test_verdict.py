@@ -276,10 +276,11 @@ def test_plain_and_distilled_twins_draw_the_same_dropout_masks(workflow_run, tmp
 
     monkeypatch.setattr(train_module, "build_model", recording_build)
     teacher = str(workdir / "results/seed0/teacher/model.pt")
+    cfg = validate({"student": {"model": "lightnn", "epochs": 1, "batch_size": 32},
+                    "engine": {"deterministic": True}})
     common = dict(dataset=str(data / "cifar10.npz"), split=str(data / "split.npz"), seed=0,
-                  device="cpu", threads=1, teacher=teacher, engine={"deterministic": True})
+                  device="cpu", threads=1, teacher=teacher, engine=cfg["engine"])
     from kdflow import study
-    from kdflow.config import validate
     config = validate({"student": {"model": "lightnn", "epochs": 1, "batch_size": 32},
                        "kd": {"method": ["hint", "kd"], "soft_target_weight": 0.5}})
     for current, path in (("plain", "lightnn/ce"), ("hint", "lightnn/hint/w0.5"),
