@@ -364,6 +364,9 @@ def render_report(tables: dict[str, str], out: str, title: str, experiment: dict
         provenance=_provenance(t["provenance"], experiment),
         commits=commits(t["provenance"]),
         sources=tables,
+        methods_used=[{"name": m.name, "label": m.label, "reference": m.reference,
+                       "knobs": [k.key for k in m.knobs]}
+                      for m in METHODS.values() if m.name in set(study["method"])],
     )
     atomic.write_text(out, html)
     log.info("wrote %s (%.0f kB)", out, len(html) / 1e3)
