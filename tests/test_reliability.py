@@ -55,7 +55,7 @@ def summary(workflow_run):
 
 WRITERS = {
     "dataset arrays": ("out.npz", """
-        from kdflow.data import convert_archive
+        from kdflow.datasets import convert as convert_archive
         convert_archive({archive!r}, "out.npz")"""),
     "validation split": ("split.npz", """
         from kdflow.data import write_split
