@@ -37,7 +37,11 @@ CONVERTED = f"results/data/{DATA}.npz"
 # changing it reruns only what follows conversion; without one the converted
 # file is the dataset.
 SUBSET = config["data"]["subset"]
-DATASET = f"results/data/{DATA}-subset.npz" if SUBSET["train"] or SUBSET["test"] else CONVERTED
+DATASET = (
+    f"results/data/{DATA}-subset.npz"
+    if SUBSET["train"] or SUBSET["test"]
+    else CONVERTED
+)
 SPLIT = "results/data/split.npz"
 # One teacher per seed; its training-set logits are shared by the logit-based
 # students of that seed.
