@@ -1,5 +1,4 @@
-"""Converted datasets: the .npz of uint8 images, subsets, the validation
-split, and loading for training.
+"""Converted datasets: the uint8 .npz, its subset and split, loading for training.
 
 Every dataset of the table (kdflow.datasets) converts to the same .npz:
 x_train/x_test uint8 (N, 3, IMAGE_SIZE, IMAGE_SIZE), y_train/y_test int64,
