@@ -18,7 +18,7 @@ from PIL import Image
 from kdflow import KdflowError
 from kdflow.config import validate
 from kdflow.data import balanced_pick, pixel_stats, write_subset
-from kdflow.datasets import archive_name, convert, fingerprint
+from kdflow.datasets import archive_name, convert, fetch, fingerprint
 from tests.conftest import base_config, planned_jobs, snakemake
 
 CLASSES = [f"c{i}" for i in range(10)]
@@ -236,6 +236,16 @@ def test_folder_needs_a_url_and_an_archive_needs_its_md5(png_tree, tmp_path):
     c = validate({"data": {"dataset": "folder", "url": png_tree.as_uri()}})
     assert archive_name("folder", c["data"]["url"]) is None
     assert archive_name("folder", "https://x/t.zip") == "folder.zip"
+
+
+def test_a_folder_archive_is_fetched_and_verified_like_the_cifar_ones(png_tree, tmp_path):
+    archive = tmp_path / "t.zip"
+    md5 = pack(png_tree, archive)
+    with pytest.raises(KdflowError, match="md5 mismatch"):
+        fetch("folder", archive.as_uri(), "0" * 32, tmp_path / "folder.zip")
+    assert not (tmp_path / "folder.zip").exists()
+    fetch("folder", archive.as_uri(), md5, tmp_path / "folder.zip")
+    assert converted(tmp_path / "folder.zip", tmp_path)["x_train"].shape == (120, 3, 32, 32)
 
 
 def test_the_fingerprint_follows_edits(tmp_path):
