@@ -31,7 +31,8 @@ DATA = config["data"]["dataset"]
 # place, which has no download step.
 _archive = archive_name(DATA, config["data"]["url"])
 ARCHIVE = f"results/data/{_archive}" if _archive else None
-SOURCE = ARCHIVE or directory_source(config["data"]["url"])
+# ...whose directory the convert step reads instead ("" with an archive).
+SOURCE_DIR = "" if ARCHIVE else directory_source(config["data"]["url"])
 CONVERTED = f"results/data/{DATA}.npz"
 # data.subset is drawn from the converted images by a step of its own, so
 # changing it reruns only what follows conversion; without one the converted

@@ -38,7 +38,7 @@ rule convert:
         "../envs/kdflow.yaml"
     params:
         dataset=DATA,
-        source=SOURCE,
+        directory=SOURCE_DIR,
         # Re-checked before reading: the archive may have changed since download.
         md5=config["data"].get("md5"),
         # A directory read in place is no input Snakemake can date: a digest

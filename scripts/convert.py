@@ -4,7 +4,7 @@ from kdflow.datasets import convert
 run_step(
     snakemake.log[0],
     lambda: convert(
-        snakemake.params.source,
+        snakemake.input[0] if snakemake.input else snakemake.params.directory,
         snakemake.output[0],
         dataset=snakemake.params.dataset,
         md5=snakemake.params.md5,
