@@ -9,7 +9,7 @@ from pathlib import Path
 import jsonschema
 
 from kdflow import KdflowError, methods, schema as _schema, study
-from kdflow.data import dataset_spec
+from kdflow.datasets import complete_config
 
 SCHEMA_PATH = _schema.SCHEMA_PATH
 
@@ -125,11 +125,20 @@ def validate(config: dict, schema: dict | None = None) -> dict:
         )
     study.settings(config)  # refuses two settings of one name
     _check_confirmation(config)
-    # The archive defaults to the chosen dataset's official one.
-    spec = dataset_spec(config["data"]["dataset"])
-    config["data"].setdefault("url", spec.url)
-    config["data"].setdefault("md5", spec.md5)
+    # The source defaults to the dataset's official archive (kdflow.datasets).
+    complete_config(config["data"])
+    _check_subset(config["data"])
     return config
+
+
+def _check_subset(data: dict) -> None:
+    """A training subset must leave images to train on beside data.val_size."""
+    train = data["subset"]["train"]
+    if train and data["val_size"] >= train:
+        raise KdflowError(
+            f"invalid config: data.subset.train = {train} leaves no training images beside "
+            f"the data.val_size = {data['val_size']} validation images carved from it; "
+            "raise data.subset.train or lower data.val_size")
 
 
 def _check_confirmation(config: dict) -> None:

@@ -12,8 +12,10 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from kdflow.data import IMAGE_SHAPE
 
-def count_macs(model: nn.Module, image_shape=(3, 32, 32)) -> int:
+
+def count_macs(model: nn.Module, image_shape=IMAGE_SHAPE) -> int:
     """Multiply-accumulates of one forward pass for one image, counted by
     PyTorch's FLOP counter over the operations the model actually runs
     (convolutions and matrix products; 1 MAC = 2 FLOPs)."""
@@ -37,8 +39,8 @@ def measure_speed(model: nn.Module, device: torch.device, *, batch: int = 1000,
     """Median latency of single images and throughput of large batches
     (eval mode, fp32, no gradients, after warm-up)."""
     model.eval()
-    one = torch.randn(1, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
-    big = torch.randn(batch, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
+    one = torch.randn(1, *IMAGE_SHAPE, device=device).contiguous(memory_format=torch.channels_last)
+    big = torch.randn(batch, *IMAGE_SHAPE, device=device).contiguous(memory_format=torch.channels_last)
     for _ in range(5):
         model(one)
     model(big)

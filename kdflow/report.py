@@ -302,6 +302,15 @@ def _provenance(prov: pd.DataFrame, experiment: dict) -> dict:
     }
 
 
+def _subset(experiment: dict) -> dict | None:
+    """data.subset when it shrinks the data (the report's banner), else None."""
+    data = experiment.get("data", {})
+    subset = data.get("subset") or {}
+    if not (subset.get("train") or subset.get("test")):
+        return None
+    return {"dataset": data.get("dataset", "the dataset"), **subset}
+
+
 def render_report(tables: dict[str, str], out: str, title: str, experiment: dict,
                   figures: dict[str, str] | None = None) -> None:
     """tables: paths of the aggregate step's CSV files and headline JSON.
@@ -360,6 +369,7 @@ def render_report(tables: dict[str, str], out: str, title: str, experiment: dict
         labels=ARM_LABELS,
         figures={k: "data:image/png;base64," + base64.b64encode(v).decode()
                  for k, v in figures.items()},
+        subset=_subset(experiment),
         experiment_yaml=yaml.safe_dump(experiment, sort_keys=False),
         provenance=_provenance(t["provenance"], experiment),
         commits=commits(t["provenance"]),

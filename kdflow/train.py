@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 
 from kdflow import KdflowError, atomic, checkpoint, methods, provenance, resume, streams, study
-from kdflow.data import CifarSplits, Normalizer
+from kdflow.data import Normalizer, Splits
 from kdflow.engine import (EngineOptions, TeacherFn, TrainConfig, autocast_dtype,
                            features_and_logits, fit, predict_logits, setup)
 from kdflow.models import build_model, count_parameters
@@ -60,7 +60,7 @@ def train(
     amp = autocast_dtype(dev, options.precision)
     log.info("%s, seed %d, on %s (%s), %s, augmentation %s", arm["path"], seed, dev,
              provenance.device_name(dev), amp or "fp32", aug if aug.enabled else "off")
-    data = CifarSplits(dataset, split, dev)
+    data = Splits(dataset, split, dev)
     normalize = Normalizer(dev, data.mean, data.std)
     log.info("data: %d train, %d validation images, %d classes",
              len(data.train_y), len(data.val_y), data.num_classes)
@@ -185,7 +185,7 @@ def save_teacher_logits(teacher: str, dataset: str, split: str, out: str, *,
     """The teacher's logits on the training split, once, for every
     logit-based student of its seed (same computation as `teacher_signal`)."""
     dev, options = setup(device, engine, threads)
-    data = CifarSplits(dataset, split, dev)
+    data = Splits(dataset, split, dev)
     t_model, _ = checkpoint.load_model(teacher, dev)
     logits = predict_logits(t_model, data.train_x, Normalizer(dev, data.mean, data.std),
                             amp_dtype=autocast_dtype(dev, options.precision))

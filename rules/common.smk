@@ -7,7 +7,7 @@ sys.path.insert(0, workflow.basedir)
 
 from kdflow import KdflowError, methods, study
 from kdflow.config import validate as _validate_config
-from kdflow.data import dataset_spec
+from kdflow.datasets import archive_name, directory_source, fingerprint
 
 try:
     config.update(_validate_config(config))
@@ -29,8 +29,22 @@ CONFIRM_FIXED = [a.path for a in study.confirmation_fixed_arms(config)]
 CHOICE = "results/study/choice.json"
 
 DATA = config["data"]["dataset"]
-ARCHIVE = f"results/data/{dataset_spec(DATA).archive}"
-DATASET = f"results/data/{DATA}.npz"
+# The downloaded source (kdflow.datasets); None for an image folder read in
+# place, which has no download step.
+_archive = archive_name(DATA, config["data"]["url"])
+ARCHIVE = f"results/data/{_archive}" if _archive else None
+# ...whose directory the convert step reads instead ("" with an archive).
+SOURCE_DIR = "" if ARCHIVE else directory_source(config["data"]["url"])
+CONVERTED = f"results/data/{DATA}.npz"
+# data.subset is drawn from the converted images by a step of its own, so
+# changing it reruns only what follows conversion; without one the converted
+# file is the dataset.
+SUBSET = config["data"]["subset"]
+DATASET = (
+    f"results/data/{DATA}-subset.npz"
+    if SUBSET["train"] or SUBSET["test"]
+    else CONVERTED
+)
 SPLIT = "results/data/split.npz"
 # One teacher per seed; its training-set logits are shared by the logit-based
 # students of that seed.

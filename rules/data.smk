@@ -1,47 +1,78 @@
-# Download -> verify -> convert -> split. Local rules: cheap, CPU only, and on a
-# cluster the login node is the one that can reach the internet.
+# Download -> verify -> convert [-> subset] -> split. Local rules: cheap, CPU
+# only, and on a cluster the login node is the one that can reach the internet.
 
 
 localrules:
-    download,
     convert,
     split,
 
 
-rule download:
-    output:
-        ARCHIVE,
-    log:
-        "results/logs/download.log",
-    conda:
-        "../envs/kdflow.yaml"
-    params:
-        url=config["data"]["url"],
-        md5=config["data"]["md5"],
-    script:
-        "../scripts/download.py"
+if ARCHIVE:
+
+    localrules:
+        download,
+
+    rule download:
+        output:
+            ARCHIVE,
+        log:
+            "results/logs/download.log",
+        conda:
+            "../envs/kdflow.yaml"
+        params:
+            dataset=DATA,
+            url=config["data"]["url"],
+            md5=config["data"]["md5"],
+        script:
+            "../scripts/download.py"
 
 
 rule convert:
     input:
-        rules.download.output,
+        ARCHIVE or [],
     output:
-        DATASET,
+        CONVERTED,
     log:
         "results/logs/convert.log",
     conda:
         "../envs/kdflow.yaml"
     params:
         dataset=DATA,
+        directory=SOURCE_DIR,
         # Re-checked before reading: the archive may have changed since download.
-        md5=config["data"]["md5"],
+        md5=config["data"].get("md5"),
+        # A directory read in place is no input Snakemake can date: a digest
+        # of its files' names, sizes and times reruns conversion on any edit.
+        fingerprint=fingerprint(DATA, config["data"]["url"]),
     script:
         "../scripts/convert.py"
 
 
+if DATASET != CONVERTED:
+
+    localrules:
+        subset,
+
+    rule subset:
+        input:
+            CONVERTED,
+        output:
+            DATASET,
+        log:
+            "results/logs/subset.log",
+        conda:
+            "../envs/kdflow.yaml"
+        params:
+            train=SUBSET["train"],
+            test=SUBSET["test"],
+            seed=config["data"]["split_seed"],
+        script:
+            "../scripts/subset.py"
+
+
 rule split:
     input:
-        rules.convert.output,
+        DATASET,
     output:
         SPLIT,
     log:

@@ -1,10 +1,10 @@
 from kdflow.cli import run_step
-from kdflow.data import convert_archive
+from kdflow.datasets import convert
 
 run_step(
     snakemake.log[0],
-    lambda: convert_archive(
-        snakemake.input[0],
+    lambda: convert(
+        snakemake.input[0] if snakemake.input else snakemake.params.directory,
         snakemake.output[0],
         dataset=snakemake.params.dataset,
         md5=snakemake.params.md5,

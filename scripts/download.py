@@ -1,7 +1,8 @@
 from kdflow.cli import run_step
-from kdflow.data import fetch_archive
+from kdflow.datasets import fetch
 
 run_step(
     snakemake.log[0],
-    lambda: fetch_archive(snakemake.params.url, snakemake.params.md5, snakemake.output[0]),
+    lambda: fetch(snakemake.params.dataset, snakemake.params.url, snakemake.params.md5,
+                  snakemake.output[0]),
 )

@@ -27,7 +27,7 @@ repo, work, n_variants, seed = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]),
 sys.path.insert(0, repo)
 import numpy as np
 from kdflow import KdflowError
-from kdflow.data import convert_archive
+from kdflow.datasets import convert as convert_archive
 from tests.conftest import build_archive
 
 # Allow 1 GiB of address space above what the imports took: a parser that

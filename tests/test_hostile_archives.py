@@ -26,8 +26,8 @@ import numpy as np
 import pytest
 
 from kdflow import KdflowError
-from kdflow.data import (DATASETS, RestrictedUnpickler, UnsafePickleError, convert_archive,
-                         parse_batch, safe_unpickle)
+from kdflow.datasets import DATASETS, convert
+from kdflow.unpickle import RestrictedUnpickler, UnsafePickleError, parse_batch, safe_unpickle
 from tests.conftest import CLASSES, REPO, build_archive
 
 # --------------------------------------------------------------------------
@@ -206,7 +206,7 @@ def test_void_dtype_with_object_field_is_refused(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     with pytest.raises(UnsafePickleError, match="cifar-10-batches-py/data_batch_2"):
-        convert_archive(archive, out / "cifar10.npz")
+        convert(archive, out / "cifar10.npz")
     assert os.listdir(out) == []
 
 
@@ -318,7 +318,7 @@ def convert_fails(archive: Path, tmp_path: Path, error: str, **kw) -> None:
     out = tmp_path / "out"
     out.mkdir(exist_ok=True)
     with pytest.raises(KdflowError, match=error):
-        convert_archive(archive, out / "cifar10.npz", **kw)
+        convert(archive, out / "cifar10.npz", **kw)
     assert os.listdir(out) == []     # no .npz, no .part
 
 
@@ -345,14 +345,16 @@ def test_a_duplicated_batch_is_refused(small, tmp_path):
 
 def test_member_size_is_capped_before_reading(small, tmp_path, monkeypatch):
     monkeypatch.setitem(DATASETS, "cifar10",
-                        dataclasses.replace(DATASETS["cifar10"], max_member=20_000))
+                        dataclasses.replace(DATASETS["cifar10"], layout=dataclasses.replace(
+                            DATASETS["cifar10"].layout, max_member=20_000)))
     convert_fails(small, tmp_path, r"data_batch_1 is [\d,]+ bytes, more than the 20,000")
 
 
 def test_more_images_than_the_official_set_are_refused(small, tmp_path, monkeypatch):
     # The 20 test images stand for a test set above the official 10,000.
     monkeypatch.setitem(DATASETS, "cifar10",
-                        dataclasses.replace(DATASETS["cifar10"], test_size=19))
+                        dataclasses.replace(DATASETS["cifar10"], layout=dataclasses.replace(
+                            DATASETS["cifar10"].layout, test_size=19)))
     convert_fails(small, tmp_path, "20 test images, but cifar10 has at most 19")
 
 
@@ -405,7 +407,7 @@ def test_not_gzip_at_all_is_a_clear_error(tmp_path):
 
 
 def test_gzip_bomb_is_cut_off(tmp_path, monkeypatch):
-    monkeypatch.setattr("kdflow.data.MAX_UNPACKED", 1 << 20)
+    monkeypatch.setattr("kdflow.datasets.MAX_UNPACKED", 1 << 20)
     bomb = tmp_path / "cifar-10-python.tar.gz"
     bomb.write_bytes(gzip.compress(bytes(8 << 20)))   # 8 MB of zeros
     convert_fails(bomb, tmp_path, "unpacks to more than 1,048,576 bytes")
@@ -415,12 +417,12 @@ def test_convert_rechecks_the_md5(small, tmp_path):
     convert_fails(small, tmp_path, r"has md5 [0-9a-f]{32}, not data.md5 0{32}.*Delete it",
                   md5="0" * 32)
     md5 = hashlib.md5(small.read_bytes()).hexdigest()
-    info = convert_archive(small, tmp_path / "out" / "cifar10.npz", md5=md5.upper())
+    info = convert(small, tmp_path / "out" / "cifar10.npz", md5=md5.upper())
     assert info["train"] == 50 and os.listdir(tmp_path / "out") == ["cifar10.npz"]
 
 
 def test_convert_rule_passes_data_md5():
     # The workflow is what makes the re-check happen.
     rule = (REPO / "rules" / "data.smk").read_text().split("rule convert:")[1].split("rule ")[0]
-    assert 'md5=config["data"]["md5"]' in rule
+    assert "md5=config[\"data\"].get(\"md5\")" in rule   # absent only for a folder directory
     assert "md5=snakemake.params.md5" in (REPO / "scripts" / "convert.py").read_text()

@@ -114,12 +114,13 @@ def test_sgd_with_milestones_steps_the_learning_rate_per_epoch():
 def test_shared_teacher_logits_equal_the_in_job_computation(tmp_path, tiny_archive):
     """The teacher_logits job's file gives the very logits a job computes itself."""
     from kdflow import checkpoint
-    from kdflow.data import CifarSplits, convert_archive, write_split
+    from kdflow.data import Splits, write_split
+    from kdflow.datasets import convert
     from kdflow.engine import predict_logits
     from kdflow.train import load_teacher_logits, save_teacher_logits
 
     dataset, split = tmp_path / "c.npz", tmp_path / "split.npz"
-    convert_archive(tiny_archive[0], dataset)
+    convert(tiny_archive[0], dataset)
     write_split(dataset, split, val_size=50, seed=0)
     torch.manual_seed(0)
     teacher = tmp_path / "teacher.pt"
@@ -128,7 +129,7 @@ def test_shared_teacher_logits_equal_the_in_job_computation(tmp_path, tiny_archi
     out = tmp_path / "logits.pt"
     save_teacher_logits(str(teacher), str(dataset), str(split), str(out), device="cpu",
                         engine=validate({})["engine"])
-    data = CifarSplits(dataset, split)
+    data = Splits(dataset, split)
     model, _ = checkpoint.load_model(teacher)
     direct = predict_logits(model, data.train_x, Normalizer("cpu", data.mean, data.std))
     assert torch.equal(load_teacher_logits(str(out), str(teacher), str(split), "cpu"), direct)

@@ -56,8 +56,11 @@ def summary(workflow_run):
 
 WRITERS = {
     "dataset arrays": ("out.npz", """
-        from kdflow.data import convert_archive
+        from kdflow.datasets import convert as convert_archive
         convert_archive({archive!r}, "out.npz")"""),
+    "subset": ("subset.npz", """
+        from kdflow.data import write_subset
+        write_subset({dataset!r}, "subset.npz", 100, 0, 0)"""),
     "validation split": ("split.npz", """
         from kdflow.data import write_split
         write_split({dataset!r}, "split.npz", 50, 0)"""),

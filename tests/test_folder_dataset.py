@@ -1,0 +1,328 @@
+"""data.dataset folder: image trees from a directory, .tar.gz or .zip; the
+bad trees each refused with the path named; data.subset; and the workflow
+run end to end on a tree the test makes."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import tarfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from kdflow import KdflowError
+from kdflow.config import validate
+from kdflow.data import balanced_pick, pixel_stats, write_subset
+from kdflow.datasets import archive_name, convert, fetch, fingerprint
+from tests.conftest import base_config, planned_jobs, snakemake
+
+CLASSES = [f"c{i}" for i in range(10)]
+
+
+def image_bytes(label: int, i: int, size: int = 32, fmt: str = "PNG") -> bytes:
+    """A small image whose colour depends on the class, so a model can learn it."""
+    rng = np.random.default_rng(label * 1000 + i)
+    x = rng.normal(60 + 15 * label, 25, (size, size, 3))
+    x[:, :, label % 3] += 60
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(x, 0, 255).astype(np.uint8)).save(buf, fmt)
+    return buf.getvalue()
+
+
+def make_tree(root: Path, train: int = 12, test: int = 4, size: int = 32,
+              fmt: str = "PNG", classes=CLASSES) -> Path:
+    ext = ".png" if fmt == "PNG" else ".jpg"
+    for split, n in (("train", train), ("test", test)):
+        for label, c in enumerate(classes):
+            d = root / split / c
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                (d / f"{i:03d}{ext}").write_bytes(image_bytes(label, i + 100 * (split == "test"),
+                                                              size, fmt))
+    return root
+
+
+def pack(tree: Path, out: Path, wrapper: str = "mytree") -> str:
+    """tree packed as .tar.gz or .zip under one top-level directory; its md5."""
+    files = sorted(p for p in tree.rglob("*") if p.is_file())
+    if out.name.endswith(".zip"):
+        with zipfile.ZipFile(out, "w") as z:
+            for p in files:
+                z.write(p, f"{wrapper}/{p.relative_to(tree).as_posix()}")
+    else:
+        with tarfile.open(out, "w:gz") as t:
+            t.add(tree, arcname=wrapper)
+    return hashlib.md5(out.read_bytes()).hexdigest()
+
+
+def converted(source, tmp_path: Path) -> dict:
+    out = tmp_path / "out" / "folder.npz"
+    out.parent.mkdir(exist_ok=True)
+    convert(source, out, dataset="folder")
+    with np.load(out) as d:
+        return {k: d[k] for k in d.files}
+
+
+def fails(source, tmp_path: Path, error: str) -> None:
+    out = tmp_path / "out"
+    out.mkdir(exist_ok=True)
+    with pytest.raises(KdflowError, match=error):
+        convert(source, out / "folder.npz", dataset="folder")
+    assert os.listdir(out) == []     # no .npz, no .part
+
+
+@pytest.fixture(scope="module")
+def png_tree(tmp_path_factory) -> Path:
+    return make_tree(tmp_path_factory.mktemp("png") / "tree")
+
+
+# --------------------------------------------------------------------------
+# Good trees
+# --------------------------------------------------------------------------
+
+def test_a_png_directory_converts(png_tree, tmp_path):
+    d = converted(png_tree, tmp_path)
+    assert d["x_train"].shape == (120, 3, 32, 32) and d["x_train"].dtype == np.uint8
+    assert d["x_test"].shape == (40, 3, 32, 32)
+    assert list(d["classes"]) == CLASSES
+    assert np.bincount(d["y_train"]).tolist() == [12] * 10
+    # Pixels kept exactly (PNG is lossless), in file-name order within a class.
+    first = np.asarray(Image.open(png_tree / "train" / "c0" / "000.png")).transpose(2, 0, 1)
+    assert (d["x_train"][0] == first).all()
+    # Statistics from its own training images, as for every dataset.
+    assert tuple(d["mean"]) == pixel_stats(d["x_train"])[0]
+
+
+def test_classes_are_sorted_by_name(tmp_path):
+    tree = make_tree(tmp_path / "t", train=2, test=1, classes=["zebra", "ant", "moth"])
+    d = converted(tree, tmp_path)
+    assert list(d["classes"]) == ["ant", "moth", "zebra"]
+
+
+def test_jpeg_of_another_size_is_resized(tmp_path):
+    tree = make_tree(tmp_path / "t", train=3, test=2, size=40, fmt="JPEG")
+    d = converted(tree, tmp_path)
+    assert d["x_train"].shape == (30, 3, 32, 32) and d["x_test"].shape == (20, 3, 32, 32)
+
+
+@pytest.mark.parametrize("name", ["tree.tar.gz", "tree.zip"])
+def test_archives_with_a_wrapping_directory_match_the_directory(png_tree, tmp_path, name):
+    archive = tmp_path / name
+    md5 = pack(png_tree, archive)
+    out = tmp_path / "a.npz"
+    convert(archive, out, dataset="folder", md5=md5)
+    want = converted(png_tree, tmp_path)
+    with np.load(out) as d:
+        for k in ("x_train", "y_train", "x_test", "y_test", "classes"):
+            assert (d[k] == want[k]).all(), k
+
+
+# --------------------------------------------------------------------------
+# Bad trees: each refused, naming the path
+# --------------------------------------------------------------------------
+
+def test_no_classes(tmp_path):
+    (tmp_path / "t" / "train").mkdir(parents=True)
+    fails(tmp_path / "t", tmp_path, r"t: no class directories under train/")
+
+
+def test_class_missing_from_test(tmp_path):
+    tree = make_tree(tmp_path / "t", train=2, test=1, classes=["a", "b"])
+    for p in (tree / "test" / "b").iterdir():
+        p.unlink()
+    (tree / "test" / "b").rmdir()
+    fails(tree, tmp_path, r"t: class\(es\) \['b'\] have no directory under test/")
+
+
+def test_extra_class_in_test(tmp_path):
+    tree = make_tree(tmp_path / "t", train=2, test=1, classes=["a", "b"])
+    (tree / "test" / "c").mkdir()
+    (tree / "test" / "c" / "x.png").write_bytes(image_bytes(0, 0))
+    fails(tree, tmp_path, r"\['c'\] are under test/ but not under train/")
+
+
+def test_empty_class(tmp_path):
+    tree = make_tree(tmp_path / "t", train=2, test=1, classes=["a", "b"])
+    for p in (tree / "train" / "b").iterdir():
+        p.unlink()
+    fails(tree, tmp_path, r"t/train/b: an empty class directory")
+
+
+def test_corrupt_image(tmp_path):
+    tree = make_tree(tmp_path / "t", train=2, test=1, classes=["a", "b"])
+    (tree / "train" / "a" / "001.png").write_bytes(image_bytes(0, 1)[:60])
+    fails(tree, tmp_path, r"t/train/a/001.png: unreadable or corrupt image")
+
+
+def test_not_an_image_file(tmp_path):
+    tree = make_tree(tmp_path / "t", train=2, test=1, classes=["a", "b"])
+    (tree / "train" / "a" / "notes.txt").write_text("hi")
+    fails(tree, tmp_path, r"t/train/a/notes.txt: not a .png, .jpg or .jpeg file")
+
+
+def test_mixed_sizes(tmp_path):
+    tree = make_tree(tmp_path / "t", train=2, test=1, classes=["a", "b"])
+    (tree / "train" / "b" / "001.png").write_bytes(image_bytes(1, 1, size=48))
+    fails(tree, tmp_path, r"t/train/b/001.png: 48x48 pixels, but .*/a/000.png is 32x32")
+
+
+def test_a_link_out_of_a_directory_is_refused(tmp_path):
+    tree = make_tree(tmp_path / "t", train=2, test=1, classes=["a", "b"])
+    outside = tmp_path / "secret.png"
+    outside.write_bytes(image_bytes(0, 9))
+    (tree / "train" / "a" / "009.png").symlink_to(outside)
+    fails(tree, tmp_path, "a link leads out of the tree")
+
+
+@pytest.mark.parametrize("member, error", [
+    ("../evil.png", r"member '../evil.png' has an absolute path or '..'"),
+    ("/abs/train/a/x.png", r"member '/abs/train/a/x.png' has an absolute path"),
+])
+def test_hostile_member_names_are_refused(png_tree, tmp_path, member, error):
+    archive = tmp_path / "t.tar.gz"
+    with tarfile.open(archive, "w:gz") as t:
+        t.add(png_tree, arcname="tree")
+        info = tarfile.TarInfo(member)
+        payload = image_bytes(0, 0)
+        info.size = len(payload)
+        t.addfile(info, io.BytesIO(payload))
+    fails(archive, tmp_path, error)
+
+
+def test_links_in_an_archive_are_refused(png_tree, tmp_path):
+    archive = tmp_path / "t.tar.gz"
+    with tarfile.open(archive, "w:gz") as t:
+        t.add(png_tree, arcname="tree")
+        link = tarfile.TarInfo("tree/train/c0/zz.png")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        t.addfile(link)
+    fails(archive, tmp_path, "zz.png is not a regular file")
+
+
+def test_member_count_and_unpacked_size_are_capped(png_tree, tmp_path, monkeypatch):
+    archive = tmp_path / "t.tar.gz"
+    pack(png_tree, archive)
+    monkeypatch.setattr("kdflow.folder.MAX_MEMBERS", 20)
+    fails(archive, tmp_path, "more than 20 members")
+    monkeypatch.setattr("kdflow.folder.MAX_MEMBERS", 10_000)
+    monkeypatch.setattr("kdflow.folder.MAX_UNPACKED", 20_000)
+    fails(archive, tmp_path, "unpacks to more than 20,000 bytes")
+
+
+def test_two_wrapping_directories_are_refused(png_tree, tmp_path):
+    archive = tmp_path / "t.tar.gz"
+    with tarfile.open(archive, "w:gz") as t:
+        t.add(png_tree, arcname="one")
+        t.add(png_tree, arcname="two")
+    fails(archive, tmp_path, "both under 'one' and under 'two'")
+
+
+# --------------------------------------------------------------------------
+# Config and staleness
+# --------------------------------------------------------------------------
+
+def test_folder_needs_a_url_and_an_archive_needs_its_md5(png_tree, tmp_path):
+    with pytest.raises(KdflowError, match="folder has no default source; set data.url"):
+        validate({"data": {"dataset": "folder"}})
+    with pytest.raises(KdflowError, match=r"is an archive, so data.md5 is required.*md5sum"):
+        validate({"data": {"dataset": "folder", "url": "https://example.org/t.tar.gz"}})
+    with pytest.raises(KdflowError, match="neither|does not end in"):
+        validate({"data": {"dataset": "folder", "url": str(tmp_path / "nowhere")}})
+    c = validate({"data": {"dataset": "folder", "url": png_tree.as_uri()}})
+    assert archive_name("folder", c["data"]["url"]) is None
+    assert archive_name("folder", "https://x/t.zip") == "folder.zip"
+
+
+def test_a_folder_archive_is_fetched_and_verified_like_the_cifar_ones(png_tree, tmp_path):
+    archive = tmp_path / "t.zip"
+    md5 = pack(png_tree, archive)
+    with pytest.raises(KdflowError, match="md5 mismatch"):
+        fetch("folder", archive.as_uri(), "0" * 32, tmp_path / "folder.zip")
+    assert not (tmp_path / "folder.zip").exists()
+    fetch("folder", archive.as_uri(), md5, tmp_path / "folder.zip")
+    assert converted(tmp_path / "folder.zip", tmp_path)["x_train"].shape == (120, 3, 32, 32)
+
+
+def test_the_fingerprint_follows_edits(tmp_path):
+    tree = make_tree(tmp_path / "t", train=2, test=1, classes=["a", "b"])
+    before = fingerprint("folder", str(tree))
+    assert fingerprint("folder", tree.as_uri()) == before
+    (tree / "train" / "a" / "002.png").write_bytes(image_bytes(0, 2))
+    assert fingerprint("folder", str(tree)) != before
+    assert fingerprint("cifar10", "https://example.org/c.tar.gz") == ""
+
+
+# --------------------------------------------------------------------------
+# data.subset
+# --------------------------------------------------------------------------
+
+def test_subset_is_class_balanced_seeded_and_applies_to_test(png_tree, tmp_path):
+    full = tmp_path / "full.npz"
+    convert(png_tree, full, dataset="folder")
+    a, b, c = (tmp_path / f"{n}.npz" for n in "abc")
+    write_subset(full, a, train=53, test=20, seed=0)
+    write_subset(full, b, train=53, test=20, seed=0)
+    write_subset(full, c, train=53, test=20, seed=1)
+    with np.load(a) as x, np.load(b) as y, np.load(c) as z, np.load(full) as f:
+        counts = np.bincount(x["y_train"], minlength=10)
+        assert counts.sum() == 53 and counts.max() - counts.min() <= 1
+        assert np.bincount(x["y_test"]).tolist() == [2] * 10
+        assert (x["x_train"] == y["x_train"]).all()            # fixed seed
+        assert not (x["x_train"] == z["x_train"]).all()        # another seed, others
+        assert (x["mean"] == f["mean"]).all()                  # the full set's statistics
+    with pytest.raises(KdflowError, match="data.subset.test = 5 leaves some of the 10"):
+        write_subset(full, tmp_path / "d.npz", train=0, test=5, seed=0)
+    with pytest.raises(KdflowError, match="data.subset.train = 500 needs 50 train images"):
+        balanced_pick(np.repeat(np.arange(10), 12), 500, np.random.default_rng(0),
+                      "train", "data.subset.train")
+
+
+@pytest.mark.parametrize("subset, error", [
+    ({"train": -1}, r"data.subset.train: -1 is less than the minimum of 0"),
+    ({"train": 40}, r"data.subset.train = 40 leaves no training images beside"),
+    ({"size": 3}, r"Additional properties are not allowed"),
+    ({"test": "many"}, r"data.subset.test: 'many' is not of type 'integer'"),
+])
+def test_bad_subset_config(subset, error):
+    with pytest.raises(KdflowError, match=error):
+        validate({"data": {"subset": subset, "val_size": 50}})
+
+
+def test_subset_defaults_to_all():
+    assert validate({})["data"]["subset"] == {"train": 0, "test": 0}
+
+
+# --------------------------------------------------------------------------
+# The workflow, end to end, on a test-made tree
+# --------------------------------------------------------------------------
+
+def test_workflow_on_a_folder(tmp_path):
+    tree = make_tree(tmp_path / "tree", train=20, test=5)
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    config = base_config(tree, "")     # its data section is replaced here
+    config["seeds"] = [0]
+    config["data"] = {"dataset": "folder", "url": str(tree), "val_size": 50,
+                      "subset": {"train": 150, "test": 40}}
+    snakemake(workdir, config)
+    metrics = workdir / "results" / "seed0" / "teacher" / "metrics.json"
+    assert '"test_images": 40' in metrics.read_text()
+    assert not (workdir / "results" / "data" / "folder.tar.gz").exists()  # read in place
+    with np.load(workdir / "results" / "data" / "folder.npz") as d:
+        assert len(d["y_train"]) == 200
+    report = (workdir / "results" / "report.html").read_text()
+    assert "subset run" in report.lower()
+
+    # Another subset: only the steps after conversion rerun.
+    smaller = {**config, "data": {**config["data"], "subset": {"train": 120, "test": 40}}}
+    jobs = planned_jobs(workdir, smaller)
+    assert "convert" not in jobs and jobs["subset"] == 1 and jobs["split"] == 1
+    assert jobs["train_teacher"] == 1
+    # Editing the tree reruns conversion (Snakemake cannot see inside it).
+    (tree / "train" / "c3" / "000.png").write_bytes(image_bytes(3, 77))
+    assert planned_jobs(workdir, config).get("convert") == 1
