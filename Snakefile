@@ -1,4 +1,4 @@
-# kdflow: knowledge distillation on CIFAR-10, reproducibly.
+# kdflow: knowledge distillation on CIFAR-10, CIFAR-100 or image folders, reproducibly.
 # Rules are declared in rules/*.smk; the work is done by the `kdflow` library
 # through thin scripts in scripts/. Config reference: config/schema.yaml.
 

@@ -1,4 +1,4 @@
-"""kdflow: a reproducible knowledge-distillation workflow for CIFAR-10.
+"""kdflow: reproducible knowledge distillation on CIFAR-10/100 and image folders.
 
 The library never imports Snakemake: the workflow's scripts unpack
 `snakemake.input/params/output` and call plain functions from here, so every
