@@ -203,8 +203,8 @@ def augment_batch(x: torch.Tensor, aug: Augment, gen: torch.Generator) -> torch.
 @dataclass(frozen=True)
 class TrainConfig:
     """What to learn and how to run: a training section of the config
-    (`teacher`, or a student's from kdflow.study.student_config) and the
-    engine section, validated, built once per job."""
+    (`teacher`, or a student's: a plan record's `training`, kdflow.study)
+    and the engine section, validated, built once per job."""
 
     model: str
     epochs: int

@@ -44,6 +44,10 @@ def evaluate(model_path: str, dataset: str, out: str, *, arm: str, seed: int,
         classes = [str(c) for c in d["classes"]]
         normalize = Normalizer(dev, *channel_stats(d))
     model, ckpt = checkpoint.load_model(model_path, dev)
+    if "plan" not in ckpt:
+        raise KdflowError(f"{model_path} has no plan record (trained by a kdflow before "
+                          "plan records): retrain it (delete it, or --forcerun its training "
+                          "rule)")
     if ckpt["plan"]["path"] != arm:
         raise KdflowError(f"{model_path} was trained as {ckpt['plan']['path']!r}, not as "
                           f"{arm!r}: it is in another model's place; delete it and rerun")

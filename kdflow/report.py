@@ -31,6 +31,7 @@ from kdflow import atomic  # noqa: E402
 from kdflow.figures import FIGURES  # noqa: E402
 from kdflow.aggregate import ARM_LABELS, ARM_ORDER, headline_view  # noqa: E402
 from kdflow.methods import METHODS  # noqa: E402
+from kdflow.study import fmt  # noqa: E402
 from kdflow.provenance import config_hash  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -242,7 +243,8 @@ def _knob_text(v) -> str:
         return "–"
     if isinstance(v, (bool, np.bool_)) or v in ("True", "False"):
         return "on" if v in (True, "True") else "off"
-    return f"{v:g}" if isinstance(v, (int, float)) else str(v)
+    # The round-trip form of the setting names: two values never share a label.
+    return fmt(v) if isinstance(v, (int, float)) else str(v)
 
 
 def fig_heatmap(study: pd.DataFrame) -> bytes:

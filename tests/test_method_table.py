@@ -130,9 +130,14 @@ def test_dist_by_hand():
 def test_dist_is_zero_for_a_shifted_and_scaled_copy_and_has_gradients():
     """Pearson correlation is invariant to shift and scale of the
     probabilities: a student matching the teacher's relations exactly has
-    no DIST loss even where its probabilities differ."""
+    no DIST loss even where its probabilities differ (here p_s = p_t / 2 +
+    1/6 per row, so each row still sums to 1, and per column too)."""
     p_t = torch.tensor([[0.2, 0.3, 0.5], [0.6, 0.3, 0.1], [0.25, 0.5, 0.25]])
-    assert dist_loss(p_t.log(), p_t.log(), 1.0, 1.0, 1.0).item() == pytest.approx(0, abs=1e-6)
+    p_s = 0.5 * p_t + 0.5 / 3
+    assert not torch.allclose(p_s, p_t)
+    assert dist_loss(p_s.log(), p_t.log(), 1.0, 1.0, 1.0).item() == pytest.approx(0, abs=1e-6)
+    # ...while KL, which asks for the very probabilities, is not zero.
+    assert kd_loss(p_s.log(), p_t.log(), torch.tensor([0, 1, 2]), 1.0, 1.0).item() > 1e-3
     s = torch.randn(4, 10, requires_grad=True)
     dist_total_loss(s, torch.randn(4, 10), torch.tensor([0, 1, 2, 3]), 4.0, 1.0, 1.0).backward()
     assert torch.isfinite(s.grad).all() and s.grad.abs().sum() > 0
