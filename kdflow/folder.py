@@ -9,6 +9,8 @@ or `..` names and links are refused all the same, and member count, member
 size and unpacked size are capped as for the CIFAR archives. Each image is
 decoded once, here, with Pillow (RGB), and resized to IMAGE_SIZE when all
 images share another size; mixed sizes are refused, not silently squashed.
+Dot-names, Thumbs.db, desktop.ini and __MACOSX/ are skipped everywhere: file
+managers and the Finder's Compress add them to every tree.
 """
 
 from __future__ import annotations
