@@ -114,15 +114,19 @@ def balanced_pick(labels: np.ndarray, size: int, rng: np.random.Generator,
 def write_subset(dataset: str | os.PathLike, out: str | os.PathLike,
                  train: int, test: int, seed: int) -> dict:
     """A class-balanced subset of the converted dataset (0 = all images of
-    that set), drawn with a generator seeded with `seed`: the same dataset,
-    sizes and seed always give the same images. The full training set's
+    that set), drawn with generators seeded with (`seed`, part): the same
+    dataset, sizes and seed always give the same images, and the test images
+    do not depend on the train size. The full training set's
     channel statistics are kept."""
     with np.load(dataset) as d:
         arrays = {k: d[k] for k in d.files}
-    rng = np.random.default_rng(seed)
-    for part, size, setting in (("train", train, "data.subset.train"),
-                                ("test", test, "data.subset.test")):
+    # One generator per part, so the test subset does not depend on how many
+    # training images were drawn before it: changing data.subset.train keeps
+    # the test images, and the scores stay comparable.
+    for stream, (part, size, setting) in enumerate((("train", train, "data.subset.train"),
+                                                    ("test", test, "data.subset.test"))):
         if size:
+            rng = np.random.default_rng([seed, stream])
             idx = balanced_pick(arrays[f"y_{part}"], size, rng, part, setting)
             arrays[f"x_{part}"], arrays[f"y_{part}"] = arrays[f"x_{part}"][idx], \
                 arrays[f"y_{part}"][idx]

@@ -9,6 +9,8 @@ or `..` names and links are refused all the same, and member count, member
 size and unpacked size are capped as for the CIFAR archives. Each image is
 decoded once, here, with Pillow (RGB), and resized to IMAGE_SIZE when all
 images share another size; mixed sizes are refused, not silently squashed.
+Dot-names, Thumbs.db, desktop.ini and __MACOSX/ are skipped everywhere: file
+managers and the Finder's Compress add them to every tree.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import lzma
 import os
 import stat
 import tarfile
@@ -42,6 +45,10 @@ SPLITS = ("train", "test")
 MAX_MEMBERS = 2_000_000
 MAX_IMAGE_BYTES = 32 << 20
 MAX_UNPACKED = 8 << 30
+# Read-ahead and headers allowed between two tar members beside the
+# largest image: tarfile reads 10 KiB blocks, and honest pax headers
+# (long names, times) are a few hundred bytes.
+HEADER_SLACK = 1 << 20
 # Pixels of one image: a tiny PNG can declare a gigapixel canvas (a
 # decompression bomb); refused before it is decoded.
 MAX_PIXELS = 4096 * 4096
@@ -58,35 +65,95 @@ def _bad(source, problem: str) -> KdflowError:
 # Walking a source: (relative name, bytes or None for a directory)
 # --------------------------------------------------------------------------
 
-def _walk_dir(root: Path) -> Iterator[tuple[str, bytes | None]]:
-    """Files and directories under `root`, sorted. Links are followed only
-    while they stay inside the tree."""
+def _skipped(name: str) -> bool:
+    """Names no one means as data: dot-files and dot-directories
+    (.DS_Store, .ipynb_checkpoints, ._x.png), Thumbs.db and desktop.ini,
+    and the __MACOSX/ folder that the Finder's Compress adds. Skipped in directories and archives alike."""
+    return name.startswith(".") or name == "__MACOSX" or name.lower() in _JUNK
+
+
+# What file managers leave in every folder they show (Windows' thumbnail
+# cache and folder settings), as .DS_Store on a Mac.
+_JUNK = {"thumbs.db", "desktop.ini"}
+
+
+def _in_tree(parts: tuple[str, ...]) -> bool:
+    """Whether a path (as parts) can belong to train/ or test/, directly or
+    under one wrapping directory; anything else (a README, a folder of
+    originals beside the tree) is never read, so never walked either."""
+    return bool(parts) and (parts[0] in SPLITS or (len(parts) > 1 and parts[1] in SPLITS))
+
+
+def _dir_entries(root: Path) -> Iterator[tuple[str, Path, bool]]:
+    """(relative name, path, is a directory) for what conversion reads
+    under `root`, sorted. The one set of rules for converting and for the
+    fingerprint, so they always see the same files: dot-names and
+    __MACOSX skipped; links followed only while they stay inside the tree,
+    checked before descending (a link to / is refused, not walked); a
+    directory reached a second time (a link loop such as class/up -> ..)
+    is listed by name but not entered, so the walk ends."""
     real_root = root.resolve()
-    seen = set()
+    seen = {real_root}
     for here, dirs, files in os.walk(root, followlinks=True):
-        real = Path(here).resolve()
-        if real != real_root and real_root not in real.parents:
-            raise _bad(here, f"a link leads out of the tree (to {real})")
-        if real in seen:    # a link loop
-            dirs[:] = []
-            continue
-        seen.add(real)
-        dirs.sort()
-        rel = Path(here).relative_to(root)
-        for d in dirs:
-            yield (rel / d).as_posix(), None
+        here = Path(here)
+        rel = here.relative_to(root)
+        keep = []
+        for d in sorted(dirs):
+            if _skipped(d):
+                continue
+            parts = (rel / d).parts
+            if len(parts) > 1 and not _in_tree(parts):
+                continue
+            path = here / d
+            real = path.resolve()
+            if real != real_root and real_root not in real.parents:
+                raise _bad(path, f"a link leads out of the tree (to {real}); links "
+                                 "may only point inside it. Copy the files in instead")
+            if _in_tree(parts):     # a top-level one may only be a wrapper
+                yield (rel / d).as_posix(), path, True
+            if real not in seen:    # else a loop or a second way in: not entered
+                seen.add(real)
+                keep.append(d)
+        dirs[:] = keep
         for f in sorted(files):
-            path = Path(here) / f
+            if _skipped(f) or not _in_tree((rel / f).parts):
+                continue
+            path = here / f
             target = path.resolve()
             if real_root not in target.parents:
-                raise _bad(path, f"a link leads out of the tree (to {target})")
-            if f.startswith(".") or Path(f).suffix.lower() not in IMAGE_SUFFIXES:
-                yield (rel / f).as_posix(), b""  # judged by name alone
-                continue
-            if path.stat().st_size > MAX_IMAGE_BYTES:
-                raise _bad(path, f"{path.stat().st_size:,} bytes, more than the "
-                                 f"{MAX_IMAGE_BYTES:,} allowed for one image")
-            yield (rel / f).as_posix(), path.read_bytes()
+                raise _bad(path, f"a link leads out of the tree (to {target}); links "
+                                 "may only point inside it. Copy the files in instead")
+            yield (rel / f).as_posix(), path, False
+
+
+def _is_image_name(name: str) -> bool:
+    return PurePosixPath(name).suffix.lower() in IMAGE_SUFFIXES
+
+
+def _image_stat(path: Path) -> os.stat_result:
+    st = path.stat()
+    # A FIFO or device named x.png would block the read or never end.
+    if not stat.S_ISREG(st.st_mode):
+        raise _bad(path, "not a regular file (a FIFO, socket or device); an image "
+                         "tree holds plain image files only. Remove it or replace it "
+                         "with the image itself")
+    return st
+
+
+def _walk_dir(root: Path) -> Iterator[tuple[str, bytes | None]]:
+    """Files and directories under `root` (see _dir_entries), with the bytes
+    of each image file."""
+    for name, path, is_dir in _dir_entries(root):
+        if is_dir:
+            yield name, None
+        elif not _is_image_name(name):
+            yield name, b""         # judged by name alone
+        else:
+            size = _image_stat(path).st_size
+            if size > MAX_IMAGE_BYTES:
+                raise _bad(path, f"{size:,} bytes, more than the {MAX_IMAGE_BYTES:,} "
+                                 "allowed for one image")
+            yield name, path.read_bytes()
 
 
 def _safe_name(archive: Path, name: str) -> str:
@@ -100,18 +167,32 @@ def _safe_name(archive: Path, name: str) -> str:
 
 class _Counted:
     """A stream as tarfile reads it, counted and capped (a "zip bomb"
-    inflating to gigabytes costs seconds, not the disk)."""
+    inflating to gigabytes costs seconds, not the disk).
+
+    Besides the total, the bytes read since the last member was handed out
+    (`since`, reset by the reader) are capped: tarfile reads a pax extended
+    header or a GNU long name whole, into memory, while looking for the next
+    member, before any per-member size check can run, so a small .tar.gz
+    could otherwise hold a header of gigabytes."""
 
     def __init__(self, raw, archive: Path):
-        self.raw, self.archive, self.n = raw, archive, 0
+        self.raw, self.archive, self.n, self.since = raw, archive, 0, 0
+        self.members_done = False   # past the tar's end only the total cap applies
 
     def read(self, size: int = -1) -> bytes:
         room = MAX_UNPACKED - self.n + 1
         block = self.raw.read(room if size is None or size < 0 else min(size, room))
         self.n += len(block)
+        self.since += len(block)
         if self.n > MAX_UNPACKED:
             raise KdflowError(f"{self.archive} unpacks to more than {MAX_UNPACKED:,} bytes, "
                               "the cap for an image tree archive; check data.url")
+        if not self.members_done and self.since > MAX_IMAGE_BYTES + HEADER_SLACK:
+            raise KdflowError(
+                f"{self.archive}: more than {MAX_IMAGE_BYTES + HEADER_SLACK:,} bytes between "
+                "two members (an oversized pax or long-name header, or a member larger "
+                "than it declares); no image tree needs that. Refusing the archive: "
+                "check data.url, or repack the tree with plain `tar czf`")
         return block
 
 
@@ -129,6 +210,7 @@ def _walk_tar(archive: Path) -> Iterator[tuple[str, bytes | None]]:
                                       "the cap for an image tree archive; check data.url")
                 name = _safe_name(archive, info.name)
                 if info.isdir():
+                    counted.since = 0
                     yield name, None
                     continue
                 if not info.isfile() or info.issparse():
@@ -139,14 +221,45 @@ def _walk_tar(archive: Path) -> Iterator[tuple[str, bytes | None]]:
                 if info.size > MAX_IMAGE_BYTES:
                     raise _bad(f"{archive}: {info.name}", f"{info.size:,} bytes, more than "
                                f"the {MAX_IMAGE_BYTES:,} allowed for one image")
-                yield name, tar.extractfile(info).read()
+                if any(_skipped(p) for p in PurePosixPath(name).parts):
+                    yield name, b""     # ._x.png, __MACOSX/...: never decoded
+                    continue
+                payload = tar.extractfile(info).read()
+                counted.since = 0   # its data read: the next header's budget starts
+                yield name, payload
         # The gzip's CRC and length are checked only at its end.
+        counted.members_done = True
         while counted.read(1 << 20):
             pass
 
 
+def _zip_error(archive: Path, member: str | None, e: Exception) -> KdflowError:
+    what = f"member {member}" if member else "its directory"
+    if isinstance(e, RuntimeError) and "encrypted" in str(e):
+        problem = "is encrypted (password protected)"
+    elif isinstance(e, NotImplementedError):
+        problem = f"uses a compression method Python cannot read ({e})"
+    else:
+        problem = f"is corrupt or unreadable ({type(e).__name__}: {e})"
+    return KdflowError(
+        f"{archive}: {what} {problem}. An image tree .zip must be unencrypted and "
+        "stored or deflated (bzip2 and lzma also work), as `zip -r` and the usual "
+        "Compress commands make it; repack the tree, or check data.url and data.md5")
+
+
+# What zipfile raises on a bad or unsupported archive or member: a password
+# (RuntimeError), a compression method it lacks (NotImplementedError), broken
+# headers or CRCs (BadZipFile), ZIP64 trouble (LargeZipFile), broken streams.
+_ZIP_ERRORS = (RuntimeError, NotImplementedError, zipfile.BadZipFile, zipfile.LargeZipFile,
+               EOFError, zlib.error, lzma.LZMAError, OSError)
+
+
 def _walk_zip(archive: Path) -> Iterator[tuple[str, bytes | None]]:
-    with zipfile.ZipFile(archive) as zf:
+    try:
+        zf = zipfile.ZipFile(archive)
+    except _ZIP_ERRORS as e:
+        raise _zip_error(archive, None, e) from None
+    with zf:
         infos = zf.infolist()
         if len(infos) > MAX_MEMBERS:
             raise KdflowError(f"{archive} has more than {MAX_MEMBERS:,} members, the cap "
@@ -157,15 +270,23 @@ def _walk_zip(archive: Path) -> Iterator[tuple[str, bytes | None]]:
             if info.is_dir():
                 yield name, None
                 continue
+            if any(_skipped(p) for p in PurePosixPath(name).parts):
+                yield name, b""     # __MACOSX/..., .DS_Store: never inflated
+                continue
             if stat.S_ISLNK(info.external_attr >> 16):
                 raise KdflowError(f"{archive}: member {info.filename} is a link; links are "
                                   "refused in an image tree archive. Pack the files themselves")
+            if info.flag_bits & 0x1:    # refused before zipfile asks for a password
+                raise _zip_error(archive, info.filename, RuntimeError("encrypted"))
             if info.file_size > MAX_IMAGE_BYTES:
                 raise _bad(f"{archive}: {info.filename}", f"{info.file_size:,} bytes, more "
                            f"than the {MAX_IMAGE_BYTES:,} allowed for one image")
             # The declared size may lie: read at most one byte past it.
-            with zf.open(info) as f:
-                payload = f.read(MAX_IMAGE_BYTES + 1)
+            try:
+                with zf.open(info) as f:
+                    payload = f.read(MAX_IMAGE_BYTES + 1)
+            except _ZIP_ERRORS as e:
+                raise _zip_error(archive, info.filename, e) from None
             total += len(payload)
             if len(payload) > MAX_IMAGE_BYTES or total > MAX_UNPACKED:
                 raise KdflowError(f"{archive} unpacks to more than its members declare or "
@@ -215,6 +336,8 @@ class _Tree:
         return rel
 
     def add(self, name: str, payload: bytes | None) -> None:
+        if any(_skipped(p) for p in PurePosixPath(name).parts):
+            return      # .DS_Store, __MACOSX/..., .ipynb_checkpoints/...
         rel = self._relative(name)
         if rel is None:
             return
@@ -224,8 +347,6 @@ class _Tree:
             elif len(rel) > 2:
                 raise _bad(self._where(name), "a directory inside a class directory; "
                                               "images sit directly in train/<class>/")
-            return
-        if rel[-1].startswith("."):    # .DS_Store and the like
             return
         if len(rel) != 3:
             raise _bad(self._where(name), "a file outside train/<class>/ and test/<class>/")
@@ -240,11 +361,20 @@ class _Tree:
         where = self._where(name)
         try:
             with Image.open(io.BytesIO(payload)) as img:
-                if img.format not in ("PNG", "JPEG"):
+                # MPO is how Pillow names the JPEGs many phones write (a JPEG
+                # with extra frames appended); the first frame is the photo.
+                if img.format not in ("PNG", "JPEG", "MPO"):
                     raise _bad(where, f"a {img.format} image; PNG or JPEG only")
                 if img.width * img.height > MAX_PIXELS:
                     raise _bad(where, f"{img.width}x{img.height} pixels, more than the "
                                       f"{MAX_PIXELS:,} allowed")
+                # 16-bit grey PNGs open as I;16/I (F for float data); convert()
+                # clips them to 0..255 instead of scaling, so most come out
+                # white. Refused rather than silently wrong.
+                if img.mode.startswith(("I", "F")):
+                    raise _bad(where, f"a 16-bit or 32-bit image (Pillow mode {img.mode}), "
+                                      "which would be clipped, not scaled, to 8 bits; save "
+                                      "it as an 8-bit PNG or a JPEG")
                 rgb = img.convert("RGB")
         except KdflowError:
             raise
@@ -306,18 +436,23 @@ def read_folder(source: Path, entry: Dataset | None = None) -> Images:
 
 
 def fingerprint(root: Path) -> str:
-    """A digest of every file's relative path, size and modification time
-    under `root`: stat calls only, no reading, so it is cheap enough for
-    every Snakemake start (60,000 files: a fraction of a second)."""
+    """A digest of what conversion reads under `root` (the same walk,
+    _dir_entries): directory names, every file name, and each image's size
+    and modification time. Stat calls only, no reading, so it is cheap
+    enough for every Snakemake start (60,000 files: a fraction of a second).
+    Files conversion skips (.DS_Store, Thumbs.db, a README beside the tree)
+    leave it unchanged, so they do not retrain everything."""
     h = hashlib.sha256()
-    for here, dirs, files in os.walk(root, followlinks=True):
-        dirs.sort()
-        for f in sorted(files):
-            path = Path(here) / f
-            try:
-                st = path.stat()
-            except OSError:     # a dangling link: conversion will say so
-                continue
-            h.update(f"{path.relative_to(root).as_posix()}\0{st.st_size}\0"
-                     f"{st.st_mtime_ns}\n".encode())
+    for name, path, is_dir in _dir_entries(root):
+        if is_dir or not _is_image_name(name):
+            # By name: a stray file inside a class is refused by conversion,
+            # so its arrival must rerun it.
+            h.update(f"{name}\0{'dir' if is_dir else 'file'}\n".encode())
+            continue
+        try:
+            st = _image_stat(path)
+        except OSError:     # a dangling link: conversion will say so
+            h.update(f"{name}\0missing\n".encode())
+            continue
+        h.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()[:16]

@@ -222,6 +222,106 @@ def test_two_wrapping_directories_are_refused(png_tree, tmp_path):
     fails(archive, tmp_path, "both under 'one' and under 'two'")
 
 
+def test_a_huge_tar_header_is_refused_before_it_is_read_whole(png_tree, tmp_path,
+                                                                 monkeypatch):
+    # tarfile reads a pax header or a GNU long name whole, before any
+    # per-member check; the counting reader caps the bytes between members.
+    monkeypatch.setattr("kdflow.folder.MAX_IMAGE_BYTES", 50_000)
+    monkeypatch.setattr("kdflow.folder.HEADER_SLACK", 20_000)
+    payload = image_bytes(0, 0)
+    for fmt, info in ((tarfile.PAX_FORMAT, tarfile.TarInfo("tree/train/c0/pax.png")),
+                      (tarfile.GNU_FORMAT, tarfile.TarInfo("tree/train/c0/" + "n" * 200_000))):
+        if fmt == tarfile.PAX_FORMAT:
+            info.pax_headers = {"comment": "x" * 200_000}
+        info.size = len(payload)
+        archive = tmp_path / "t.tar.gz"
+        with tarfile.open(archive, "w:gz", format=fmt) as t:
+            t.add(png_tree, arcname="tree")
+            t.addfile(info, io.BytesIO(payload))
+        assert archive.stat().st_size < 1_000_000
+        fails(archive, tmp_path, r"t.tar.gz: more than 70,000 bytes between two members")
+    # Honest headers pass: long pax names, under the same small caps.
+    archive = tmp_path / "ok.tar.gz"
+    with tarfile.open(archive, "w:gz", format=tarfile.PAX_FORMAT) as t:
+        t.add(png_tree, arcname="tree")
+        info = tarfile.TarInfo("tree/train/c0/" + "long" * 60 + ".png")
+        info.size = len(payload)
+        t.addfile(info, io.BytesIO(payload))
+    assert converted(archive, tmp_path)["x_train"].shape == (121, 3, 32, 32)
+
+
+def _patched_zip(tree: Path, out: Path, header: bytes, offset: int, value: bytes) -> Path:
+    """tree as a .zip with `value` written at `offset` into every header
+    starting with `header` (the flags or method of each member)."""
+    pack(tree, out)
+    data = bytearray(out.read_bytes())
+    i = data.find(header)
+    while i >= 0:
+        data[i + offset:i + offset + len(value)] = value
+        i = data.find(header, i + 4)
+    out.write_bytes(bytes(data))
+    return out
+
+
+@pytest.mark.parametrize("header, offset, value, error", [
+    (b"PK\x01\x02", 8, b"\x01\x00", r"member mytree/test/c0/000.png is encrypted"),
+    (b"PK\x01\x02", 10, b"\x06\x00", r"000.png uses a compression method Python cannot"),
+    (b"PK\x03\x04", 0, b"XXXX", r"000.png is corrupt or unreadable \(BadZipFile"),
+    (b"PK\x05\x06", 0, b"XXXX", r"t.zip: its directory is corrupt or unreadable|"
+                                  r"archive truncated or corrupt"),
+])
+def test_bad_zip_members_are_refused_clearly(png_tree, tmp_path, header, offset, value, error):
+    fails(_patched_zip(png_tree, tmp_path / "t.zip", header, offset, value), tmp_path, error)
+
+
+def test_everyday_clutter_is_skipped(tmp_path):
+    tree = make_tree(tmp_path / "t", train=2, test=1, classes=["a", "b"])
+    want = converted(tree, tmp_path)
+    (tree / "train" / "a" / ".ipynb_checkpoints").mkdir()
+    (tree / "train" / "a" / ".ipynb_checkpoints" / "x.txt").write_text("notebook")
+    (tree / "train" / "a" / ".DS_Store").write_bytes(b"\0\1")
+    (tree / "train" / "b" / "Thumbs.db").write_bytes(b"\0\1")
+    (tree / ".git").mkdir()
+    (tree / "README.md").write_text("my cats")
+    got = converted(tree, tmp_path)
+    assert (got["x_train"] == want["x_train"]).all()
+    # The Finder's Compress: a __MACOSX/ twin of the tree, full of ._ files.
+    archive = tmp_path / "mac.zip"
+    pack(tree, archive, wrapper="t")
+    with zipfile.ZipFile(archive, "a") as z:
+        for p in sorted(tree.rglob("*.png")):
+            rel = p.relative_to(tree).as_posix()
+            z.writestr(f"__MACOSX/t/{rel.rsplit('/', 1)[0]}/._{p.name}", b"\0\5\x16\7junk")
+    got = converted(archive, tmp_path)
+    assert (got["x_train"] == want["x_train"]).all()
+
+
+def test_phone_jpegs_in_mpo_form_are_accepted(tmp_path):
+    tree = make_tree(tmp_path / "t", train=2, test=1, classes=["a", "b"], fmt="JPEG")
+    first = Image.open(io.BytesIO(image_bytes(0, 0, fmt="JPEG")))
+    buf = io.BytesIO()
+    first.save(buf, "MPO", save_all=True, append_images=[first.copy()])
+    (tree / "train" / "a" / "000.jpg").write_bytes(buf.getvalue())
+    assert Image.open(tree / "train" / "a" / "000.jpg").format == "MPO"
+    assert converted(tree, tmp_path)["x_train"].shape == (4, 3, 32, 32)
+
+
+def test_a_16_bit_png_is_refused(tmp_path):
+    tree = make_tree(tmp_path / "t", train=2, test=1, classes=["a", "b"])
+    deep = np.full((32, 32), 40_000, dtype=np.uint16)
+    Image.fromarray(deep).save(tree / "train" / "a" / "000.png")
+    assert Image.open(tree / "train" / "a" / "000.png").mode.startswith("I")
+    fails(tree, tmp_path, r"a/000.png: a 16-bit or 32-bit image \(Pillow mode I.*save it "
+                          r"as an 8-bit PNG or a JPEG")
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
+def test_a_fifo_named_like_an_image_is_refused_not_read(tmp_path):
+    tree = make_tree(tmp_path / "t", train=2, test=1, classes=["a", "b"])
+    os.mkfifo(tree / "train" / "a" / "002.png")
+    fails(tree, tmp_path, r"a/002.png: not a regular file \(a FIFO")
+
+
 # --------------------------------------------------------------------------
 # Config and staleness
 # --------------------------------------------------------------------------
@@ -257,6 +357,49 @@ def test_the_fingerprint_follows_edits(tmp_path):
     assert fingerprint("cifar10", "https://example.org/c.tar.gz") == ""
 
 
+def test_the_fingerprint_sees_only_what_conversion_reads(tmp_path):
+    tree = make_tree(tmp_path / "t", train=2, test=1, classes=["a", "b"])
+    before = fingerprint("folder", str(tree))
+    # Opening the folder in a file manager, notes beside the tree: no rerun.
+    (tree / "train" / "a" / ".DS_Store").write_bytes(b"\0")
+    (tree / "train" / "b" / "Thumbs.db").write_bytes(b"\0")
+    (tree / ".ipynb_checkpoints").mkdir()
+    (tree / "README.md").write_text("my cats")
+    (tree / "originals").mkdir()
+    (tree / "originals" / "big.png").write_bytes(b"raw")
+    assert fingerprint("folder", str(tree)) == before
+    # Editing an image: a rerun.
+    (tree / "train" / "a" / "001.png").write_bytes(image_bytes(0, 5))
+    edited = fingerprint("folder", str(tree))
+    assert edited != before
+    # A stray file inside a class, which conversion refuses: a rerun too.
+    (tree / "train" / "a" / "notes.txt").write_text("hi")
+    assert fingerprint("folder", str(tree)) != edited
+
+
+def test_link_loops_and_links_out_are_not_walked(tmp_path):
+    tree = make_tree(tmp_path / "t", train=2, test=1, classes=["a", "b"])
+    # Two loops per class directory once made the walk exponential.
+    for c in ("a", "b"):
+        (tree / "train" / c / "up").symlink_to("..")
+        (tree / "train" / c / "top").symlink_to("../..")
+    (tree / "loop").symlink_to(".")         # beside the tree: harmless
+    first = fingerprint("folder", str(tree))
+    assert fingerprint("folder", str(tree)) == first
+    # Conversion sees the same link and refuses it, naming it.
+    fails(tree, tmp_path, r"t/train/a/top: a directory inside a class directory")
+    for c in ("a", "b"):
+        (tree / "train" / c / "up").unlink()
+        (tree / "train" / c / "top").unlink()
+    assert converted(tree, tmp_path)["x_train"].shape == (4, 3, 32, 32)
+    # A link to / is refused before it is walked, at parse time too.
+    (tree / "test" / "a" / "root").symlink_to("/")
+    with pytest.raises(KdflowError, match=r"t/test/a/root: a link leads out of the tree"):
+        fingerprint("folder", str(tree))
+    (tmp_path / "again").mkdir()
+    fails(tree, tmp_path / "again", r"t/test/a/root: a link leads out of the tree")
+
+
 # --------------------------------------------------------------------------
 # data.subset
 # --------------------------------------------------------------------------
@@ -280,6 +423,19 @@ def test_subset_is_class_balanced_seeded_and_applies_to_test(png_tree, tmp_path)
     with pytest.raises(KdflowError, match="data.subset.train = 500 needs 50 train images"):
         balanced_pick(np.repeat(np.arange(10), 12), 500, np.random.default_rng(0),
                       "train", "data.subset.train")
+
+
+def test_the_test_subset_does_not_depend_on_the_train_size(png_tree, tmp_path):
+    full = tmp_path / "full.npz"
+    convert(png_tree, full, dataset="folder")
+    picks = []
+    for train in (0, 20, 53, 100):
+        out = tmp_path / f"s{train}.npz"
+        write_subset(full, out, train=train, test=20, seed=3)
+        with np.load(out) as d:
+            picks.append(d["x_test"])
+            assert np.bincount(d["y_test"]).tolist() == [2] * 10
+    assert all((p == picks[0]).all() for p in picks[1:])
 
 
 @pytest.mark.parametrize("subset, error", [
