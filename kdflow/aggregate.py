@@ -9,13 +9,14 @@ import json
 import logging
 import os
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pandas as pd
 
 from kdflow import KdflowError, atomic, checkpoint, study
 from kdflow.methods import METHODS
-from kdflow.stats import holm, mean_ci, paired_comparison
+from kdflow.stats import PairedComparison, holm, mean_ci, paired_comparison
 
 log = logging.getLogger(__name__)
 
@@ -90,13 +91,15 @@ def collect(files: dict[str, list[str]],
         train_job, eval_job = _benchmark(tb_path), _benchmark(eb_path)
         models.append({
             **key, **about, "model": m["model"],
-            "accuracy": m["accuracy"], "loss": m["loss"],
+            "accuracy": m["accuracy"], "correct": m["correct"], "test_images": m["test_images"],
+            "loss": m["loss"],
             "ece": m["calibration"]["ece"],
             # Flagged: at chance level, or distilled from such a teacher.
             "flag": m.get("flag") or "",
             "teacher_agreement": m.get("teacher_agreement", np.nan),
             "teacher_kl": m.get("teacher_kl", np.nan),
             "best_epoch": m["best_epoch"], "best_val_accuracy": m["best_val_accuracy"],
+            "best_val_correct": m["best_val_correct"], "val_images": m["val_images"],
             "last_val_accuracy": m["last_val_accuracy"],
             "parameters": m["parameters"], "parameter_bytes": m["parameter_bytes"],
             "macs_per_image": m["macs_per_image"],
@@ -174,49 +177,61 @@ def study_table(table: pd.DataFrame) -> pd.DataFrame:
     """Every distilled setting against its own student's baseline, paired by
     seed over the selection seeds, and the selection on validation accuracy.
 
-    p_value is each setting's raw paired t-test; p_value_holm adjusts it
-    for the settings of the same student (Holm), the family a best setting
-    is picked from; perm_p_value is the exact sign-flip test. chosen_for_student
-    marks each student's setting with the best mean validation accuracy
-    (kdflow.study.choose); chosen the one of those that leads (the
-    headline's). best_of_method and method_rank do the same per (student,
-    method). Test accuracy never enters any choice.
+    p_value is each setting's raw paired t-test and perm_p_value its
+    sign-flip test; p_value_holm and perm_p_value_holm adjust them (Holm)
+    over every distilled setting of the study, the family the headline's
+    setting is picked from (a setting without a p-value still counts in
+    it). chosen_for_student marks each student's setting with the best mean
+    validation accuracy (kdflow.study.choose, the choose step's rule);
+    chosen the one of those that leads (the headline's). best_of_method and
+    method_rank do the same per (student, method). Test accuracy never
+    enters any choice.
     """
     table = table[table["stage"] == SELECTION]
-    rows = []
+    rows, candidates = [], []
     for arm, g in table[table["role"] == "student_kd"].groupby("arm", observed=True):
         student = g["student"].iloc[0]
         base = table[(table["role"] == "student_baseline") & (table["student"] == student)]
-        pair = g.merge(base[["seed", "accuracy"]], on="seed", suffixes=("", "_baseline"))
-        test = paired_comparison(pair["accuracy"], pair["accuracy_baseline"])
+        pair = g.merge(base[["seed", "correct"]], on="seed", suffixes=("", "_baseline"))
+        test = paired_comparison(pair["correct"], pair["correct_baseline"],
+                                 _test_images(pair))
+        candidates.append({
+            "arm": str(arm), "student": student,
+            "order": table["arm"].cat.categories.get_loc(arm),
+            "val_correct": dict(zip(g["seed"].astype(str), g["best_val_correct"])),
+            "val_images": dict(zip(g["seed"].astype(str), g["val_images"]))})
         rows.append({
             "arm": arm, **{c: g[c].iloc[0] for c in arm_columns(g)}, "n": len(g),
             "val_accuracy_mean": g["best_val_accuracy"].mean(),
             "accuracy_mean": g["accuracy"].mean(), "accuracy_sd": g["accuracy"].std(),
-            "baseline_accuracy_mean": pair["accuracy_baseline"].mean(),
+            "baseline_accuracy_mean": pair["correct_baseline"].mean() / test.images,
             "gain_mean": test.mean_gain, "gain_ci_low": test.ci_low,
-            "gain_ci_high": test.ci_high, "p_value": test.p_value,
-            "perm_p_value": test.perm_p_value, "n_pairs": test.n,
+            "gain_ci_high": test.ci_high, "equal_gains": test.equal_gains,
+            "p_value": test.p_value, "perm_p_value": test.perm_p_value, "n_pairs": test.n,
             "teacher_agreement_mean": g["teacher_agreement"].mean(),
             "flag": next((f for f in g["flag"] if f), ""),
         })
     if not rows:
         raise KdflowError("no distilled students among the results")
     out = pd.DataFrame(rows)
-    out["p_value_holm"] = np.nan
-    for _, g in out.groupby("student", sort=False):
-        adjusted = holm([None if pd.isna(p) else float(p) for p in g["p_value"]])
-        out.loc[g.index, "p_value_holm"] = [np.nan if p is None else p for p in adjusted]
-    out["best_of_method"] = False
-    for _, g in out.groupby(["student", "method"], sort=False):
-        out.loc[g["val_accuracy_mean"].idxmax(), "best_of_method"] = True
-    choice = study.choose(out[["arm", "student", "val_accuracy_mean"]].assign(
-        arm=out["arm"].astype(str)).to_dict("records"))
+    for col in ("p_value", "perm_p_value"):
+        adjusted = holm([None if pd.isna(p) else float(p) for p in out[col]])
+        out[f"{col}_holm"] = [np.nan if p is None else p for p in adjusted]
+    # Every choice below is study.choose's exact rule: per student, and per
+    # (student, method) for the ranking.
+    by_arm = {c["arm"]: c for c in candidates}
+    choice = study.choose(candidates)
     out["chosen_for_student"] = out["arm"].astype(str).isin([c["arm"] for c in choice.values()])
     out["chosen"] = out["arm"].astype(str) == choice[study.headline_student(choice)]["arm"]
-    best = out[out["best_of_method"]].sort_values("val_accuracy_mean", ascending=False,
-                                                   kind="stable")
-    out["method_rank"] = pd.Series(range(1, len(best) + 1), index=best.index)
+    out["best_of_method"] = False
+    best_of_method = []
+    for _, g in out.groupby(["student", "method"], sort=False):
+        pick = study.choose([by_arm[str(a)] for a in g["arm"]])[g["student"].iloc[0]]
+        out.loc[out["arm"].astype(str) == pick["arm"], "best_of_method"] = True
+        best_of_method.append(pick)
+    ranked = sorted(best_of_method, key=lambda c: (-study.val_mean(c), c["order"]))
+    rank = {c["arm"]: i + 1 for i, c in enumerate(ranked)}
+    out["method_rank"] = out["arm"].astype(str).map(rank)
     out["method_rank"] = out["method_rank"].astype("Int64")
     return out
 
@@ -247,13 +262,18 @@ def kd_gain(table: pd.DataFrame) -> pd.DataFrame:
     missing = [a for a in ARM_ORDER if a not in wide]
     if missing:
         raise KdflowError(f"no results for {missing}")
+    right = table.pivot(index="seed", columns="arm", values="correct")
     out = pd.DataFrame({
         "seed": wide.index,
         "teacher": wide["teacher"].to_numpy(),
         "student_baseline": wide["student_baseline"].to_numpy(),
         "student_kd": wide["student_kd"].to_numpy(),
+        # The exact numbers behind them: test images right, and of how many.
+        **{f"{a}_correct": right[a].to_numpy().astype(int) for a in ARM_ORDER},
+        "test_images": _test_images(table),
     })
-    out["gain"] = out["student_kd"] - out["student_baseline"]
+    out["gain_images"] = out["student_kd_correct"] - out["student_baseline_correct"]
+    out["gain"] = out["gain_images"] / out["test_images"]
     gap = out["teacher"] - out["student_baseline"]
     out["gap_closed"] = np.where(gap > 0, out["gain"] / gap.where(gap > 0), np.nan)
     return out
@@ -261,15 +281,19 @@ def kd_gain(table: pd.DataFrame) -> pd.DataFrame:
 
 def headline(gain: pd.DataFrame, chosen: dict[str, str], n_settings: int, *,
              stage: str = SELECTION, selection_seeds: list[int] = (),
-             flags: list[dict] = ()) -> dict:
-    """The experiment in a few numbers, all derived from kd_gain.csv.
+             flags: list[dict] = (), family: Optional[dict] = None) -> dict:
+    """The experiment in a few numbers, all derived from kd_gain.csv (and,
+    for the verdict's adjusted p-values, study.csv).
 
     With several settings and no confirmation stage the gain is measured on
-    the seeds that chose the setting: `optimistic` says so."""
+    the seeds that chose the setting: `optimistic` says so, and the verdict
+    reads `family`, the chosen setting's p-values adjusted over every
+    setting it was chosen among (see verdict)."""
     n = len(gain)
     means = gain[["teacher", "student_baseline", "student_kd"]].mean()
     gap = means["teacher"] - means["student_baseline"]
-    test = paired_comparison(gain["student_kd"], gain["student_baseline"])
+    test = paired_comparison(gain["student_kd_correct"], gain["student_baseline_correct"],
+                             _test_images(gain))
     return {
         "n_seeds": n,
         "seeds": [int(s) for s in gain["seed"]],
@@ -292,6 +316,7 @@ def headline(gain: pd.DataFrame, chosen: dict[str, str], n_settings: int, *,
         "teacher_retained_baseline": float(means["student_baseline"] / means["teacher"]),
         "teacher_retained_kd": float(means["student_kd"] / means["teacher"]),
         "paired_test": test.as_dict(),
+        "verdict": verdict(test, family),
     }
 
 
@@ -306,11 +331,11 @@ def _add_confirmation(study_df: pd.DataFrame, metrics: pd.DataFrame) -> pd.DataF
     for i, r in out[out["chosen_for_student"]].iterrows():
         kd = conf[conf["arm"].astype(str) == str(r["arm"])]
         base = conf[conf["arm"].astype(str) == f"{r['student']}/ce"]
-        pair = kd[["seed", "accuracy"]].merge(base[["seed", "accuracy"]], on="seed",
-                                               suffixes=("", "_baseline"))
+        pair = kd[["seed", "correct"]].merge(base[["seed", "correct"]], on="seed",
+                                              suffixes=("", "_baseline"))
         if pair.empty:
             continue
-        test = paired_comparison(pair["accuracy"], pair["accuracy_baseline"])
+        test = paired_comparison(pair["correct"], pair["correct_baseline"], _test_images(kd))
         out.loc[i, ["confirm_n", "confirm_gain_mean", "confirm_gain_ci_low", "confirm_gain_ci_high",
                     "confirm_p_value", "confirm_perm_p_value"]] = [
             test.n, test.mean_gain, test.ci_low, test.ci_high, test.p_value, test.perm_p_value]
@@ -357,9 +382,73 @@ def aggregate(files: dict[str, list[str]], out: dict[str, str], *,
         _write_csv(df, out[name])
     selection_seeds = sorted(tables["metrics"].loc[tables["metrics"]["stage"] == SELECTION,
                                                    "seed"].unique())
+    family = None
+    if stage == SELECTION and len(tables["study"]) > 1:
+        row = tables["study"].loc[tables["study"]["chosen"]].iloc[0]
+        family = {"size": len(tables["study"]),
+                  "p_value": _or_none(row["p_value_holm"]),
+                  "perm_p_value": _or_none(row["perm_p_value_holm"])}
     head = headline(tables["gain"], chosen, len(tables["study"]), stage=stage,
-                    selection_seeds=selection_seeds, flags=flags)
+                    selection_seeds=selection_seeds, flags=flags, family=family)
     atomic.write_json(out["headline"], head)
     log.info("%d models over %d seeds; %d distilled settings, chosen on validation: %s, "
              "gain %+.2f points (mean)", len(tables["metrics"]), head["n_seeds"],
              len(tables["study"]), chosen["student_kd"], 100 * head["gain_mean"])
+
+
+def _test_images(df: pd.DataFrame) -> int:
+    """The one test-set size of the models in `df` (all are scored on the
+    same test images)."""
+    sizes = set(df["test_images"])
+    if len(sizes) != 1:
+        raise KdflowError(f"models scored on different numbers of test images: {sorted(sizes)}")
+    return int(sizes.pop())
+
+
+def _or_none(x) -> Optional[float]:
+    return None if x is None or pd.isna(x) else float(x)
+
+
+ALPHA = 0.05
+
+
+def verdict(test: PairedComparison, family: Optional[dict] = None) -> dict:
+    """Whether the headline's gain is beyond seed noise, decided on the
+    evidence that fits how the setting was chosen.
+
+    `family` is None when the headline's setting was not chosen on these
+    seeds (one setting, or confirmation seeds that took no part in the
+    choice): its own p-values decide. Otherwise it holds the setting's
+    p-values adjusted (Holm) over every setting it was chosen among
+    ({size, p_value, perm_p_value}); those decide, and a p-value the family
+    lacks means the verdict says "not tested". With equal gains the t-test
+    is undefined and the sign-flip test decides.
+
+    kind: untested, equal (every seed gained the same; `significant` says
+    whether the sign-flip test calls that beyond chance), beyond, hurts or
+    noise.
+    """
+    adjusted = family is not None
+    out = {"kind": "untested", "significant": False, "alpha": ALPHA, "adjusted": adjusted,
+           "family_size": family["size"] if adjusted else 1, "test": None,
+           "p_value": None, "perm_p_value": None, "reason": test.reason}
+    if test.n < 3 or test.perm_p_value is None:
+        return out
+    if test.equal_gains:
+        p = family["perm_p_value"] if adjusted else test.perm_p_value
+        out.update(test="sign-flip", p_value=p, perm_p_value=p)
+        if p is None:
+            out["reason"] = "no adjusted sign-flip p-value over the settings it was chosen among"
+            return out
+        out.update(kind="equal", significant=bool(p < ALPHA and test.mean_gain != 0))
+        return out
+    p = family["p_value"] if adjusted else test.p_value
+    out.update(test="paired t", p_value=p,
+               perm_p_value=family["perm_p_value"] if adjusted else test.perm_p_value)
+    if p is None:
+        out["reason"] = "no adjusted t-test p-value over the settings it was chosen among"
+        return out
+    significant = bool(p < ALPHA)
+    kind = "noise" if not significant else ("beyond" if test.mean_gain > 0 else "hurts")
+    out.update(kind=kind, significant=significant)
+    return out

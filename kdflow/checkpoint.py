@@ -41,3 +41,13 @@ def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> t
     model.load_state_dict(ckpt["state_dict"])
     model.to(device).to(memory_format=torch.channels_last).eval()
     return model, ckpt
+
+
+def validation_counts(ckpt: dict, path: str | os.PathLike) -> tuple[int, int, int]:
+    """(validation images right at the best epoch, validation images, epochs
+    trained): the exact numbers that the choice of a setting and the
+    chance-level test use."""
+    if "best_val_correct" not in ckpt or "val_images" not in ckpt:
+        raise KdflowError(f"{path} has no exact validation counts (it was trained by an "
+                          "older kdflow); delete it and rerun to retrain it")
+    return int(ckpt["best_val_correct"]), int(ckpt["val_images"]), int(ckpt["last_epoch"])

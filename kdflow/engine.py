@@ -252,6 +252,11 @@ class FitResult:
     best_epoch: int           # 1-based
     best_val_accuracy: float
     history: list[dict]       # one row per epoch
+    # The best epoch's validation images right, and of how many: the exact
+    # numbers that choices and the chance test compare (floats can tie in
+    # one order and not in another).
+    best_val_correct: int = -1
+    val_images: int = 0
 
 
 @dataclass
@@ -299,6 +304,7 @@ class TrainState:
             self.best.best_state = {k: v.detach().to("cpu", copy=True)
                                     for k, v in self.model.state_dict().items()}
             self.best.best_epoch, self.best.best_val_accuracy = epoch, row["val_accuracy"]
+            self.best.best_val_correct, self.best.val_images = row["val_correct"], row["val_images"]
         return improved
 
     def save(self, path: str | os.PathLike) -> None:
@@ -316,6 +322,7 @@ class TrainState:
             "history": self.history, "best_state": self.best.best_state,
             "best_epoch": self.best.best_epoch,
             "best_val_accuracy": self.best.best_val_accuracy,
+            "best_val_correct": self.best.best_val_correct, "val_images": self.best.val_images,
         })
 
     def restore(self, path: Optional[str | os.PathLike]) -> bool:
@@ -340,6 +347,7 @@ class TrainState:
         self.history[:] = saved["history"]
         self.best.best_state, self.best.best_epoch = saved["best_state"], saved["best_epoch"]
         self.best.best_val_accuracy = saved["best_val_accuracy"]
+        self.best.best_val_correct, self.best.val_images = saved["best_val_correct"], saved["val_images"]
         p = self.partial
         log.info("resuming from %s (saved state %s)",
                  f"epoch {self.epoch + 1}, image {p['next']} of {len(p['perm'])}" if p
@@ -509,7 +517,9 @@ def _epoch_row(model, epoch, n, loss_sum, correct, val_x, val_y, normalize, amp,
     }
     val_logits = predict_logits(model, val_x, normalize, amp_dtype=amp)
     row["val_loss"] = F.cross_entropy(val_logits, val_y).item()
-    row["val_accuracy"] = (val_logits.argmax(1) == val_y).sum().item() / len(val_y)
+    row["val_correct"] = int((val_logits.argmax(1) == val_y).sum().item())
+    row["val_images"] = len(val_y)
+    row["val_accuracy"] = row["val_correct"] / len(val_y)
     if teacher_val_logits is not None:
         row["val_teacher_agreement"] = (
             val_logits.argmax(1) == teacher_val_logits.argmax(1)

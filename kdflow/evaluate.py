@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 from kdflow import KdflowError, atomic, checkpoint, provenance
 from kdflow.efficiency import count_macs, measure_speed
-from kdflow.stats import CHANCE_FLAG, TEACHER_CHANCE_FLAG, at_chance, calibration
+from kdflow.stats import (CHANCE_FLAG, TEACHER_CHANCE_FLAG, at_chance, calibration,
+                          chance_p_value)
 from kdflow.data import Normalizer, channel_stats
 from kdflow.engine import set_threads, predict_logits, resolve_device
 from kdflow.losses import teacher_kl
@@ -51,6 +52,7 @@ def evaluate(model_path: str, dataset: str, out: str, *, arm: str, seed: int,
     if ckpt["plan"]["path"] != arm:
         raise KdflowError(f"{model_path} was trained as {ckpt['plan']['path']!r}, not as "
                           f"{arm!r}: it is in another model's place; delete it and rerun")
+    val_correct, val_images, epochs = checkpoint.validation_counts(ckpt, model_path)
     logits = predict_logits(model, x, normalize)
     pred = logits.argmax(1)
     k = len(classes)
@@ -63,6 +65,7 @@ def evaluate(model_path: str, dataset: str, out: str, *, arm: str, seed: int,
         "model": ckpt["model"],
         "role": ckpt["role"],
         "test_images": len(y),
+        "correct": int((pred == y).sum().item()),
         "accuracy": (pred == y).sum().item() / len(y),
         "loss": F.cross_entropy(logits, y).item(),
         "per_class_accuracy": dict(zip(classes, per_class)),
@@ -74,6 +77,7 @@ def evaluate(model_path: str, dataset: str, out: str, *, arm: str, seed: int,
         "calibration": calibration(torch.softmax(logits, 1).cpu().numpy(), y.cpu().numpy()),
         "best_epoch": ckpt["best_epoch"],
         "best_val_accuracy": ckpt["best_val_accuracy"],
+        "best_val_correct": val_correct, "val_images": val_images,
         "last_epoch": ckpt["last_epoch"],
         "last_val_accuracy": ckpt["last_val_accuracy"],
         # What the model is (kdflow.study.plan): the aggregate reads its
@@ -85,11 +89,13 @@ def evaluate(model_path: str, dataset: str, out: str, *, arm: str, seed: int,
     # A model no better than guessing on validation (a diverged or
     # mis-configured run) is flagged, and so is every student of such a
     # teacher: the report marks them instead of summarising them silently.
-    metrics["at_chance"] = at_chance(ckpt["best_val_accuracy"], k)
+    metrics["chance_p_value"] = chance_p_value(val_correct, val_images, k, epochs)
+    metrics["at_chance"] = at_chance(val_correct, val_images, k, epochs)
     metrics["flag"] = CHANCE_FLAG if metrics["at_chance"] else None
     if teacher is not None:
         t_model, t_ckpt = checkpoint.load_model(teacher, dev)
-        metrics["teacher_at_chance"] = at_chance(t_ckpt["best_val_accuracy"], k)
+        t_correct, t_images, t_epochs = checkpoint.validation_counts(t_ckpt, teacher)
+        metrics["teacher_at_chance"] = at_chance(t_correct, t_images, k, t_epochs)
         if metrics["teacher_at_chance"] and not metrics["at_chance"]:
             metrics["flag"] = TEACHER_CHANCE_FLAG
         t_logits = predict_logits(t_model, x, normalize)

@@ -33,6 +33,7 @@ import itertools
 import json
 import os
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Optional
 
@@ -189,46 +190,74 @@ def confirmation_fixed_arms(config: dict) -> list[Arm]:
 
 def choose(candidates: list[dict]) -> dict[str, dict]:
     """Per student, the distilled arm with the highest mean validation
-    accuracy. `candidates`: one dict per arm, in config order, with keys
-    arm, student and val_accuracy_mean; ties go to the first. Test accuracy
-    never enters: only validation numbers are passed in."""
+    accuracy over the selection seeds: the one rule the choose step and the
+    aggregate both apply.
+
+    `candidates`: one dict per arm with keys arm, student, order (the arm's
+    index in kdflow.study.plan), val_correct ({seed: validation images right
+    at its best epoch}) and val_images ({seed: validation images}); extra
+    keys are kept. The means are compared
+    as exact fractions, so two steps that list seeds or arms in another
+    order choose alike (float sums in different orders can break a tie
+    differently). Ties go to the arm planned first (kdflow.study.plan: the
+    config's order of students, methods and values); candidates may come in
+    any order. Test accuracy never enters: only validation numbers are
+    passed in."""
     best: dict[str, dict] = {}
-    for c in candidates:
-        if c["student"] not in best or c["val_accuracy_mean"] > best[c["student"]]["val_accuracy_mean"]:
+    for c in sorted(candidates, key=lambda c: c["order"]):
+        c = {**c, "val_accuracy_mean": float(val_mean(c))}
+        if c["student"] not in best or val_mean(c) > val_mean(best[c["student"]]):
             best[c["student"]] = c
     return best
 
 
+def val_mean(candidate: dict) -> Fraction:
+    """Exact mean over seeds of a candidate's validation accuracy."""
+    seeds = sorted(candidate["val_correct"], key=str)
+    if not seeds or set(map(str, seeds)) != set(map(str, candidate["val_images"])):
+        raise KdflowError(f"{candidate['arm']}: validation counts and sizes cover different "
+                          "seeds")
+    images = {str(s): n for s, n in candidate["val_images"].items()}
+    return sum((Fraction(int(candidate["val_correct"][s]), int(images[str(s)])) for s in seeds),
+               Fraction(0)) / len(seeds)
+
+
 def headline_student(choice: dict[str, dict]) -> str:
-    """The student whose chosen setting leads on validation (first on ties)."""
-    top = max(choice.values(), key=lambda c: c["val_accuracy_mean"])
+    """The student whose chosen setting leads on validation (exactly; the
+    one planned first on ties)."""
+    ranked = sorted(choice.values(), key=lambda c: c["order"])
+    top = ranked[0]
+    for c in ranked[1:]:
+        if val_mean(c) > val_mean(top):
+            top = c
     return top["student"]
 
 
 def write_choice(checkpoints: list[str], runs: list[dict], out: str) -> dict:
     """The choice of the selection stage, from the checkpoints' best
-    validation accuracies only, written as JSON to `out`.
+    validation counts only, written as JSON to `out`.
 
-    runs[i] = {seed, arm, student} of checkpoints[i] (the workflow passes
-    both in one order).
+    runs[i] = {seed, arm, student, order} of checkpoints[i] (the workflow
+    passes both in one order; `order` is the arm's index in the plan).
     """
-    import torch  # deferred: the rest of this module is plain Python
+    from kdflow import checkpoint  # deferred: the rest of this module is plain Python
 
     if len(checkpoints) != len(runs):
         raise KdflowError("choose needs one checkpoint per (seed, arm)")
     per_arm: dict[str, dict] = {}
     for path, run in zip(checkpoints, runs):
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        entry = per_arm.setdefault(run["arm"], {"arm": run["arm"], "student": run["student"],
-                                                "val_accuracy": {}})
-        entry["val_accuracy"][str(run["seed"])] = float(ckpt["best_val_accuracy"])
-    candidates = []
-    for entry in per_arm.values():
-        vals = list(entry["val_accuracy"].values())
-        candidates.append({**entry, "val_accuracy_mean": sum(vals) / len(vals)})
+        ckpt = checkpoint.load(path)
+        correct, images, _ = checkpoint.validation_counts(ckpt, path)
+        entry = per_arm.setdefault(run["arm"], {
+            "arm": run["arm"], "student": run["student"], "order": run["order"],
+            "val_correct": {}, "val_images": {}})
+        entry["val_correct"][str(run["seed"])] = correct
+        entry["val_images"][str(run["seed"])] = images
+    candidates = [{**e, "val_accuracy_mean": float(val_mean(e))} for e in per_arm.values()]
     chosen = choose(candidates)
     record = {
-        "selected_on": "mean best validation accuracy over the selection seeds",
+        "selected_on": "mean best validation accuracy over the selection seeds (exact; "
+                       "ties to the setting planned first)",
         "selection_seeds": sorted({r["seed"] for r in runs}),
         "students": {s: {"arm": c["arm"], "val_accuracy_mean": c["val_accuracy_mean"]}
                      for s, c in chosen.items()},

@@ -133,6 +133,8 @@ def train(
         engine=dict(engine) if engine else None,
         best_epoch=result.best_epoch,
         best_val_accuracy=result.best_val_accuracy,
+        best_val_correct=result.best_val_correct,
+        val_images=result.val_images,
         last_epoch=last["epoch"],
         last_val_accuracy=last["val_accuracy"],
         train_seconds=sum(r["seconds"] for r in result.history),

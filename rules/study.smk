@@ -23,9 +23,10 @@ checkpoint choose:
     conda:
         "../envs/kdflow.yaml"
     params:
-        # (seed, arm, student) of each checkpoint, in the same order.
+        # (seed, arm, student, plan index) of each checkpoint, in the same
+        # order; the plan index breaks ties (kdflow.study.choose).
         runs=[
-            {"seed": seed, "arm": a.path, "student": a.model}
+            {"seed": seed, "arm": a.path, "student": a.model, "order": ARMS.index(a.path)}
             for seed in SEEDS
             for a in DISTILLED
         ],

@@ -16,14 +16,19 @@ from tests.conftest import base_config, deep_update, planned_jobs, snakemake
 # Two-stage studies
 # ---------------------------------------------------------------------------
 
-SELECT, CONFIRM = [0, 1, 2], [3, 4, 5]
+# Seeds out of order on purpose: the choose step and the aggregate must
+# still choose alike (they once summed validation accuracies in different
+# orders and disagreed on ties, failing the run for good).
+SELECT, CONFIRM = [2, 0, 1], [3, 4, 5]
 
 
 def two_stage(archive, md5, temperatures=(1.0, 4.0)):
-    """2 T x 2 w of KD, chosen on seeds 0-2 and confirmed on seeds 3-5."""
+    """2 T x 2 w of KD, chosen on seeds 0-2 and confirmed on seeds 3-5. At
+    w = 0 the temperature changes nothing, so T1_w0 and T4_w0 are the same
+    model and tie exactly on validation, on every seed."""
     return deep_update(base_config(archive, md5), {
         "seeds": SELECT, "confirm_seeds": CONFIRM,
-        "kd": {"temperature": list(temperatures), "soft_target_weight": [0.25, 0.5]}})
+        "kd": {"temperature": list(temperatures), "soft_target_weight": [0.0, 0.5]}})
 
 
 def test_confirm_seeds_must_not_overlap_the_selection_seeds():
@@ -77,7 +82,7 @@ def test_headline_uses_the_confirmation_seeds_only(two_stage_run):
     arm = choice["students"]["lightnn"]["arm"]
     head = json.loads((res / "summary/headline.json").read_text())
     assert head["stage"] == "confirmation" and head["seeds"] == CONFIRM
-    assert head["selection_seeds"] == SELECT and not head["optimistic"]
+    assert head["selection_seeds"] == sorted(SELECT) and not head["optimistic"]
     assert head["arms"]["student_kd"] == arm
 
     def acc(seed, a):
@@ -106,6 +111,12 @@ def test_headline_uses_the_confirmation_seeds_only(two_stage_run):
     assert chosen["confirm_gain_mean"] == pytest.approx(head["gain_mean"], abs=1e-12)
     # The choice: highest mean validation accuracy over the selection seeds.
     assert chosen["val_accuracy_mean"] == t["val_accuracy_mean"].max()
+    # The w = 0 pair ties exactly (same model), and a tie goes to the
+    # setting planned first (config order: T1 before T4).
+    cand = {c["arm"]: c for c in choice["candidates"]}
+    t1, t4 = cand["lightnn/kd/T1_w0"], cand["lightnn/kd/T4_w0"]
+    assert t1["val_correct"] == t4["val_correct"]
+    assert arm != "lightnn/kd/T4_w0"
     assert {"p_value", "p_value_holm", "perm_p_value"} <= set(t.columns)
     assert (t["p_value_holm"].dropna() >= t.loc[t["p_value_holm"].notna(), "p_value"]).all()
 
