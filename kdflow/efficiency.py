@@ -34,8 +34,8 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.no_grad()
-def measure_speed(model: nn.Module, device: torch.device, *, batch: int = 1000,
-                  latency_runs: int = 50, throughput_runs: int = 5) -> dict:
+def measure_speed(model: nn.Module, device: torch.device, *, batch: int,
+                  latency_runs: int, throughput_runs: int) -> dict:
     """Median latency of single images and throughput of large batches
     (eval mode, fp32, no gradients, after warm-up)."""
     model.eval()

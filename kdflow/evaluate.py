@@ -28,15 +28,19 @@ def write_json(obj, path: str | os.PathLike) -> None:
 
 def evaluate(model_path: str, dataset: str, out: str, *, arm: str, seed: int,
              device: str = "auto", teacher: Optional[str] = None,
-             threads: Optional[int] = None, out_speed: Optional[str] = None) -> dict:
+             threads: Optional[int] = None, out_speed: Optional[str] = None,
+             speed_settings: Optional[dict] = None) -> dict:
     """Accuracy, loss, per-class accuracy, confusion matrix, size; and for a
     student, its agreement with the teacher on the test set.
 
     The file holds results only, no timings, dates or hosts, so with
     deterministic training two runs give byte-identical metrics files;
     provenance stays in the checkpoint. Measured latency and throughput go
-    to `out_speed`, with the device they were measured on.
+    to `out_speed`, with the device they were measured on, as the config's
+    `speed` section (`speed_settings`) says.
     """
+    if out_speed is not None and speed_settings is None:
+        raise ValueError("measuring speed needs the config's speed settings")
     set_threads(threads)
     dev = resolve_device(device)
     with np.load(dataset) as d:
@@ -106,7 +110,7 @@ def evaluate(model_path: str, dataset: str, out: str, *, arm: str, seed: int,
     if out_speed is not None:
         speed = {"arm": arm, "seed": seed, "device": str(dev),
                  "device_name": provenance.device_name(dev),
-                 **measure_speed(model, dev)}
+                 **measure_speed(model, dev, **speed_settings)}
         write_json(speed, out_speed)
         log.info("latency %.2f ms (batch 1), throughput %.0f images/s",
                  speed["latency_ms_batch1"], speed["throughput_images_per_s"])

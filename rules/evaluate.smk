@@ -21,5 +21,6 @@ rule evaluate:
         gpu=1,
     params:
         device=config["device"],
+        speed=config["speed"],
     script:
         "../scripts/evaluate.py"

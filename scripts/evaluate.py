@@ -8,6 +8,7 @@ run_step(
         snakemake.input.dataset,
         snakemake.output.metrics,
         out_speed=snakemake.output.speed,
+        speed_settings=snakemake.params.speed,
         arm=snakemake.wildcards.arm,
         seed=int(snakemake.wildcards.seed),
         teacher=snakemake.input.teacher or None,

@@ -6,7 +6,7 @@ import inspect
 
 import pytest
 
-from kdflow import engine, evaluate, losses, optim, train
+from kdflow import efficiency, engine, evaluate, losses, optim, train
 from kdflow.config import load_schema
 
 SCHEMA = load_schema()
@@ -38,7 +38,9 @@ CONFIG_FACING = [
     (losses.dist_total_loss, {**KD, **KD["dist"]["properties"]},
      {"student_logits", "teacher_logits", "targets"}),
     (evaluate.evaluate, SCHEMA["properties"], {"model_path", "dataset", "out", "arm", "seed",
-                                               "teacher", "out_speed", "threads"}),
+                                               "teacher", "out_speed", "threads",
+                                               "speed_settings"}),
+    (efficiency.measure_speed, SCHEMA["properties"]["speed"]["properties"], {"model", "device"}),
 ]
 
 
