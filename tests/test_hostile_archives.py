@@ -367,7 +367,8 @@ def refused_within_the_cap(payload: bytes, tmp_path: Path, error: str) -> None:
     assert result["error"] is not None, "accepted"
     kind, message = result["error"]
     assert kind in ("KdflowError", "UnsafePickleError"), (kind, message[:500])
-    assert re.search(error, message) and "cifar-10-batches-py/data_batch_1" in message, message[:500]
+    assert re.search(error, message), message[:500]
+    assert "cifar-10-batches-py/data_batch_1" in message, message[:500]
     assert "\n" not in message and len(message) < 500, message[:500]
     assert result["growth"] < MAX_GROWTH, f"{result['growth'] / 2**20:.0f} MiB to refuse it"
 
@@ -448,7 +449,8 @@ def test_the_opcode_scan_allows_what_genuine_pickles_use(tmp_path):
     for payload in genuine + [python2]:
         safe_unpickle(payload, "data_batch_1")
     edges = [pickle.dumps({b"labels": [1]}, protocol=3),        # SETITEM, APPEND
-             pickle.dumps([i.to_bytes(2, "little") for i in range(300)] * 2, protocol=3),  # LONG_BINGET
+             pickle.dumps([i.to_bytes(2, "little") for i in range(300)] * 2,
+                          protocol=3),                            # LONG_BINGET
              pickle.dumps([2**70], protocol=3),                  # LONG1
              pickled(b"U\x06labels", proto=2)]                   # Python 2's short str
     used = {op.name for p in genuine + [python2] + edges for op, _, _ in pickletools.genops(p)}
