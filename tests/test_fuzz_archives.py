@@ -3,7 +3,11 @@
 Each variant must either convert to valid arrays or raise KdflowError:
 never another exception, never a crash, never much memory. The variants are
 converted in one child process, so a segfault shows as a signal instead of
-killing pytest, and the child's memory can be capped and measured.
+killing pytest, and the child's memory can be capped and measured. Besides
+random damage, some variants hold a crafted pickle of a kind that exhausted
+memory before (huge memo indices and lengths, floods of opcodes, values
+whose repr explodes, shared lists, shared array bytes): each of those must
+be refused with its own clear one-line error.
 """
 
 from __future__ import annotations
@@ -12,15 +16,15 @@ import json
 import subprocess
 import sys
 
-from tests.conftest import REPO
+from tests.conftest import REPO, build_archive
 
 VARIANTS = 320
 SEED = 20240611
-MAX_RSS = 1 << 30       # bytes, the whole child (imports included)
+MAX_RSS = 512 << 20     # bytes, the whole child (imports included)
 MAX_GROWTH = 256 << 20  # bytes above what the imports took
 
 CHILD = r'''
-import gzip, hashlib, io, json, os, random, resource, sys, tarfile, traceback
+import gzip, hashlib, io, json, os, random, re, resource, struct, sys, tarfile, traceback
 from pathlib import Path
 
 repo, work, n_variants, seed = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
@@ -28,13 +32,15 @@ sys.path.insert(0, repo)
 import numpy as np
 from kdflow import KdflowError
 from kdflow.datasets import convert as convert_archive
-from tests.conftest import build_archive
+from kdflow.unpickle import MAX_OPCODES
 
-# Allow 1 GiB of address space above what the imports took: a parser that
+# Allow 512 MiB of address space above what the imports took: a parser that
 # believed a size field would fail here (as MemoryError) rather than swap.
+# (The base archive comes from the parent: tests.conftest imports torch,
+# which alone would take that much.)
 vm = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmSize:"))
 hard = resource.getrlimit(resource.RLIMIT_AS)[1]
-soft = vm + (1 << 30)
+soft = vm + (512 << 20)
 resource.setrlimit(resource.RLIMIT_AS, (soft if hard == resource.RLIM_INFINITY else min(soft, hard), hard))
 
 def peak_rss():
@@ -47,9 +53,8 @@ def peak_rss():
 
 # Peak resident memory so far: the imports (torch is most of it).
 result = {"n": 0, "ok": 0, "refused": 0, "other": [], "invalid": [], "leftover": [],
-          "imports_rss": peak_rss()}
+          "hostile": [], "imports_rss": peak_rss()}
 base = work / "base.tar.gz"
-build_archive(base, n_train=50, n_test=20)
 raw = base.read_bytes()
 with tarfile.open(base, "r:gz") as t:
     members = [(m.name, t.extractfile(m).read()) for m in t.getmembers()]
@@ -113,8 +118,95 @@ def v_truncate_tar():
     return gzip.compress(plain_tar[:rng.randrange(len(plain_tar))], compresslevel=1)
 
 
+# Crafted pickles, written opcode by opcode (protocol 3).
+def put(i): return b"r" + struct.pack("<I", i)          # LONG_BINPUT
+def get(i): return b"j" + struct.pack("<I", i)          # LONG_BINGET
+def num(n): return b"J" + struct.pack("<i", n)          # BININT
+def raw_bytes(b): return b"B" + struct.pack("<I", len(b)) + b
+def tup(*xs): return b"(" + b"".join(xs) + b"t"
+def plist(*xs): return b"](" + b"".join(xs) + b"e"
+def pickled(body): return b"\x80\x03" + body + b"."
+def batch(entries):
+    return pickled(b"}(" + b"".join(raw_bytes(k) + v for k, v in entries.items()) + b"u")
+def dtype_u1(state=None):
+    state = state or tup(num(3), raw_bytes(b"|"), b"N", b"N", b"N", num(-1), num(-1), num(0))
+    return b"cnumpy\ndtype\n" + tup(raw_bytes(b"u1"), b"\x89", b"\x88") + b"R" + state + b"b"
+def new_array():
+    return (b"cnumpy.core.multiarray\n_reconstruct\n"
+            + tup(b"cnumpy\nndarray\n", tup(num(0)), raw_bytes(b"b")) + b"R")
+def array(shape, data, dt=None):
+    return new_array() + tup(num(1), tup(*map(num, shape)), dt or dtype_u1(), b"\x89", data) + b"b"
+def images(n): return array((n, 3072), raw_bytes(bytes(n * 3072)))
+def shared(width, depth, memo):
+    # width references to one list of width references to ... : width**depth
+    # Nones reached through ~5 * width * depth bytes.
+    if depth == 1:
+        return b"](" + b"N" * width + b"e"
+    return b"](" + shared(width, depth - 1, memo + 1) + put(memo) + get(memo) * (width - 1) + b"e"
+def pick_batch():   # not the meta file, whose own checks would speak first
+    return rng.choice([i for i, (n, _) in enumerate(members) if not n.endswith(".meta")])
+
+
+def v_memo_index():
+    # A memo index (or a length) the unpickler would have allocated for.
+    prefix = b"".join(rng.choice([b"N", b"}", b"]", b"K\x05"]) for _ in range(rng.randrange(1, 4)))
+    if rng.random() < 0.7:
+        op = rng.choice([b"r", b"j"]) + struct.pack("<I", rng.randrange(MAX_OPCODES, 1 << 32))
+    else:
+        op = rng.choice([b"B", b"X"]) + struct.pack("<I", rng.randrange(1 << 29, 1 << 32)) + b"xyz"
+    return pack(with_member(pick(), pickled(prefix + op)))
+def v_opcode_flood():
+    op = rng.choice([b"}", b"]", b"N", b"(", b"K\x01"])
+    return pack(with_member(pick(), pickled(op * rng.randrange(MAX_OPCODES + 1, 4 * MAX_OPCODES))))
+def v_repr_bomb():
+    # A value whose repr is 0.6-4 GB, where an error message describes it.
+    bomb = shared(rng.randrange(100, 160), 4, rng.randrange(1000))
+    n = rng.randrange(1, 4)
+    where = rng.randrange(4)
+    if where == 0:      # the dtype's state
+        data = array((n, 3072), raw_bytes(bytes(n * 3072)), dtype_u1(tup(
+            num(3), raw_bytes(b"|"), bomb, b"N", b"N", num(-1), num(-1), num(0))))
+    elif where == 1:    # the array's state
+        data = new_array() + tup(num(1), bomb, dtype_u1(), b"\x89", raw_bytes(b"")) + b"b"
+    elif where == 2:    # the dtype's code
+        data = array((n, 3072), raw_bytes(bytes(n * 3072)),
+                     b"cnumpy\ndtype\n" + tup(bomb, b"\x89", b"\x88") + b"R")
+    else:
+        data = images(n)
+    labels = plist(bomb) if where == 3 else plist(*[num(0)] * n)
+    return pack(with_member(pick_batch(), batch({b"data": data, b"labels": labels})))
+def v_shared_lists():
+    # k keys naming one list of k references to one list of k Nones: k**3
+    # slots (>= 512 MB) if rebuilt per reference.
+    k = rng.randrange(400, 520)
+    body = b"}(" + num(0) + shared(k, 2, 0) + put(k)
+    body += b"".join((num(i) if rng.random() < 0.5 else raw_bytes(b"k%d" % i)) + get(k)
+                     for i in range(1, k))
+    if rng.random() < 0.3:
+        body += raw_bytes(b"data") + get(k)
+    return pack(with_member(pick_batch(), pickled(body + b"u")))
+def v_shared_bytes():
+    # Many arrays whose states name one run of bytes: a copy each (>= 600 MB).
+    n = rng.randrange(200, 400)
+    first = new_array() + tup(num(1), tup(num(n), num(3072)), dtype_u1() + put(0), b"\x89",
+                              raw_bytes(bytes(n * 3072)) + put(1)) + b"b"
+    again = new_array() + tup(num(1), tup(num(n), num(3072)), get(0), b"\x89", get(1)) + b"b"
+    copies = (600 << 20) // (n * 3072) + rng.randrange(50)
+    return pack(with_member(pick(), batch({b"data": first, b"labels": plist(*[num(0)] * n),
+                                           b"filenames": plist(*[again] * copies)})))
+
+
+# The refusal each crafted kind must get (nothing else: no MemoryError).
+HOSTILE = {
+    "v_memo_index": r"refusing memo index [\d,]+ \(LONG_BIN(PUT|GET)\)|needs [\d,]+ bytes, only",
+    "v_opcode_flood": f"refusing a pickle of more than {MAX_OPCODES:,} opcodes",
+    "v_repr_bomb": r"(state \(.*|dtype |found )a list of [\d,]+ items",
+    "v_shared_lists": r"lacks the 'data' entry|'data' must be a uint8 array .* got a list",
+    "v_shared_bytes": r"arrays holding more bytes than the pickle itself",
+}
 kinds = [v_flip_anywhere, v_flip_structure, v_truncate_pickle, v_drop, v_duplicate,
-         v_rename, v_swap, v_truncate_gzip, v_flip_gzip, v_truncate_tar]
+         v_rename, v_swap, v_truncate_gzip, v_flip_gzip, v_truncate_tar,
+         v_memo_index, v_opcode_flood, v_repr_bomb, v_shared_lists, v_shared_bytes]
 out_dir = work / "out"
 out_dir.mkdir()
 archive = work / "cifar-10-python.tar.gz"
@@ -128,14 +220,20 @@ for k in range(n_variants):
     result["n"] += 1
     try:
         convert_archive(archive, out, md5=md5)
-    except KdflowError:
+    except KdflowError as e:
         result["refused"] += 1
         if os.listdir(out_dir):
             result["leftover"].append((k, kind.__name__, os.listdir(out_dir)))
+        msg = str(e)
+        if kind.__name__ in HOSTILE and not (
+                re.search(HOSTILE[kind.__name__], msg) and "\n" not in msg and len(msg) < 600):
+            result["hostile"].append((k, kind.__name__, msg[:600]))
     except BaseException as e:
         result["other"].append((k, kind.__name__, repr(e)[:300], traceback.format_exc()[-1500:]))
     else:
         result["ok"] += 1
+        if kind.__name__ in HOSTILE:
+            result["hostile"].append((k, kind.__name__, "accepted"))
         with np.load(out) as d:
             x, y, xt, yt = d["x_train"], d["y_train"], d["x_test"], d["y_test"]
             valid = (x.dtype == np.uint8 and x.shape[1:] == (3, 32, 32) and len(y) == len(x)
@@ -153,6 +251,7 @@ print(json.dumps(result))
 
 
 def test_damaged_archives_convert_or_fail_cleanly(tmp_path):
+    build_archive(tmp_path / "base.tar.gz", n_train=50, n_test=20)
     proc = subprocess.run(
         [sys.executable, "-c", CHILD, str(REPO), str(tmp_path), str(VARIANTS), str(SEED)],
         capture_output=True, text=True, timeout=300, cwd=tmp_path)
@@ -166,6 +265,8 @@ def test_damaged_archives_convert_or_fail_cleanly(tmp_path):
     assert result["other"] == [], "exceptions other than KdflowError:\n" + "\n".join(
         f"variant {k} ({kind}): {err}\n{tb}" for k, kind, err, tb in result["other"])
     assert result["invalid"] == [] and result["leftover"] == []
+    assert result["hostile"] == [], "crafted pickles not refused as they should be:\n" + "\n".join(
+        f"variant {k} ({kind}): {msg}" for k, kind, msg in result["hostile"])
     # Both outcomes occur: flips inside pixel data are still valid archives
     # (after the md5 passes, pixels cannot be checked), the rest are refused.
     assert result["ok"] > 0 and result["refused"] > VARIANTS // 2, result

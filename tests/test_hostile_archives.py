@@ -13,8 +13,11 @@ import gc
 import gzip
 import hashlib
 import io
+import json
 import os
 import pickle
+import pickletools
+import re
 import struct
 import subprocess
 import sys
@@ -27,7 +30,8 @@ import pytest
 
 from kdflow import KdflowError
 from kdflow.datasets import DATASETS, convert
-from kdflow.unpickle import RestrictedUnpickler, UnsafePickleError, parse_batch, safe_unpickle
+from kdflow.unpickle import (ALLOWED_OPCODES, RestrictedUnpickler, UnsafePickleError, parse_batch,
+                             safe_unpickle)
 from tests.conftest import CLASSES, REPO, build_archive
 
 # --------------------------------------------------------------------------
@@ -114,6 +118,24 @@ def labels(*values: int) -> bytes:
     return lst(*map(integer, values))
 
 
+def put(i: int) -> bytes:           # LONG_BINPUT: store the top of the stack
+    return b"r" + struct.pack("<I", i)
+
+
+def get(i: int) -> bytes:           # LONG_BINGET: push a stored object again
+    return b"j" + struct.pack("<I", i)
+
+
+def shared_lists(width: int, depth: int, memo: int = 0) -> bytes:
+    """A list of `width` references to one list of `width` references to ...
+    `depth` levels, Nones at the bottom: width**depth Nones reached through
+    ~5 * width * depth bytes of pickle (memo entries from `memo` on)."""
+    if depth == 1:
+        return EMPTY_LIST + MARK + NONE * width + APPENDS
+    inner = shared_lists(width, depth - 1, memo + 1)
+    return EMPTY_LIST + MARK + inner + put(memo) + get(memo) * (width - 1) + APPENDS
+
+
 # The two payloads of the issue.
 
 def void_object_payload(n: int = 2) -> bytes:
@@ -151,7 +173,7 @@ def test_the_assembler_writes_genuine_numpy_pickles():
     assert x.flags.writeable   # a copy, not a read-only view of the pickle's bytes
 
 
-def test_a_batch_as_python2_wrote_it_is_read():
+def batch_as_python2_wrote_it() -> bytes:
     # Protocol 2, str as BINSTRING, dtype('u1', 0, 1) with ints for flags:
     # the form of the published CIFAR batches.
     u1 = dtype("u1", tup(integer(3), py2str(b"|"), NONE, NONE, NONE,
@@ -160,10 +182,13 @@ def test_a_batch_as_python2_wrote_it_is_read():
     data = RECONSTRUCT + tup(NDARRAY, tup(integer(0)), py2str(b"b")) + REDUCE + tup(
         integer(1), tup(integer(2), integer(3072)), u1, FALSE,
         py2str(bytes(range(256)) * 24)) + BUILD
-    payload = pickled(dct({b"data": data, b"labels": labels(0, 9),
-                           b"batch_label": py2str(b"training batch 1 of 5")}, key=py2str),
-                      proto=2)
-    x, y = parse_batch(payload, "data_batch_1")
+    return pickled(dct({b"data": data, b"labels": labels(0, 9),
+                        b"batch_label": py2str(b"training batch 1 of 5")}, key=py2str),
+                   proto=2)
+
+
+def test_a_batch_as_python2_wrote_it_is_read():
+    x, y = parse_batch(batch_as_python2_wrote_it(), "data_batch_1")
     assert x.reshape(2, -1)[0, :256].tolist() == list(range(256)) and y.tolist() == [0, 9]
 
 
@@ -246,6 +271,10 @@ OBJECT_STATE = tup(integer(3), text("|"), NONE, NONE, NONE, integer(-1), integer
      "_reconstruct of something other than ndarray"),
     (pickled(glob("builtins", "eval") + tup(text("1")) + REDUCE), "builtins.eval"),
     (pickled(glob("numpy", "frombuffer") + tup(by(b"x")) + REDUCE), "numpy.frombuffer"),
+    # Opcodes no CIFAR batch has, refused before anything is unpickled.
+    (batch(images(1), lst(b"G" + struct.pack(">d", 1.0))), "pickle opcode BINFLOAT"),
+    (pickled(NONE + b"2"), "pickle opcode DUP"),
+    (pickled(b"\x82\x01"), "pickle opcode EXT1"),
 ])
 def test_crafted_pickles_are_refused(payload, error):
     with pytest.raises(UnsafePickleError, match=error):
@@ -258,7 +287,7 @@ def test_crafted_pickles_are_refused(payload, error):
     (batch(images(2), labels(-1, 0)), r"labels outside 0\.\.9"),
     (batch(images(1), labels(2**70)), r"labels outside 0\.\.9"),
     (batch(images(2), lst(TRUE, FALSE)), "labels must be integers, found True"),
-    (batch(images(1), lst(b"G" + struct.pack(">d", 1.0))), "found 1.0"),
+    (batch(images(1), lst(by(b"1"))), r"found b'1' \(a bytes\)"),
     (batch(images(1), by(b"\x01")), "labels must be a list"),
     (batch(array((1, 3071), plain_dtype("u1"), b"\0" * 3071), labels(0)),
      r"shape \(N, 3072\), got a uint8 array of shape \(1, 3071\)"),
@@ -295,6 +324,137 @@ def test_the_unpickler_is_freed_without_the_garbage_collector():
         assert ref() is None
     finally:
         gc.enable()
+
+
+# --------------------------------------------------------------------------
+# Pickles that exhaust memory: parsed in a child whose address space is
+# capped, so a regression fails (MemoryError, or growth seen in VmHWM)
+# instead of swapping the machine
+# --------------------------------------------------------------------------
+
+CAP = 512 << 20          # address space the child may add for one member
+MAX_GROWTH = 64 << 20    # resident memory parsing one refused member may add
+
+CAPPED_PARSE = r'''
+import json, resource, sys
+sys.path.insert(0, sys.argv[1])
+from kdflow.unpickle import parse_batch
+
+payload = open(sys.argv[2], "rb").read()
+def status(key):
+    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status")
+                if l.startswith(key + ":"))
+hard = resource.getrlimit(resource.RLIMIT_AS)[1]
+soft = status("VmSize") + int(sys.argv[3])
+resource.setrlimit(resource.RLIMIT_AS, (soft if hard == resource.RLIM_INFINITY else min(soft, hard), hard))
+before = status("VmHWM")    # VmHWM: this process's own peak (ru_maxrss is the parent's)
+try:
+    parse_batch(payload, "cifar-10-batches-py/data_batch_1")
+    error = None
+except BaseException as e:  # MemoryError included: the failure looked for
+    error = [type(e).__name__, str(e)[:2000]]
+print(json.dumps({"error": error, "growth": status("VmHWM") - before}))
+'''
+
+
+def refused_within_the_cap(payload: bytes, tmp_path: Path, error: str) -> None:
+    member = tmp_path / "data_batch_1"
+    member.write_bytes(payload)
+    proc = subprocess.run([sys.executable, "-c", CAPPED_PARSE, str(REPO), str(member), str(CAP)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.splitlines()[-1])
+    assert result["error"] is not None, "accepted"
+    kind, message = result["error"]
+    assert kind in ("KdflowError", "UnsafePickleError"), (kind, message[:500])
+    assert re.search(error, message), message[:500]
+    assert "cifar-10-batches-py/data_batch_1" in message, message[:500]
+    assert "\n" not in message and len(message) < 500, message[:500]
+    assert result["growth"] < MAX_GROWTH, f"{result['growth'] / 2**20:.0f} MiB to refuse it"
+
+
+@pytest.mark.parametrize("payload, error", [
+    # 9 bytes: CPython's unpickler would grow its memo table to 2**27
+    # entries (1 GB) for index 2**26, to 64 GB for 2**32 - 1.
+    (pickled(NONE + put(1 << 26), proto=2), r"memo index 67,108,864 \(LONG_BINPUT\)"),
+    (pickled(NONE + put(2**32 - 1), proto=2), r"memo index 4,294,967,295 \(LONG_BINPUT\)"),
+    (pickled(get(1 << 30)), r"memo index 1,073,741,824 \(LONG_BINGET\)"),
+    # A length the member does not hold: the unpickler allocates it first.
+    (pickled(b"B" + struct.pack("<I", 2**32 - 1) + b"abc"),
+     r"not a readable CIFAR batch \(ValueError: BINBYTES .* needs 4,294,967,295 bytes, only 4"),
+    # Opcodes past the cap: each would be one more object.
+    (pickled(EMPTY_DICT * 1_100_000), "more than 1,048,576 opcodes"),
+])
+def test_memo_indices_lengths_and_counts_are_checked_before_unpickling(payload, error, tmp_path):
+    refused_within_the_cap(payload, tmp_path, error)
+
+
+REPR_BOMB = shared_lists(120, 4)    # 2 kB whose repr would be 1.2 GB
+
+
+@pytest.mark.parametrize("payload, error", [
+    (batch(images(1), array((1,), dtype("u1", tup(integer(3), text("|"), REPR_BOMB, NONE, NONE,
+                                                  integer(-1), integer(-1), integer(0))),
+                            b"\0")),
+     r"numpy dtype state \(3, '\|', a list of 120 items, None, None, -1, -1, 0\) in"),
+    (batch(images(1), RECONSTRUCT + tup(NDARRAY, tup(integer(0)), by(b"b")) + REDUCE
+           + tup(integer(1), REPR_BOMB, plain_dtype("u1"), FALSE, by(b"\0")) + BUILD),
+     r"numpy array state \(1, a list of 120 items, a numpy dtype 'u1', False, b'\\x00'\)"),
+    (batch(images(1), lst(REPR_BOMB)), r"labels must be integers, found a list of 120 items"),
+    (batch(images(1), array((1,), DTYPE + tup(REPR_BOMB, FALSE, TRUE) + REDUCE, b"\0")),
+     r"refusing a numpy dtype a list of 120 items"),
+])
+def test_error_messages_describe_values_without_their_repr(payload, error, tmp_path):
+    assert len(payload) < 12_000
+    refused_within_the_cap(payload, tmp_path, error)
+
+
+def test_shared_lists_are_rebuilt_once(tmp_path):
+    # {0: L, 1: L, ... 449: L}, L 450 references to one list of 450 Nones:
+    # 7 kB, which rebuilt per reference would be 91 million slots (730 MB).
+    k = 450
+    body = EMPTY_DICT + MARK + integer(0) + shared_lists(k, 2) + put(k)
+    body += b"".join(integer(i) + get(k) for i in range(1, k)) + SETITEMS
+    payload = pickled(body)
+    assert len(payload) < 8_000
+    refused_within_the_cap(payload, tmp_path, "lacks the 'data' entry")
+    # What the pickle shares stays shared: one rebuilt list, not 450.
+    out = safe_unpickle(payload)
+    assert len(out) == k and len({id(v) for v in out.values()}) == 1
+
+
+def test_arrays_cannot_share_one_run_of_bytes(tmp_path):
+    # 600 arrays whose states all name the same 1 MB of bytes (memo
+    # references): as many copies, 640 MB, from a 1 MB pickle.
+    n = 350
+    shape = tup(integer(n), integer(3072))
+    first = RECONSTRUCT + tup(NDARRAY, tup(integer(0)), by(b"b")) + REDUCE + tup(
+        integer(1), shape, plain_dtype("u1") + put(0), FALSE, by(bytes(n * 3072)) + put(1)) + BUILD
+    again = RECONSTRUCT + tup(NDARRAY, tup(integer(0)), by(b"b")) + REDUCE + tup(
+        integer(1), shape, get(0), FALSE, get(1)) + BUILD
+    payload = pickled(dct({b"data": first, b"labels": labels(*[0] * n),
+                           b"filenames": lst(*[again] * 600)}))
+    assert len(payload) < (n * 3072) * 1.1
+    refused_within_the_cap(payload, tmp_path, "arrays holding more bytes than the pickle itself")
+
+
+def test_the_opcode_scan_allows_what_genuine_pickles_use(tmp_path):
+    """The allowed opcodes are exactly those pickle writes for CIFAR's files
+    (protocols 3 and 4 here, Python 2's in the assembled batch), and each
+    such file passes."""
+    build_archive(tmp_path / "a.tar.gz", n_train=50, n_test=20)
+    genuine = [d for _, d in members_of(tmp_path / "a.tar.gz")]
+    genuine += [pickle.dumps(pickle.loads(d, encoding="bytes"), protocol=3) for d in genuine]
+    python2 = batch_as_python2_wrote_it()
+    for payload in genuine + [python2]:
+        safe_unpickle(payload, "data_batch_1")
+    edges = [pickle.dumps({b"labels": [1]}, protocol=3),        # SETITEM, APPEND
+             pickle.dumps([i.to_bytes(2, "little") for i in range(300)] * 2,
+                          protocol=3),                            # LONG_BINGET
+             pickle.dumps([2**70], protocol=3),                  # LONG1
+             pickled(b"U\x06labels", proto=2)]                   # Python 2's short str
+    used = {op.name for p in genuine + [python2] + edges for op, _, _ in pickletools.genops(p)}
+    assert used == ALLOWED_OPCODES
 
 
 # --------------------------------------------------------------------------
