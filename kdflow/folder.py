@@ -218,7 +218,7 @@ def _tar_members(tar: tarfile.TarFile, counted: _Counted, archive: Path
                               "the cap for an image tree archive; check data.url")
         # What tarfile reads from here to the next header: this member's data
         # (padded to 512-byte blocks, read or skipped), then headers.
-        counted.since = -(-info.size // 512) * 512 if info.isreg() else 0
+        counted.since = -((info.size + 511) // 512 * 512) if info.isreg() else 0
         yield info
 
 
