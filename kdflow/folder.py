@@ -5,10 +5,13 @@ by name and the same in both; a single top-level directory around train/
 and test/ (as packing a folder usually makes) is accepted. The source is a
 directory, read in place, or a .tar, .tar.gz or .zip of such a tree, read in
 memory and never extracted, so no member name can write anywhere; absolute
-or `..` names and links are refused all the same, and member count, member
-size and unpacked size are capped as for the CIFAR archives. Each image is
-decoded once, here, with Pillow (RGB), and resized to IMAGE_SIZE when all
-images share another size; mixed sizes are refused, not silently squashed.
+or `..` names and links are refused all the same, and member count, class
+count, member size and unpacked size are capped as for the CIFAR archives,
+each before what it counts is held in memory (a zip's entries are counted
+from its own records before any ZipFile lists them; tar members stream).
+Each image is decoded once, here, with Pillow (RGB), turned upright by its
+EXIF orientation, and resized to IMAGE_SIZE when all images share another
+size; mixed sizes are refused, not silently squashed.
 Dot-names, Thumbs.db, desktop.ini and __MACOSX/ are skipped everywhere: file
 managers and the Finder's Compress add them to every tree.
 """
@@ -41,17 +44,21 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 SPLITS = ("train", "test")
 # Caps for packed trees, far above any dataset meant for 32x32 training
 # (CIFAR-10 as JPEGs: 60,022 members, 19 MB) yet bounding what a hostile
-# archive can cost: a header object per member, the bytes of the largest
-# member, the time to inflate.
+# archive can cost: the bytes of the largest member, the time to inflate
+# and walk every header. No per-member header object is kept (zip
+# directories are listed in parts, tar members stream), but each image
+# kept costs its 3 KiB of pixels (twice while they are stacked), so
+# MAX_MEMBERS tiny PNGs would still hold ~12 GiB.
 MAX_MEMBERS = 2_000_000
 MAX_IMAGE_BYTES = 32 << 20
 MAX_UNPACKED = 8 << 30
 # Class directories per split (ImageNet-21k has 21,841): each costs a dict
 # entry, and a hostile tree can be nothing but empty class directories.
 MAX_CLASSES = 100_000
-# Read-ahead and headers allowed between two tar members beside the
-# largest image: tarfile reads 10 KiB blocks, and honest pax headers
-# (long names, times) are a few hundred bytes.
+# With MAX_IMAGE_BYTES, the header bytes and read-ahead allowed between two
+# tar members (their data aside): tarfile reads 10 KiB blocks, and honest
+# pax headers (long names, times, extended attributes) are rarely more
+# than a few kilobytes.
 HEADER_SLACK = 1 << 20
 # Pixels of one image: a tiny PNG can declare a gigapixel canvas (a
 # decompression bomb); refused before it is decoded.
@@ -609,21 +616,13 @@ class _Tree:
                     raise _bad(f"{root}/{s}/{c}", "an empty class directory")
         arrays = []
         for s in SPLITS:
-            n = sum(len(self.images[s, c]) for c in classes)
-            xs = np.empty((n, 3, IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8)
-            ys = np.empty(n, dtype=np.int64)
-            k = 0
+            xs, ys = [], []
             for label, c in enumerate(classes):
-                # Copied class by class, each class's images dropped once copied,
-                # so the peak is the images once, not twice as with np.stack.
                 # By file name: the order of a tar's members is no one's choice.
-                images = sorted(self.images.pop((s, c)), key=lambda t: t[0])
-                ys[k:k + len(images)] = label
-                for _, image in images:
-                    xs[k] = image
-                    k += 1
-                del images
-            arrays += [xs, ys]
+                for _, image in sorted(self.images[s, c], key=lambda t: t[0]):
+                    xs.append(image)
+                    ys.append(label)
+            arrays += [np.stack(xs), np.array(ys, dtype=np.int64)]
         return Images(*arrays, classes)
 
 
