@@ -5,10 +5,13 @@ by name and the same in both; a single top-level directory around train/
 and test/ (as packing a folder usually makes) is accepted. The source is a
 directory, read in place, or a .tar, .tar.gz or .zip of such a tree, read in
 memory and never extracted, so no member name can write anywhere; absolute
-or `..` names and links are refused all the same, and member count, member
-size and unpacked size are capped as for the CIFAR archives. Each image is
-decoded once, here, with Pillow (RGB), and resized to IMAGE_SIZE when all
-images share another size; mixed sizes are refused, not silently squashed.
+or `..` names and links are refused all the same, and member count, class
+count, member size and unpacked size are capped as for the CIFAR archives,
+each before what it counts is held in memory (a zip's entries are counted
+from its own records before any ZipFile lists them; tar members stream).
+Each image is decoded once, here, with Pillow (RGB), turned upright by its
+EXIF orientation, and resized to IMAGE_SIZE when all images share another
+size; mixed sizes are refused, not silently squashed.
 Dot-names, Thumbs.db, desktop.ini and __MACOSX/ are skipped everywhere: file
 managers and the Finder's Compress add them to every tree.
 """
@@ -21,6 +24,7 @@ import io
 import lzma
 import os
 import stat
+import struct
 import tarfile
 import zipfile
 import zlib
@@ -40,14 +44,21 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 SPLITS = ("train", "test")
 # Caps for packed trees, far above any dataset meant for 32x32 training
 # (CIFAR-10 as JPEGs: 60,022 members, 19 MB) yet bounding what a hostile
-# archive can cost: a header object per member, the bytes of the largest
-# member, the time to inflate.
+# archive can cost: the bytes of the largest member, the time to inflate
+# and walk every header. No per-member header object is kept (zip
+# directories are listed in parts, tar members stream), but each image
+# kept costs its 3 KiB of pixels (twice while they are stacked), so
+# MAX_MEMBERS tiny PNGs would still hold ~12 GiB.
 MAX_MEMBERS = 2_000_000
 MAX_IMAGE_BYTES = 32 << 20
 MAX_UNPACKED = 8 << 30
-# Read-ahead and headers allowed between two tar members beside the
-# largest image: tarfile reads 10 KiB blocks, and honest pax headers
-# (long names, times) are a few hundred bytes.
+# Class directories per split (ImageNet-21k has 21,841): each costs a dict
+# entry, and a hostile tree can be nothing but empty class directories.
+MAX_CLASSES = 100_000
+# With MAX_IMAGE_BYTES, the header bytes and read-ahead allowed between two
+# tar members (their data aside): tarfile reads 10 KiB blocks, and honest
+# pax headers (long names, times, extended attributes) are rarely more
+# than a few kilobytes.
 HEADER_SLACK = 1 << 20
 # Pixels of one image: a tiny PNG can declare a gigapixel canvas (a
 # decompression bomb); refused before it is decoded.
@@ -169,11 +180,15 @@ class _Counted:
     """A stream as tarfile reads it, counted and capped (a "zip bomb"
     inflating to gigabytes costs seconds, not the disk).
 
-    Besides the total, the bytes read since the last member was handed out
-    (`since`, reset by the reader) are capped: tarfile reads a pax extended
-    header or a GNU long name whole, into memory, while looking for the next
-    member, before any per-member size check can run, so a small .tar.gz
-    could otherwise hold a header of gigabytes."""
+    Besides the total, the bytes read between two members beyond the data
+    the first one declares (`since`, set by the reader as each member is
+    handed out) are capped: tarfile reads a pax extended header or a GNU
+    long name whole, into memory, while looking for the next member, before
+    any per-member size check can run, so a small .tar.gz could otherwise
+    hold a header of gigabytes. A member's own data never counts here,
+    whether it is read or skipped (its size is checked from its header, or
+    it is never kept); the total cap bounds all the bytes read, skipped
+    ones included."""
 
     def __init__(self, raw, archive: Path):
         self.raw, self.archive, self.n, self.since = raw, archive, 0, 0
@@ -196,6 +211,24 @@ class _Counted:
         return block
 
 
+def _tar_members(tar: tarfile.TarFile, counted: _Counted, archive: Path
+                 ) -> Iterator[tarfile.TarInfo]:
+    """The members one at a time, none kept: in stream mode TarFile appends
+    every TarInfo to `.members` (a few hundred bytes each, a pax header's
+    whole dict), which would grow with the member count, not the images."""
+    count = 0
+    while (info := tar.next()) is not None:
+        tar.members.clear()
+        count += 1
+        if count > MAX_MEMBERS:
+            raise KdflowError(f"{archive} has more than {MAX_MEMBERS:,} members, "
+                              "the cap for an image tree archive; check data.url")
+        # What tarfile reads from here to the next header: this member's data
+        # (padded to 512-byte blocks, read or skipped), then headers.
+        counted.since = -((info.size + 511) // 512 * 512) if info.isreg() else 0
+        yield info
+
+
 def _walk_tar(archive: Path) -> Iterator[tuple[str, bytes | None]]:
     with open(archive, "rb") as raw:
         gz = raw.read(2) == b"\x1f\x8b"
@@ -204,13 +237,9 @@ def _walk_tar(archive: Path) -> Iterator[tuple[str, bytes | None]]:
         counted = _Counted(stream, archive)
         # Stream mode: one pass, no seeking back.
         with tarfile.open(fileobj=counted, mode="r|") as tar:
-            for i, info in enumerate(tar):
-                if i >= MAX_MEMBERS:
-                    raise KdflowError(f"{archive} has more than {MAX_MEMBERS:,} members, "
-                                      "the cap for an image tree archive; check data.url")
+            for info in _tar_members(tar, counted, archive):
                 name = _safe_name(archive, info.name)
                 if info.isdir():
-                    counted.since = 0
                     yield name, None
                     continue
                 if not info.isfile() or info.issparse():
@@ -218,15 +247,15 @@ def _walk_tar(archive: Path) -> Iterator[tuple[str, bytes | None]]:
                         f"{archive}: member {info.name} is not a regular file (tar type "
                         f"{info.type!r}); links and devices are refused in an image tree "
                         "archive. Pack the files themselves")
-                if info.size > MAX_IMAGE_BYTES:
-                    raise _bad(f"{archive}: {info.name}", f"{info.size:,} bytes, more than "
-                               f"the {MAX_IMAGE_BYTES:,} allowed for one image")
+                # Skipped before the size check, as in a .zip: a big ._x.png or
+                # .git pack is never read into memory, only skipped over.
                 if any(_skipped(p) for p in PurePosixPath(name).parts):
                     yield name, b""     # ._x.png, __MACOSX/...: never decoded
                     continue
-                payload = tar.extractfile(info).read()
-                counted.since = 0   # its data read: the next header's budget starts
-                yield name, payload
+                if info.size > MAX_IMAGE_BYTES:
+                    raise _bad(f"{archive}: {info.name}", f"{info.size:,} bytes, more than "
+                               f"the {MAX_IMAGE_BYTES:,} allowed for one image")
+                yield name, tar.extractfile(info).read()
         # The gzip's CRC and length are checked only at its end.
         counted.members_done = True
         while counted.read(1 << 20):
@@ -254,44 +283,204 @@ _ZIP_ERRORS = (RuntimeError, NotImplementedError, zipfile.BadZipFile, zipfile.La
                EOFError, zlib.error, lzma.LZMAError, OSError)
 
 
-def _walk_zip(archive: Path) -> Iterator[tuple[str, bytes | None]]:
-    try:
-        zf = zipfile.ZipFile(archive)
-    except _ZIP_ERRORS as e:
-        raise _zip_error(archive, None, e) from None
-    with zf:
-        infos = zf.infolist()
-        if len(infos) > MAX_MEMBERS:
+# The zip records read here, as APPNOTE.TXT lays them out (sections 4.3.12-16).
+_CD = struct.Struct("<4s24xHHH12x")        # central directory entry: name, extra, comment lengths
+_EOCD = struct.Struct("<4s4H2LH")           # end of central directory
+_EOCD64 = struct.Struct("<4sQ2H2L4Q")       # zip64 end of central directory
+_LOCATOR = struct.Struct("<4sLQL")          # zip64 end of central directory locator
+_ZIP32_LIMIT = 0xFFFFFFFF                   # offsets from here on need the zip64 records
+# Central directory entries handed to one ZipFile at a time (and at most
+# about this many bytes of them): ZipFile keeps a ZipInfo of ~550 bytes per
+# entry for as long as it is open.
+_ZIP_CHUNK, _ZIP_CHUNK_BYTES = 4096, 1 << 20
+
+
+def _zip_directory(archive: Path, f) -> tuple[int, int, int]:
+    """(central directory start, its size, its offset as recorded) from the
+    end records of an open zip, read here, before any ZipFile: ZipFile reads
+    the whole central directory into ZipInfos (its size, not its count, says
+    how far), so a huge one must be refused before ZipFile runs. The entry
+    count the records declare is refused over the cap here; the entries
+    themselves are counted by _zip_entries."""
+    def corrupt(why: str) -> KdflowError:
+        return _zip_error(archive, None, zipfile.BadZipFile(why))
+
+    size = f.seek(0, 2)
+    tail_at = max(0, size - _EOCD.size - 0xFFFF)    # the comment is at most 64 KiB
+    f.seek(tail_at)
+    tail = f.read()
+    at = tail.rfind(b"PK\x05\x06")      # the last one, as zipfile takes it
+    if at < 0 or len(tail) - at < _EOCD.size:
+        raise corrupt("no end of central directory record")
+    _, disk, cd_disk, _, count, cd_size, cd_offset, _ = _EOCD.unpack_from(tail, at)
+    end = tail_at + at      # where the central directory (or the zip64 records) ends
+    if tail[max(at - _LOCATOR.size, 0):at][:4] == b"PK\x06\x07":
+        _, locator_disk, _, disks = _LOCATOR.unpack_from(tail, at - _LOCATOR.size)
+        end -= _LOCATOR.size + _EOCD64.size
+        f.seek(max(end, 0))
+        record = f.read(_EOCD64.size)
+        if end < 0 or record[:4] != b"PK\x06\x06" or len(record) < _EOCD64.size:
+            raise corrupt("no zip64 end of central directory record before its locator")
+        _, _, _, _, disk, cd_disk, _, count, cd_size, cd_offset = _EOCD64.unpack(record)
+        disk = disk or locator_disk or disks > 1
+    if disk or cd_disk:
+        raise corrupt("a zip split over several disks")
+    if count > MAX_MEMBERS:
+        raise KdflowError(f"{archive} has more than {MAX_MEMBERS:,} members ({count:,} by "
+                          "its directory), the cap for an image tree archive; check data.url")
+    start = end - cd_size
+    if start < 0 or start < cd_offset:     # before the file, or before its own offset
+        raise corrupt(f"a central directory of {cd_size:,} bytes at offset {cd_offset:,} "
+                      "that does not fit the file")
+    return start, cd_size, cd_offset
+
+
+def _zip_entries(archive: Path, f, start: int, size: int) -> Iterator[bytes]:
+    """The central directory's entries one at a time, read from the file
+    (an entry is 46 bytes and three lengths), counted and capped as they
+    come: the end record's count is not what ZipFile goes by, and old tools
+    wrap it at 65,536."""
+    f.seek(start)
+    done = seen = 0
+    while done < size:
+        head = f.read(_CD.size)
+        if len(head) < _CD.size or head[:4] != b"PK\x01\x02":
+            raise _zip_error(archive, None, zipfile.BadZipFile(
+                f"central directory entry {seen + 1:,} is truncated or has a bad signature"))
+        rest = sum(_CD.unpack(head)[1:])
+        entry = head + f.read(rest)
+        done += len(entry)
+        if len(entry) < _CD.size + rest or done > size:
+            raise _zip_error(archive, None, zipfile.BadZipFile(
+                f"central directory entry {seen + 1:,} runs past the directory"))
+        seen += 1
+        if seen > MAX_MEMBERS:
             raise KdflowError(f"{archive} has more than {MAX_MEMBERS:,} members, the cap "
                               "for an image tree archive; check data.url")
-        total = 0
-        for info in infos:
-            name = _safe_name(archive, info.filename)
-            if info.is_dir():
-                yield name, None
-                continue
-            if any(_skipped(p) for p in PurePosixPath(name).parts):
-                yield name, b""     # __MACOSX/..., .DS_Store: never inflated
-                continue
-            if stat.S_ISLNK(info.external_attr >> 16):
-                raise KdflowError(f"{archive}: member {info.filename} is a link; links are "
-                                  "refused in an image tree archive. Pack the files themselves")
-            if info.flag_bits & 0x1:    # refused before zipfile asks for a password
-                raise _zip_error(archive, info.filename, RuntimeError("encrypted"))
-            if info.file_size > MAX_IMAGE_BYTES:
-                raise _bad(f"{archive}: {info.filename}", f"{info.file_size:,} bytes, more "
-                           f"than the {MAX_IMAGE_BYTES:,} allowed for one image")
-            # The declared size may lie: read at most one byte past it.
+        yield entry
+
+
+def _end_records(count: int, size: int, offset: int, at: int, concat: int) -> bytes:
+    """End records for `count` central directory entries of `size` bytes
+    placed at `at` in the file, which the archive's own numbering calls
+    `offset` (`concat` bytes precede the zip); zip64 ones once the offset
+    needs them."""
+    if offset < _ZIP32_LIMIT:
+        return _EOCD.pack(b"PK\x05\x06", 0, 0, count, count, size, offset, 0)
+    return (_EOCD64.pack(b"PK\x06\x06", _EOCD64.size - 12, 45, 45, 0, 0, count, count,
+                         size, offset)
+            + _LOCATOR.pack(b"PK\x06\x07", 0, at + size - concat, 1)
+            + _EOCD.pack(b"PK\x05\x06", 0, 0, 0xFFFF, 0xFFFF, 0xFFFFFFFF, 0xFFFFFFFF, 0))
+
+
+class _ZipView(io.RawIOBase):
+    """The zip's bytes up to its central directory, then `tail` (a part of
+    that directory and end records for it) in its place: what ZipFile reads
+    to list only that part, while its members are read from the file."""
+
+    def __init__(self, f, start: int, tail: bytes):
+        self.f, self.start, self.tail, self.pos = f, start, tail, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        base = (0, self.pos, self.start + len(self.tail))[whence]
+        if base + pos < 0:
+            raise OSError("seek before the start of the zip")
+        self.pos = base + pos
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def read(self, n: int = -1) -> bytes:
+        end = self.start + len(self.tail)
+        stop = end if n is None or n < 0 else min(end, self.pos + n)
+        out = b""
+        if self.pos < min(stop, self.start):
+            self.f.seek(self.pos)
+            out = self.f.read(min(stop, self.start) - self.pos)
+            self.pos += len(out)
+            if self.pos < min(stop, self.start):
+                return out      # the file ended early
+        if self.pos >= self.start and stop > self.pos:
+            out += self.tail[self.pos - self.start:stop - self.start]
+            self.pos = stop
+        return out
+
+
+def _zip_parts(archive: Path, f) -> Iterator[zipfile.ZipFile]:
+    """The zip as ZipFiles over consecutive parts of its central directory,
+    each open while its members are read: the listing's memory is that of
+    one part, whatever the entry count. The whole directory is walked (and
+    counted) once before the first part, so a zip over the member cap is
+    refused before any member is read."""
+    start, size, offset = _zip_directory(archive, f)
+    for _ in _zip_entries(archive, f, start, size):
+        pass
+    concat = start - offset         # bytes before the zip (a self-extractor's stub)
+    at = start                      # where the part being gathered starts
+    part: list[bytes] = []
+    nbytes = 0
+    entries = _zip_entries(archive, f, start, size)
+    while True:
+        entry = next(entries, None)
+        if entry is not None:
+            part.append(entry)
+            nbytes += len(entry)
+        if part and (entry is None or len(part) == _ZIP_CHUNK or nbytes >= _ZIP_CHUNK_BYTES):
+            block = b"".join(part)
+            tail = block + _end_records(len(part), len(block), at - concat, at, concat)
+            resume = f.tell()
             try:
-                with zf.open(info) as f:
-                    payload = f.read(MAX_IMAGE_BYTES + 1)
+                zf = zipfile.ZipFile(_ZipView(f, at, tail))
             except _ZIP_ERRORS as e:
-                raise _zip_error(archive, info.filename, e) from None
-            total += len(payload)
-            if len(payload) > MAX_IMAGE_BYTES or total > MAX_UNPACKED:
-                raise KdflowError(f"{archive} unpacks to more than its members declare or "
-                                  "than the caps allow; check data.url")
-            yield name, payload
+                raise _zip_error(archive, None, e) from None
+            with zf:
+                yield zf
+            f.seek(resume)
+            at += len(block)
+            part, nbytes = [], 0
+        if entry is None:
+            return
+
+
+def _walk_zip(archive: Path) -> Iterator[tuple[str, bytes | None]]:
+    with open(archive, "rb") as f:
+        total = 0
+        for zf in _zip_parts(archive, f):
+            for info in zf.infolist():
+                name = _safe_name(archive, info.filename)
+                if info.is_dir():
+                    yield name, None
+                    continue
+                if any(_skipped(p) for p in PurePosixPath(name).parts):
+                    yield name, b""     # __MACOSX/..., .DS_Store: never inflated
+                    continue
+                if stat.S_ISLNK(info.external_attr >> 16):
+                    raise KdflowError(f"{archive}: member {info.filename} is a link; links "
+                                      "are refused in an image tree archive. Pack the files "
+                                      "themselves")
+                if info.flag_bits & 0x1:    # refused before zipfile asks for a password
+                    raise _zip_error(archive, info.filename, RuntimeError("encrypted"))
+                if info.file_size > MAX_IMAGE_BYTES:
+                    raise _bad(f"{archive}: {info.filename}", f"{info.file_size:,} bytes, "
+                               f"more than the {MAX_IMAGE_BYTES:,} allowed for one image")
+                # The declared size may lie: read at most one byte past it.
+                try:
+                    with zf.open(info) as member:
+                        payload = member.read(MAX_IMAGE_BYTES + 1)
+                except _ZIP_ERRORS as e:
+                    raise _zip_error(archive, info.filename, e) from None
+                total += len(payload)
+                if len(payload) > MAX_IMAGE_BYTES or total > MAX_UNPACKED:
+                    raise KdflowError(f"{archive} unpacks to more than its members declare "
+                                      "or than the caps allow; check data.url")
+                yield name, payload
 
 
 def _walk(source: Path) -> Iterator[tuple[str, bytes | None]]:
@@ -315,6 +504,7 @@ class _Tree:
         self.source = source
         self.wrapper: str | None = None
         self.images: dict[tuple[str, str], list[tuple[str, np.ndarray]]] = {}
+        self.classes = dict.fromkeys(SPLITS, 0)
         self.size: tuple[str, tuple[int, int]] | None = None
 
     def _where(self, name: str) -> str:
@@ -343,7 +533,7 @@ class _Tree:
             return
         if payload is None:           # a directory
             if len(rel) == 2:
-                self.images.setdefault((rel[0], rel[1]), [])
+                self._class(rel[0], rel[1])
             elif len(rel) > 2:
                 raise _bad(self._where(name), "a directory inside a class directory; "
                                               "images sit directly in train/<class>/")
@@ -353,10 +543,22 @@ class _Tree:
         if PurePosixPath(rel[2]).suffix.lower() not in IMAGE_SUFFIXES:
             raise _bad(self._where(name), "not a .png, .jpg or .jpeg file")
         image = self._decode(name, payload)
-        self.images.setdefault((rel[0], rel[1]), []).append((rel[2], image))
+        self._class(rel[0], rel[1]).append((rel[2], image))
+
+    def _class(self, split: str, name: str) -> list[tuple[str, np.ndarray]]:
+        """The images of a class so far; a new class is counted against
+        MAX_CLASSES as it comes, not once the whole tree is read."""
+        images = self.images.get((split, name))
+        if images is None:
+            self.classes[split] += 1
+            if self.classes[split] > MAX_CLASSES:
+                raise _bad(self.source, f"more than {MAX_CLASSES:,} class directories under "
+                                        f"{split}/, the cap for an image tree")
+            images = self.images[split, name] = []
+        return images
 
     def _decode(self, name: str, payload: bytes) -> np.ndarray:
-        from PIL import Image  # only the convert step decodes
+        from PIL import Image, ImageOps  # only the convert step decodes
 
         where = self._where(name)
         try:
@@ -375,10 +577,16 @@ class _Tree:
                     raise _bad(where, f"a 16-bit or 32-bit image (Pillow mode {img.mode}), "
                                       "which would be clipped, not scaled, to 8 bits; save "
                                       "it as an 8-bit PNG or a JPEG")
-                rgb = img.convert("RGB")
+                # Phones store the pixels as the sensor saw them and the way to
+                # hold the photo in the EXIF Orientation tag; every viewer
+                # applies it, so the image the user knows is the turned one.
+                # Before the size checks below: a portrait photo is its turned size.
+                rgb = ImageOps.exif_transpose(img).convert("RGB")
         except KdflowError:
             raise
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        # A damaged EXIF block can also raise TypeError or struct.error.
+        except (OSError, SyntaxError, ValueError, TypeError, struct.error,
+                Image.DecompressionBombError) as e:
             raise _bad(where, f"unreadable or corrupt image ({type(e).__name__}: {e})") from None
         if self.size is None:
             self.size = (where, rgb.size)

@@ -4,9 +4,11 @@ run end to end on a tree the test makes."""
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import os
+import struct
 import tarfile
 import zipfile
 from pathlib import Path
@@ -19,6 +21,8 @@ from kdflow import KdflowError
 from kdflow.config import validate
 from kdflow.data import balanced_pick, pixel_stats, write_subset
 from kdflow.datasets import archive_name, convert, fetch, fingerprint
+from kdflow.folder import MAX_MEMBERS
+from tests.childmem import MAX_PEAK, run_capped
 from tests.conftest import base_config, planned_jobs, snakemake
 
 CLASSES = [f"c{i}" for i in range(10)]
@@ -272,6 +276,176 @@ def _patched_zip(tree: Path, out: Path, header: bytes, offset: int, value: bytes
 ])
 def test_bad_zip_members_are_refused_clearly(png_tree, tmp_path, header, offset, value, error):
     fails(_patched_zip(png_tree, tmp_path / "t.zip", header, offset, value), tmp_path, error)
+
+
+# --------------------------------------------------------------------------
+# Archives whose listing alone would cost memory (caps before allocations)
+# --------------------------------------------------------------------------
+
+# A conversion in a child process, its peak memory measured (tests.childmem).
+CONVERT_IMPORTS = "from kdflow import KdflowError\nfrom kdflow.folder import read_folder\n"
+CONVERT_BODY = r'''
+try:
+    images = read_folder(ARGS[0])
+except KdflowError as e:
+    report(error=str(e))
+except MemoryError:
+    report(error="MemoryError")
+else:
+    report(shape=list(images.x_train.shape))
+'''
+
+
+def convert_capped(archive: Path, tmp_path: Path) -> dict:
+    return run_capped(CONVERT_IMPORTS, CONVERT_BODY, archive, cwd=tmp_path)
+
+
+def hostile_zip_directory(out: Path, entries: int, declared: int | None = None,
+                          cd_size: int | None = None) -> Path:
+    """A zip that is only a central directory: `entries` entries of 47 bytes
+    (all naming one member "x"), written in slices so this process never
+    holds it, then zip64 end records declaring `declared` entries (default:
+    all) and `cd_size` bytes of directory (default: the real size).
+    ZipFile() reads each entry into a ZipInfo of ~550 bytes before any count
+    can be checked."""
+    entry = struct.pack("<4s6H3L5H2L", b"PK\x01\x02", 20, 20, 0, 0, 0, 0, 0, 0, 0,
+                        1, 0, 0, 0, 0, 0, 0) + b"x"
+    size = len(entry) * entries
+    declared = entries if declared is None else declared
+    with open(out, "wb") as f:
+        for start in range(0, entries, 100_000):
+            f.write(entry * min(100_000, entries - start))
+        f.write(struct.pack("<4sQ2H2L4Q", b"PK\x06\x06", 44, 45, 45, 0, 0, declared, declared,
+                            size if cd_size is None else cd_size, 0))
+        f.write(struct.pack("<4sLQL", b"PK\x06\x07", 0, size, 1))
+        f.write(struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, 0xFFFF, 0xFFFF, 0xFFFFFFFF,
+                            0xFFFFFFFF, 0))
+    return out
+
+
+def tar_with_long_names(tree: Path, out: Path, copies: int, length: int = 256 << 10) -> Path:
+    """tree as a .tar.gz under "t", then `copies` empty members beside the
+    tree, each a GNU long name of `length` bytes (under the header cap) that
+    are not UTF-8, and one emoji: tarfile decodes such a name with
+    surrogateescape into a string of 4 bytes a character (1 MiB for
+    256 KiB), and in stream mode it keeps every TarInfo, name and all. The
+    copies are one gzip member written again and again (a gzip stream may
+    be several), so building it costs nothing."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as t:
+        t.add(tree, arcname="t")
+        members = buf.getvalue()    # before close() adds the end-of-archive blocks
+    long = tarfile.TarInfo("\udcff" * length + "\U0001F600")
+    one = gzip.compress(long.tobuf(tarfile.GNU_FORMAT, "utf-8", "surrogateescape"), 1)
+    with open(out, "wb") as f:
+        f.write(gzip.compress(members, 1))
+        for _ in range(copies):
+            f.write(one)
+        f.write(gzip.compress(b"\0" * tarfile.RECORDSIZE, 1))
+    return out
+
+
+def test_a_zip_directory_over_the_member_cap_is_refused_before_it_is_read(tmp_path):
+    # 2,000,001 entries, 94 MB: ZipFile() alone would take over 1 GB.
+    archive = hostile_zip_directory(tmp_path / "t.zip", MAX_MEMBERS + 1)
+    result = convert_capped(archive, tmp_path)
+    assert result["peak"] < MAX_PEAK, f"peak {result['peak'] / 2**20:.0f} MiB"
+    assert result.get("error", "").startswith(
+        f"{archive} has more than 2,000,000 members (2,000,001 by its directory)"), result
+    assert "\n" not in result["error"]
+
+
+def test_a_zip_directory_holding_more_than_it_declares_is_refused(png_tree, tmp_path,
+                                                                     monkeypatch):
+    # The end record's count is not what ZipFile goes by: the entries are
+    # counted as the directory is walked, before any member is read.
+    monkeypatch.setattr("kdflow.folder.MAX_MEMBERS", 50)
+    fails(hostile_zip_directory(tmp_path / "t.zip", 51, declared=3), tmp_path,
+          r"t.zip has more than 50 members, the cap")
+    # A directory larger than the file: refused as corrupt, nothing read.
+    fails(hostile_zip_directory(tmp_path / "t.zip", 3, cd_size=1 << 40), tmp_path,
+          r"t.zip: its directory is corrupt or unreadable \(BadZipFile: a central directory "
+          r"of 1,099,511,627,776 bytes")
+
+
+def test_a_zip_is_listed_in_parts_and_reads_the_same(png_tree, tmp_path, monkeypatch):
+    archive = tmp_path / "t.zip"
+    pack(png_tree, archive)
+    want = converted(png_tree, tmp_path)
+    # Parts of 7 entries, with plain and with zip64 end records, and behind a
+    # self-extractor's stub (data before the zip).
+    monkeypatch.setattr("kdflow.folder._ZIP_CHUNK", 7)
+    stub = tmp_path / "sfx.zip"
+    stub.write_bytes(b"#!/bin/sh\nexit 0\n" * 50 + archive.read_bytes())
+    for limit in (0xFFFFFFFF, 0):
+        monkeypatch.setattr("kdflow.folder._ZIP32_LIMIT", limit)
+        for source in (archive, stub):
+            got = converted(source, tmp_path)
+            assert all((got[k] == want[k]).all() for k in ("x_train", "y_train", "x_test"))
+
+
+def test_tar_members_are_not_kept_while_streaming(png_tree, tmp_path):
+    # 600 members of 1 MiB each once parsed: 600 MiB of TarInfos if kept.
+    archive = tar_with_long_names(png_tree, tmp_path / "t.tar.gz", copies=600)
+    assert archive.stat().st_size < 2_000_000
+    result = convert_capped(archive, tmp_path)
+    assert result["peak"] < MAX_PEAK, f"peak {result['peak'] / 2**20:.0f} MiB"
+    assert result.get("shape") == [120, 3, 32, 32], result
+
+
+def test_class_directories_are_capped_as_they_come(png_tree, tmp_path, monkeypatch):
+    monkeypatch.setattr("kdflow.folder.MAX_CLASSES", 9)
+    # Whichever split comes first (a directory is walked in name order).
+    fails(png_tree, tmp_path, r"more than 9 class directories under (test|train)/, the cap")
+    for name in ("t.tar.gz", "t.zip"):
+        pack(png_tree, tmp_path / name)
+        fails(tmp_path / name, tmp_path, rf"{name}: more than 9 class directories under")
+
+
+def test_skipped_tar_members_do_not_count_against_the_header_cap(png_tree, tmp_path,
+                                                                   monkeypatch):
+    # The Finder's AppleDouble files hold resource forks: two of 17 MiB in a
+    # row once added up past the cap on bytes between two kept members.
+    archive = tmp_path / "t.tar.gz"
+    with tarfile.open(archive, "w:gz", compresslevel=1) as t:
+        t.add(png_tree, arcname="t")
+        for name in ("t/train/c0/._000.png", "t/train/c0/._001.png"):
+            info = tarfile.TarInfo(name)
+            info.size = 17 << 20
+            t.addfile(info, io.BytesIO(b"\0\5\x16\7" + bytes(info.size - 4)))
+    want = converted(png_tree, tmp_path)
+    got = converted(archive, tmp_path)
+    assert all((got[k] == want[k]).all() for k in ("x_train", "y_train", "x_test"))
+    # Skipped bytes are still read, and still count against the total cap.
+    monkeypatch.setattr("kdflow.folder.MAX_UNPACKED", 30 << 20)
+    (tmp_path / "capped").mkdir()
+    fails(archive, tmp_path / "capped", r"t.tar.gz unpacks to more than 31,457,280 bytes")
+
+
+def quadrants() -> np.ndarray:
+    """32x32 RGB in four flat quadrants (red, green / blue, white), aligned
+    to JPEG's blocks so the colours survive compression."""
+    x = np.zeros((32, 32, 3), dtype=np.uint8)
+    x[:16, :16], x[:16, 16:] = (255, 0, 0), (0, 255, 0)
+    x[16:, :16], x[16:, 16:] = (0, 0, 255), (255, 255, 255)
+    return x
+
+
+# EXIF Orientation: the turn (np.rot90's k, counterclockwise) that shows the
+# stored pixels upright. 6: the stored top row is the right-hand side.
+@pytest.mark.parametrize("orientation, k", [(6, -1), (8, 1), (3, 2), (1, 0)])
+def test_exif_orientation_is_applied(tmp_path, orientation, k):
+    tree = make_tree(tmp_path / "t", train=1, test=1, classes=["a", "b"], fmt="JPEG")
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(quadrants()).save(tree / "train" / "a" / "000.jpg", "JPEG", exif=exif,
+                                      quality=95)
+    got = converted(tree, tmp_path)["x_train"][0].transpose(1, 2, 0).astype(int)
+    want = np.rot90(quadrants(), k).astype(int)
+    for rows in (slice(2, 14), slice(18, 30)):      # each quadrant, away from its edges
+        for cols in (slice(2, 14), slice(18, 30)):
+            assert np.abs(got[rows, cols].mean((0, 1)) - want[rows, cols].mean((0, 1))).max() \
+                < 20, (orientation, rows, cols)
 
 
 def test_everyday_clutter_is_skipped(tmp_path):

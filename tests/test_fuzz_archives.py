@@ -273,3 +273,80 @@ def test_damaged_archives_convert_or_fail_cleanly(tmp_path):
     peak, growth = result["maxrss"], result["maxrss"] - result["imports_rss"]
     assert peak < MAX_RSS and growth < MAX_GROWTH, \
         f"peak memory {peak / 2**20:.0f} MiB, {growth / 2**20:.0f} MiB above the imports"
+
+
+# --------------------------------------------------------------------------
+# Image-folder archives whose listing alone would cost memory
+# --------------------------------------------------------------------------
+
+# The tar variants that test the member count run under this lowered cap:
+# walking the 2,000,001 headers of the real cap takes tarfile minutes (pure
+# Python, ~90 us a header), and what is checked, memory that does not grow
+# with the members read, is the same at any cap. The long names make it
+# visible: 600 TarInfos kept would be 600 MiB.
+TAR_MEMBER_CAP = 600
+
+FOLDER_CHILD = r'''
+real_cap = folder.MAX_MEMBERS
+outcomes = []
+for path, cap in zip(ARGS[::2], ARGS[1::2]):
+    folder.MAX_MEMBERS = int(cap) if cap != "-" else real_cap
+    try:
+        folder.read_folder(path)
+        outcome = ["converted", ""]
+    except KdflowError as e:
+        outcome = ["refused", str(e)]
+    except BaseException as e:
+        outcome = ["other", repr(e)[:300]]
+    outcomes.append(outcome + [peak_rss()])
+report(outcomes=outcomes)
+'''
+
+
+def test_folder_archives_with_costly_listings_are_refused_in_bounded_memory(tmp_path):
+    """Archives that cost memory per member before any image: a zip's
+    central directory (ZipFile reads it all into ZipInfos) and a tar's
+    headers (tarfile keeps every TarInfo in stream mode). Each,
+    under the folder download cap, is refused with a one-line error, and
+    the child's peak memory stays under MAX_PEAK."""
+    import re
+
+    from kdflow.datasets import dataset_entry
+    from kdflow.folder import MAX_MEMBERS
+    from tests.childmem import MAX_PEAK, run_capped
+    from tests.test_folder_dataset import hostile_zip_directory, make_tree, tar_with_long_names
+
+    tree = make_tree(tmp_path / "tree", train=1, test=1, classes=["a", "b"])
+    variants = {  # name: (archive, the child's member cap, "-" for the real one; error)
+        "zip, a directory over the member cap": (
+            hostile_zip_directory(tmp_path / "huge.zip", MAX_MEMBERS + 1), "-",
+            r"huge.zip has more than 2,000,000 members \(2,000,001 by its directory\)"),
+        "zip, a directory holding more than its end record declares": (
+            hostile_zip_directory(tmp_path / "under.zip", MAX_MEMBERS + 1, declared=1), "-",
+            r"under.zip has more than 2,000,000 members, the cap"),
+        "zip, an end record claiming 2**40 entries": (
+            hostile_zip_directory(tmp_path / "claims.zip", 3, declared=1 << 40), "-",
+            r"claims.zip has more than 2,000,000 members \(1,099,511,627,776 by"),
+        "zip, a directory larger than the file": (
+            hostile_zip_directory(tmp_path / "past.zip", 3, cd_size=1 << 40), "-",
+            r"past.zip: its directory is corrupt or unreadable \(BadZipFile: a central "
+            r"directory of 1,099,511,627,776 bytes"),
+        "tar.gz, members with long names": (
+            tar_with_long_names(tree, tmp_path / "names.tar.gz", TAR_MEMBER_CAP + 1),
+            str(TAR_MEMBER_CAP), rf"names.tar.gz has more than {TAR_MEMBER_CAP} members"),
+        "tar.gz, many tiny members": (
+            tar_with_long_names(tree, tmp_path / "tiny.tar.gz", 20 * TAR_MEMBER_CAP, length=1),
+            str(TAR_MEMBER_CAP), rf"tiny.tar.gz has more than {TAR_MEMBER_CAP} members"),
+    }
+    cap = dataset_entry("folder").max_download
+    for name, (archive, _, _) in variants.items():
+        assert archive.stat().st_size < cap, name
+    args = [str(x) for archive, members, _ in variants.values() for x in (archive, members)]
+    result = run_capped("import kdflow.folder as folder\nfrom kdflow import KdflowError\n",
+                        FOLDER_CHILD, *args, cwd=tmp_path)
+    assert len(result["outcomes"]) == len(variants)
+    for (name, (_, _, error)), (kind, message, peak) in zip(variants.items(),
+                                                           result["outcomes"]):
+        assert peak < MAX_PEAK, f"{name}: peak {peak / 2**20:.0f} MiB"
+        assert kind == "refused" and re.search(error, message), (name, kind, message)
+        assert "\n" not in message
