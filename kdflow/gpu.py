@@ -134,9 +134,9 @@ def visible_gpus(env: Mapping[str, str] = os.environ) -> list[str]:
     narrows them: its entries are the ids the slots use (SLURM sets it in
     an allocation's batch script and job steps). Without it, inside a SLURM
     allocation, SLURM_JOB_GPUS (the allocation's GPUs, by the machine's
-    numbers) narrows them where it names GPUs of this machine; where it does
-    not, the node hides the other GPUs (a device cgroup) and renumbers its
-    own from 0, so those the machine lists are the allocation's.
+    numbers) narrows them where it names GPUs the machine lists; where it
+    does not, the node's device cgroup hides the other GPUs and numbers the
+    allocation's from 0, so all the machine lists are the allocation's.
     """
     pretend = env.get(PRETEND_ENV)
     machine = _parse_visible(pretend) if pretend is not None else _nvidia_smi_gpus()
