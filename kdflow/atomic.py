@@ -6,6 +6,13 @@ so a crash, a kill or a full disk never leaves a truncated file under the
 final name, where Snakemake or a later step would take it for a complete
 one. On failure the `.part` file is removed and a full disk or a file-size
 limit becomes one clear KdflowError naming the file.
+
+A power cut needs more than the rename: the kernel may write the rename to
+disk before the file's bytes, and after the reboot the final name holds a
+short or empty file. So the `.part` file is fsynced before the rename (its
+bytes are on disk before any name points at them) and the directory after
+(the rename itself is on disk before the writer returns, so a later step's
+output never survives a cut that its input's rename did not).
 """
 
 from __future__ import annotations
@@ -41,6 +48,19 @@ def _space_errno(e: BaseException) -> int | None:
     return None
 
 
+def _fsync(path: Path, directory: bool = False) -> None:
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        # A few filesystems (some FUSE and network ones) cannot fsync a
+        # directory; the file's own fsync, which matters most, has succeeded.
+        if not (directory and e.errno in (errno.EINVAL, errno.ENOTSUP)):
+            raise
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path to write; on success it replaces `path`."""
@@ -49,7 +69,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = part_path(path)
     try:
         yield tmp
-        os.replace(tmp, path)
+        _fsync(tmp)                          # the bytes first,
+        os.replace(tmp, path)                # then the name,
+        _fsync(path.parent, directory=True)  # and the name on disk too
     except BaseException as e:
         tmp.unlink(missing_ok=True)
         code = _space_errno(e)

@@ -3,8 +3,9 @@
 Every dataset source that is a single file (a CIFAR python archive, an image
 folder packed as .tar/.tar.gz/.zip) comes through `fetch_archive`: retries
 with backoff for transient failures, HTTP Range resume of a partial file, a
-size cap against servers that never stop, and an md5 check before the file
-gets its final name. Nothing here knows what the file holds.
+size cap against servers that never stop, a deadline for the whole transfer
+against servers that trickle, and an md5 check before the file gets its
+final name. Nothing here knows what the file holds.
 """
 
 from __future__ import annotations
@@ -31,6 +32,19 @@ MB = 1e6
 # A server streaming without end is cut off here unless the caller (the
 # dataset table, which knows its archives' sizes) gives a bound of its own.
 MAX_DOWNLOAD = 1 << 30
+# The per-read timeout never fires on a server that trickles a byte now and
+# then, so the whole download (all attempts) has a deadline too: DEADLINE_BASE_S
+# for connecting, retries and their backoff, plus the size cap at MIN_RATE.
+# For CIFAR-10 (cap 4 x 170 MB) that is about 2 h 4 min: the 170 MB archive
+# arrives in time over any link averaging 23 kB/s (0.2 Mbit/s) or more.
+MIN_RATE = 100_000  # bytes/s
+DEADLINE_BASE_S = 600.0
+
+
+def transfer_deadline(cap: int) -> float:
+    """Seconds the whole download of at most `cap` bytes may take."""
+    return DEADLINE_BASE_S + cap / MIN_RATE
+
 
 def md5sum(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     h = hashlib.md5()
@@ -143,7 +157,26 @@ class _Progress:
             self.next += 64 * MB
 
 
-def _copy(src, out, start: int, total: int | None, cap: int, url: str) -> None:
+class _Deadline:
+    """The whole download's deadline, and what arrived before it."""
+
+    def __init__(self, seconds: float, cap: int, url: str):
+        self.seconds, self.cap, self.url = seconds, cap, url
+        self.t0, self.received = time.monotonic(), 0
+
+    def check(self) -> None:
+        elapsed = time.monotonic() - self.t0
+        if elapsed > self.seconds:
+            raise KdflowError(
+                f"{self.url} sent {_size(self.received)} in {elapsed:,.0f} s, below the "
+                f"minimum rate a download needs (at most {_size(self.cap)} within "
+                f"{self.seconds:,.0f} s; kdflow.fetch.MIN_RATE); nothing was kept. The "
+                "server or the link is too slow: try a mirror, or download the archive "
+                "another way and point data.url at a file:// copy")
+
+
+def _copy(src, out, start: int, total: int | None, cap: int, url: str,
+          deadline: _Deadline) -> None:
     """Append `src` to `out` (which holds `start` bytes), at most `cap` in all."""
     if total is not None and total > cap:
         raise KdflowError(
@@ -152,7 +185,10 @@ def _copy(src, out, start: int, total: int | None, cap: int, url: str) -> None:
     done, progress = start, _Progress(total, start)
     while True:
         try:
-            block = src.read(_CHUNK)
+            # read1: what has arrived, up to a chunk. read() would wait for a
+            # whole chunk, and a trickling server would never get to the
+            # deadline check below.
+            block = src.read1(_CHUNK)
         except (OSError, http.client.HTTPException) as e:
             raise _Transient(f"connection lost after {done / MB:.1f} MB "
                              f"({type(e).__name__}: {e})") from None
@@ -165,7 +201,11 @@ def _copy(src, out, start: int, total: int | None, cap: int, url: str) -> None:
                 "Check data.url")
         out.write(block)
         done += len(block)
+        deadline.received += len(block)
         progress.update(done)
+        # After each read: a read blocks at most the per-read timeout, so
+        # the deadline is overshot by no more than that.
+        deadline.check()
     # http.client returns a short body, without an error, when the server
     # closes the connection early: only the announced size tells.
     if total is not None and done < total:
@@ -175,7 +215,8 @@ def _copy(src, out, start: int, total: int | None, cap: int, url: str) -> None:
 
 def fetch_archive(url: str, md5: str, dest: str | os.PathLike, *,
                   max_bytes: int | None = None, retries: int = 5,
-                  backoff: float = 2.0, timeout: float = 60.0) -> None:
+                  backoff: float = 2.0, timeout: float = 60.0,
+                  deadline: float | None = None) -> None:
     """Copy/download `url` to `dest` and verify its md5.
 
     The bytes go to `dest.part`, renamed to `dest` only once the md5 matches,
@@ -187,10 +228,14 @@ def fetch_archive(url: str, md5: str, dest: str | os.PathLike, *,
     outright (SIGKILL, power loss) leaves one, and the next run resumes it.
     At most `max_bytes` are accepted (default MAX_DOWNLOAD; the dataset
     table gives each dataset its own bound), so a server streaming without
-    end is cut off.
+    end is cut off; and all attempts together may take at most `deadline`
+    seconds (default transfer_deadline(cap): the cap at MIN_RATE, plus
+    DEADLINE_BASE_S), so a server trickling bytes slower than the per-read
+    `timeout` is cut off too.
     """
     dest = Path(dest)
     cap = max_bytes or MAX_DOWNLOAD
+    clock = _Deadline(transfer_deadline(cap) if deadline is None else deadline, cap, url)
     last = None
     with atomic_path(dest) as part:
         for attempt in range(retries + 1):
@@ -199,13 +244,14 @@ def fetch_archive(url: str, md5: str, dest: str | os.PathLike, *,
                 log.warning("download of %s failed (%s); attempt %d of %d in %.1f s",
                             url, last, attempt + 1, retries + 1, delay)
                 time.sleep(delay)
+                clock.check()
             offset = part.stat().st_size if part.exists() else 0
             try:
                 src, total, start = _open_source(url, offset, timeout)
                 if start:
                     log.info("resuming %s at %.1f MB", url, start / MB)
                 with src, open(part, "ab" if start else "wb") as out:
-                    _copy(src, out, start, total, cap, url)
+                    _copy(src, out, start, total, cap, url, clock)
                 break
             except _Transient as e:
                 last = e

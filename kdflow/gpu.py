@@ -17,8 +17,16 @@ share a GPU).
 - The GPU is chosen at run time from the environment, never from a rule's
   params, so moving a job to another GPU never reruns it.
 - Nothing happens on the CPU (device cpu, or no GPU at all), with an
-  explicit cuda:N device (the user chose the GPU), and under SLURM, whose
-  CUDA_VISIBLE_DEVICES already names the GPUs it gave the job.
+  explicit cuda:N device (the user chose the GPU), and in a job that
+  Snakemake's SLURM executor submitted: SLURM gave that job its GPU, and its
+  CUDA_VISIBLE_DEVICES already names it. The Snakefile tells such a job
+  (CLUSTER_JOB_ENV: its Snakemake runs in mode "remote", as every job of a
+  cluster executor does) from a local run inside an allocation (`salloc`, or
+  `snakemake` in an `sbatch` script: SLURM_JOB_ID is set there too), whose
+  jobs share the allocation's GPUs through slots like on any machine. The
+  lock files of an allocation's slots go to a subdirectory of their own
+  (`slurm-job-ID`): a lock directory on a shared filesystem is seen by other
+  nodes, whose GPU 0 is not this node's.
 
 Tests and machines without GPUs can name pretend GPUs in KDFLOW_PRETEND_GPUS
 (e.g. "0,1"); KDFLOW_GPU_RECORD names a file to which each job appends when
@@ -49,6 +57,8 @@ RECORD_ENV = "KDFLOW_GPU_RECORD"
 # Set for the job once it holds a slot; provenance records them.
 GPU_ENV = "KDFLOW_GPU"
 SLOT_ENV = "KDFLOW_GPU_SLOT"
+# "1" in a job that a cluster executor submitted (set by the Snakefile).
+CLUSTER_JOB_ENV = "KDFLOW_CLUSTER_JOB"
 # gpu.lock_dir "" (the schema's default): under the run's working directory,
 # next to Snakemake's own state, so runs of different checkouts never wait
 # for each other's slots.
@@ -121,14 +131,22 @@ def visible_gpus(env: Mapping[str, str] = os.environ) -> list[str]:
 
     The machine's GPUs are those in KDFLOW_PRETEND_GPUS when set, else those
     nvidia-smi lists; none means none. An existing CUDA_VISIBLE_DEVICES
-    narrows them: its entries are the ids the slots use.
+    narrows them: its entries are the ids the slots use (SLURM sets it in
+    an allocation's batch script and job steps). Without it, inside a SLURM
+    allocation, SLURM_JOB_GPUS (the allocation's GPUs, by the machine's
+    numbers) narrows them where it names GPUs the machine lists; where it
+    does not, the node's device cgroup hides the other GPUs and numbers the
+    allocation's from 0, so all the machine lists are the allocation's.
     """
     pretend = env.get(PRETEND_ENV)
     machine = _parse_visible(pretend) if pretend is not None else _nvidia_smi_gpus()
     if not machine:
         return []
     visible = env.get("CUDA_VISIBLE_DEVICES")
-    return _parse_visible(visible) if visible is not None else machine
+    if visible is not None:
+        return _parse_visible(visible)
+    allocated = _parse_visible(env.get("SLURM_JOB_GPUS", "")) if env.get("SLURM_JOB_ID") else []
+    return allocated if allocated and set(allocated) <= set(machine) else machine
 
 
 def slots(gpus: list[str], jobs_per_gpu: int) -> list[tuple[str, int]]:
@@ -195,19 +213,26 @@ def acquire(device: str, jobs_per_gpu: int = 1, lock_dir: str = "", label: str =
     if device.startswith("cuda:"):
         log.info("device %s names its GPU: no GPU slot taken", device)
         return None
-    if env.get("SLURM_JOB_ID"):
-        log.info("SLURM job %s: using the GPUs SLURM gave it (CUDA_VISIBLE_DEVICES=%s)",
-                 env["SLURM_JOB_ID"], env.get("CUDA_VISIBLE_DEVICES"))
+    allocation = env.get("SLURM_JOB_ID")
+    if allocation and env.get(CLUSTER_JOB_ENV) == "1":
+        log.info("SLURM job %s, submitted by Snakemake's SLURM executor: using the GPUs "
+                 "SLURM gave it (CUDA_VISIBLE_DEVICES=%s)",
+                 allocation, env.get("CUDA_VISIBLE_DEVICES"))
         return None
     gpus = visible_gpus(env)
     if not gpus:
         return None
+    if allocation:
+        log.info("local run inside SLURM allocation %s: its jobs share its GPUs %s "
+                 "through GPU slots", allocation, ",".join(gpus))
     if _cuda_initialized():
         # Too late: CUDA has read CUDA_VISIBLE_DEVICES already.
         raise RuntimeError("kdflow.gpu.acquire must run before CUDA is initialised")
     if jobs_per_gpu < 1:
         raise KdflowError(f"gpu.jobs_per_gpu is {jobs_per_gpu}; it must be 1 or more")
     lock_dir = os.path.abspath(lock_dir or DEFAULT_LOCK_DIR)
+    if allocation:
+        lock_dir = os.path.join(lock_dir, f"slurm-job-{re.sub(r'[^0-9A-Za-z_-]', '_', allocation)}")
     try:
         os.makedirs(lock_dir, exist_ok=True)
     except OSError as e:

@@ -11,6 +11,7 @@ fails, and it is removed once the outputs are written.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -21,6 +22,7 @@ from typing import Optional
 
 import torch
 
+import kdflow
 from kdflow import KdflowError, atomic
 
 log = logging.getLogger(__name__)
@@ -40,6 +42,23 @@ def file_digest(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+@functools.cache
+def library_digest() -> str:
+    """sha256 of the kdflow library's source: every .py file of the package,
+    subpackages included, by sorted path. Part of a training job's identity:
+    Snakemake reruns a job when its script changes, not when the library
+    does, so a state saved by other library code (another step order, loss,
+    or random stream) must not be continued by this one."""
+    root = Path(kdflow.__file__).resolve().parent
+    h = hashlib.sha256()
+    for rel in sorted(p.relative_to(root).as_posix() for p in root.rglob("*.py")):
+        data = (root / rel).read_bytes()
+        # Name and length first: moving code between files changes the digest.
+        h.update(f"{rel}\0{len(data)}\0".encode())
+        h.update(data)
+    return h.hexdigest()
+
+
 def fingerprint(**what) -> str:
     """Identity of a training job: a saved state resumes only the same job
     (same config, seed, data split and teacher), never a changed one."""
@@ -47,18 +66,19 @@ def fingerprint(**what) -> str:
 
 
 def save(path: str | os.PathLike, state: dict) -> None:
-    # Atomic: a kill mid-write keeps the previous state.
-    atomic.save_torch(path, {"format": FORMAT, **state})
+    # Atomic: a kill mid-write keeps the previous state. The library's digest
+    # (also in the job's fingerprint) lets a refusal say why.
+    atomic.save_torch(path, {"format": FORMAT, "library": library_digest(), **state})
 
 
 def load(path: Optional[str | os.PathLike], job: str) -> Optional[dict]:
     """The saved state of this job, or None.
 
     A state that cannot be read, or that belongs to another job (another
-    config, input, or device type: a CUDA generator state cannot be restored
-    on a CPU), is set aside under a new name with one log line, never
-    fatal: the job then trains from scratch, and every retry does too
-    instead of failing on the same file."""
+    config, input, device type: a CUDA generator state cannot be restored
+    on a CPU, or kdflow library code), is set aside under a new name with
+    one log line, never fatal: the job then trains from scratch, and every
+    retry does too instead of failing on the same file."""
     if path is None or not Path(path).exists():
         return None
     try:
@@ -67,7 +87,10 @@ def load(path: Optional[str | os.PathLike], job: str) -> Optional[dict]:
         set_aside(path, f"unreadable ({e})")
         return None
     if not isinstance(state, dict) or state.get("format") != FORMAT or state.get("job") != job:
-        set_aside(path, "it belongs to a different config, input or device type")
+        library = isinstance(state, dict) and state.get("library")
+        set_aside(path, "it was saved by other kdflow library code (the library changed since)"
+                  if library and library != library_digest() else
+                  "it belongs to a different config, input or device type")
         return None
     return state
 

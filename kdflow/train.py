@@ -147,10 +147,12 @@ def train(
 def job_identity(arm: dict, options: EngineOptions, seed: int, device_type: str,
                  dataset: str, split: str, teacher: Optional[str]) -> str:
     """What a saved training state must match to be resumed: the plan
-    record, the seed, the inputs' contents and the device type (a CUDA
-    generator state cannot be restored on a CPU node, nor the reverse)."""
+    record, the seed, the inputs' contents, the device type (a CUDA
+    generator state cannot be restored on a CPU node, nor the reverse) and
+    the library's code (kdflow.resume.library_digest)."""
     return resume.fingerprint(
         arm=arm, engine=options, seed=seed, device=device_type,
+        library=resume.library_digest(),
         split=resume.file_digest(split), dataset=resume.file_digest(dataset),
         teacher=resume.file_digest(teacher) if teacher else None)
 

@@ -194,3 +194,35 @@ def test_a_part_left_by_a_killed_run_is_resumed(server, archive, dest):
     fetch(server, md5, dest)
     assert server.requests == ["bytes=1000-"] and dest.read_bytes() == server.body
     assert os.listdir(dest.parent) == [dest.name]
+
+
+def test_a_trickling_server_is_cut_off_at_the_deadline(server, dest):
+    sent = []
+
+    def trickle(n, h):
+        if n:                  # no second chance (the deadline ends it all)
+            h.send_error(404)
+            return "done"
+        h.send_response(200)
+        h.send_header("Content-Length", str(5_000_000))
+        h.end_headers()
+        try:
+            # 10 bytes every 50 ms, each read well inside the per-read
+            # timeout; 8 s at most, should the client never stop.
+            for _ in range(160):
+                h.wfile.write(b"x" * 10)
+                h.wfile.flush()
+                sent.append(10)
+                threading.Event().wait(0.05)
+        except OSError:
+            pass
+        return "done"
+
+    server.script = trickle
+    with pytest.raises(KdflowError, match=r"sent \d+ bytes in \d+ s, below the minimum rate "
+                       r"a download needs \(at most 5,000,000 bytes within 1 s.*nothing was "
+                       r"kept.*try a mirror.*file:// copy") as e:
+        fetch(server, "0" * 32, dest, timeout=5.0, max_bytes=5_000_000, deadline=1.0)
+    got = int(re.search(r"sent (\d+) bytes", str(e.value))[1])
+    assert 0 < got < 5_000_000
+    assert len(server.requests) == 1 and os.listdir(dest.parent) == []

@@ -25,8 +25,8 @@ from tests.conftest import REPO, base_config, deep_update, local_env, planned_jo
 
 # Variables of the machine running the tests that would change what the
 # slot logic sees (a CI job inside SLURM, a GPU runner).
-OUTSIDE = ("CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER", "SLURM_JOB_ID", gpu.PRETEND_ENV,
-           gpu.RECORD_ENV, gpu.GPU_ENV, gpu.SLOT_ENV)
+OUTSIDE = ("CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER", "SLURM_JOB_ID", "SLURM_JOB_GPUS",
+           gpu.PRETEND_ENV, gpu.RECORD_ENV, gpu.GPU_ENV, gpu.SLOT_ENV, gpu.CLUSTER_JOB_ENV)
 
 
 def clean_env(**extra) -> dict:
@@ -114,7 +114,8 @@ def test_cuda_visible_devices_of_the_run_is_respected(tmp_path):
 
 
 @pytest.mark.parametrize("device,extra", [
-    ("auto", {"SLURM_JOB_ID": "42", "CUDA_VISIBLE_DEVICES": "0"}),  # SLURM chose
+    ("auto", {"SLURM_JOB_ID": "42", "CUDA_VISIBLE_DEVICES": "0",     # SLURM chose, for
+              gpu.CLUSTER_JOB_ENV: "1"}),                            # the SLURM executor's job
     ("auto", {"KDFLOW_PRETEND_GPUS": ""}),                           # no GPU
     ("cpu", {}),                                                     # the CPU asked for
     ("cuda:1", {}),                                                  # a GPU named
@@ -125,6 +126,42 @@ def test_no_slot_where_none_applies(tmp_path, device, extra):
     assert gpu.acquire(device, lock_dir=str(tmp_path / "locks"), env=env) is None
     assert env == before  # CUDA_VISIBLE_DEVICES untouched
     assert not (tmp_path / "locks").exists()
+
+
+def test_a_local_run_inside_a_slurm_allocation_shares_its_gpus_through_slots(tmp_path):
+    # `salloc --gpus=2` (or `snakemake` in an sbatch script) on a 4-GPU node:
+    # SLURM_JOB_ID is set, CUDA_VISIBLE_DEVICES names the allocation's GPUs,
+    # and the jobs are the local executor's, not the SLURM executor's.
+    def inside(**extra):
+        return clean_env(KDFLOW_PRETEND_GPUS="0,1,2,3", SLURM_JOB_ID="42",
+                         CUDA_VISIBLE_DEVICES="1,3", **extra)
+
+    envs = [inside(), inside(**{gpu.CLUSTER_JOB_ENV: ""})]
+    held = [gpu.acquire("auto", lock_dir=str(tmp_path), env=env) for env in envs]
+    assert [s.gpu for s in held] == ["1", "3"]                  # not all on cuda:0
+    assert [env["CUDA_VISIBLE_DEVICES"] for env in envs] == ["1", "3"]
+    # The allocation's locks are its own (a shared filesystem's lock
+    # directory is seen from other nodes, whose GPU 1 is another).
+    assert {Path(s.path).parent.name for s in held} == {"slurm-job-42"}
+    assert all(gpu._try_lock(s.path) is None for s in held)
+    for s in held:
+        s.release()
+    # The same allocation's job submitted by the SLURM executor takes none.
+    job = inside(**{gpu.CLUSTER_JOB_ENV: "1"})
+    assert gpu.acquire("auto", lock_dir=str(tmp_path / "x"), env=job) is None
+    assert job["CUDA_VISIBLE_DEVICES"] == "1,3" and not (tmp_path / "x").exists()
+
+
+def test_slurm_job_gpus_narrows_the_machines_gpus_where_it_names_them():
+    alloc = clean_env(KDFLOW_PRETEND_GPUS="0,1,2,3", SLURM_JOB_ID="42", SLURM_JOB_GPUS="1,3")
+    assert gpu.visible_gpus(alloc) == ["1", "3"]
+    # CUDA_VISIBLE_DEVICES, where SLURM set it, is what CUDA reads: it wins.
+    assert gpu.visible_gpus({**alloc, "CUDA_VISIBLE_DEVICES": "2"}) == ["2"]
+    # A node that hides the other GPUs (device cgroup) shows its own as 0, 1.
+    assert gpu.visible_gpus({**alloc, "KDFLOW_PRETEND_GPUS": "0,1"}) == ["0", "1"]
+    # Outside an allocation a stray SLURM_JOB_GPUS means nothing.
+    assert gpu.visible_gpus({k: v for k, v in alloc.items() if k != "SLURM_JOB_ID"}) == \
+        ["0", "1", "2", "3"]
 
 
 def test_a_slot_taken_after_cuda_started_is_refused(tmp_path, monkeypatch):
@@ -340,3 +377,53 @@ def test_moving_a_finished_run_to_other_gpus_reruns_nothing(slot_runs):
     # The check can fail: a change of params (the device) does rerun the jobs.
     assert planned_jobs(workdir, {**config, "device": "cpu"}, env=env,
                         targets=TARGETS)["train_teacher"] == 1
+
+
+# --------------------------------------------------------------------------
+# Inside a SLURM allocation: a local run, or the SLURM executor's job
+# --------------------------------------------------------------------------
+
+EVALUATIONS = ("results/seed0/teacher/metrics.json", "results/seed0/lightnn/ce/metrics.json")
+
+
+def in_allocation(slot_runs, record: Path) -> dict:
+    """`salloc --gpus=2` on a node with pretend GPUs 0-3: SLURM gave GPUs
+    1 and 3. KDFLOW_CLUSTER_JOB is inherited from somewhere, stale: the
+    Snakefile decides it anew."""
+    return {**slot_runs["env"], gpu.PRETEND_ENV: "0,1,2,3", "CUDA_VISIBLE_DEVICES": "1,3",
+            "SLURM_JOB_ID": "42", gpu.CLUSTER_JOB_ENV: "1", gpu.RECORD_ENV: str(record)}
+
+
+def test_a_local_run_inside_a_slurm_allocation_puts_its_jobs_on_the_allocations_gpus(
+        slot_runs, tmp_path):
+    workdir, record = slot_runs["workdir"], tmp_path / "slots.jsonl"
+    snakemake(workdir, slot_runs["config"], "--resources", "gpu=2", "--forcerun", "evaluate",
+              "--", *EVALUATIONS, env=in_allocation(slot_runs, record))
+    jobs = intervals(records(record))
+    # Both evaluations took a slot of the allocation's GPUs, saw that GPU
+    # alone, and never shared one.
+    assert sorted(j["label"] for j in jobs) == sorted(
+        f"results/logs/seed0/{arm}/evaluate.log" for arm in ("lightnn/ce", "teacher"))
+    for j in jobs:
+        assert j["gpu"] in ("1", "3") and j["cuda_visible_devices"] == j["gpu"], j
+    for a, b in overlapping(jobs):
+        assert a["gpu"] != b["gpu"], (a, b)
+    assert sorted(p.name for p in (workdir / ".snakemake/gpu-slots/slurm-job-42").iterdir()) \
+        == ["gpu-1-0.lock", "gpu-3-0.lock"]
+    log = (workdir / jobs[0]["label"]).read_text()
+    assert "local run inside SLURM allocation 42: its jobs share its GPUs 1,3" in log
+
+
+def test_a_job_of_the_slurm_executor_takes_no_slot(slot_runs, tmp_path):
+    # The SLURM executor's job runs the rule in a Snakemake of mode remote
+    # (sbatch, then srun: `--executor slurm-jobstep`, whose inner Snakemake
+    # is called like this); SLURM gave it its GPU.
+    workdir, record = slot_runs["workdir"], tmp_path / "slots.jsonl"
+    snakemake(workdir, slot_runs["config"], "--target-jobs", "evaluate:seed=0,arm=teacher",
+              "--allowed-rules", "evaluate", "--force", "--nolock", "--mode", "remote",
+              env={**in_allocation(slot_runs, record), gpu.CLUSTER_JOB_ENV: "",
+                   "CUDA_VISIBLE_DEVICES": "3"})
+    assert not record.exists(), record.read_text()
+    log = (workdir / "results/logs/seed0/teacher/evaluate.log").read_text()
+    assert ("SLURM job 42, submitted by Snakemake's SLURM executor: using the GPUs SLURM "
+            "gave it (CUDA_VISIBLE_DEVICES=3)") in log

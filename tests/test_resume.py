@@ -1,6 +1,7 @@
 """Training that survives SIGKILL and SIGTERM, and resumes to the same result."""
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,8 +17,9 @@ from tests.conftest import REPO
 EPOCHS = 5
 
 
-def start_job(workdir: Path, data: Path) -> subprocess.Popen:
-    """A teacher training job as the workflow runs it, in its own process."""
+def start_job(workdir: Path, data: Path, library: Path = REPO) -> subprocess.Popen:
+    """A teacher training job as the workflow runs it, in its own process,
+    with the kdflow library found under `library`."""
     out = workdir / "seed0" / "teacher"
     code = f"""
 from kdflow.cli import run_step
@@ -33,8 +35,10 @@ run_step({str(workdir / 'train.log')!r}, lambda: train(
     seed=0, device="cpu", threads=1, engine=cfg["engine"]))
 """
     out.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.Popen([sys.executable, "-c", code], env=env,
+    env = {**os.environ, "PYTHONPATH": str(library)}
+    # Run from the job's directory: from the checkout, "-c" code would
+    # import the checkout's library whatever PYTHONPATH says.
+    return subprocess.Popen([sys.executable, "-c", code], env=env, cwd=workdir,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -122,3 +126,35 @@ def test_state_of_another_config_is_not_resumed(workflow_run, tmp_path, caplog):
     assert resume.load(state, "this job") is None
     assert not state.exists() and (tmp_path / "resume.pt.set-aside").is_file()
     assert resume.load(state, "this job") is None
+
+
+def test_a_state_saved_by_other_library_code_is_set_aside(workflow_run, uninterrupted, tmp_path):
+    workdir, _ = workflow_run
+    data = workdir / "results" / "data"
+    # Another version of the library: this one with one line added to a
+    # module training uses (Snakemake would rerun nothing: the scripts are
+    # the same).
+    other = tmp_path / "other"
+    shutil.copytree(REPO / "kdflow", other / "kdflow",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(REPO / "config", other / "config")
+    with open(other / "kdflow" / "losses.py", "a") as f:
+        f.write("\nLIBRARY_CHANGED = True  # another version of the library\n")
+    job = tmp_path / "job"
+    state = job / "seed0" / "teacher" / "resume.pt"
+    proc = start_job(job, data, library=other)
+    wait_for_epoch(proc, state, 1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert saved_epoch(state) >= 1
+    # This library's job does not continue the other's state: it sets it
+    # aside with one warning and trains from scratch, to the result of an
+    # uninterrupted run of this library.
+    proc = start_job(job, data)
+    assert proc.wait() == 0, proc.stdout.read()
+    log = (job / "train.log").read_text()
+    assert "resuming from the end of epoch" not in log
+    said = [line for line in log.splitlines() if "set aside" in line]
+    assert len(said) == 1 and "other kdflow library code" in said[0], said
+    assert (state.parent / "resume.pt.set-aside").is_file() and not state.exists()
+    assert_same(result(job), uninterrupted)
