@@ -131,15 +131,18 @@ def marked(lock: str) -> set[int]:
     return found - {os.getpid()}
 
 
-def _reap() -> None:
-    """Collect every finished child (the subreaper inherits the run's orphans)."""
+def _reap() -> dict[int, int]:
+    """Collect every finished child (the subreaper inherits the run's
+    orphans); their wait statuses by pid."""
+    done = {}
     while True:
         try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
+            pid, status = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:
-            return
+            return done
         if pid == 0:
-            return
+            return done
+        done[pid] = status
 
 
 def end(find, grace: float = 0.0) -> None:
@@ -246,17 +249,13 @@ def _guard(command: list[str], lock: str, launcher_gone: int) -> int:
         ready, _, _ = select.select([launcher_gone, wake_r], [], [], 5.0)
         if wake_r in ready:
             os.read(wake_r, 512)
-        try:
-            pid, status = os.waitpid(child, os.WNOHANG)
-        except ChildProcessError:
-            pid, status = child, 0
         if launcher_gone in ready:  # EOF: the launcher died, so the run was killed
             end(lambda: descendants(me))
             return 128 + signal.SIGKILL
-        _reap()
-        if pid == child:
+        done = _reap()
+        if child in done:
             end(lambda: descendants(me), grace=GRACE_S)
-            return _exit_code(status)
+            return _exit_code(done[child])
 
 
 def main(argv: list[str]) -> int:
