@@ -16,19 +16,21 @@ $(VENV)/.installed: requirements.txt
 	$(VENV)/bin/python -m pip install --quiet -r requirements.txt
 	touch $@
 
-# One run per checkout at a time, guarded by a kernel lock (flock) that dies
-# with the run. Snakemake's own lock survives a killed run and would refuse
-# the next one ("Directory cannot be locked"); while we hold the flock no
-# other run of this checkout is alive, so a leftover Snakemake lock is stale
-# and is cleared before the run (interrupted jobs then rerun or resume).
+# One run per checkout at a time, and a killed run leaves no process behind
+# (kdflow/runguard.py): a kernel lock (flock) that no process of the run
+# inherits, held until the run's last process is gone; a SIGKILL of make's
+# process group ends every process of the run, even one in a session of its
+# own. Snakemake's own lock survives a killed run and would refuse the next
+# one ("Directory cannot be locked"); while we hold the flock no other run of
+# this checkout is alive, so a leftover Snakemake lock is stale and is cleared
+# before the run (interrupted jobs then rerun or resume). $$0 is snakemake,
+# $$@ the ARGS (split by the shell as before).
 RUN_LOCK := .snakemake/kdflow-run.lock
 run: $(VENV)/.installed
 	@mkdir -p .snakemake
-	@exec 9>$(RUN_LOCK); if ! flock -n 9; then \
-	  echo "kdflow: another run of this checkout is in progress ($(RUN_LOCK) is held);" \
-	    "wait for it to end" >&2; exit 75; fi; \
-	$(VENV)/bin/snakemake --unlock --quiet all $(ARGS) >/dev/null 2>&1; \
-	$(VENV)/bin/snakemake --cores $(CORES) --resources gpu=1 $(ARGS)
+	@exec $(VENV)/bin/python -m kdflow.runguard $(RUN_LOCK) sh -c \
+	  '"$$0" --unlock --quiet all "$$@" >/dev/null 2>&1; \
+	  exec "$$0" --cores $(CORES) --resources gpu=1 "$$@"' $(VENV)/bin/snakemake $(ARGS)
 
 test: $(VENV)/.installed test-deps
 	$(VENV)/bin/python -m pytest $(ARGS)
