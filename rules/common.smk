@@ -1,6 +1,7 @@
 # Config validation, the study's expansion and the few helpers the rules
 # share. No workflow logic.
 
+import os
 import sys
 
 sys.path.insert(0, workflow.basedir)
@@ -139,6 +140,16 @@ def confirmed_models(pattern):
 
     def inputs(wildcards):
         if not CONFIRM_SEEDS:
+            return []
+        if not os.path.exists(CHOICE):
+            # No choice yet: do not ask the checkpoint. Asking it would make
+            # Snakemake (9.x) skip the aggregate's params and input-set
+            # checks until `choose` has run, and it runs a checkpoint whose
+            # output is missing only for a job already due: with the
+            # aggregate's outputs there (confirm_seeds added to a finished
+            # run, or the choice deleted) nothing would be planned. The
+            # aggregate's own CHOICE input orders it after `choose`, whose
+            # end makes Snakemake evaluate this function again.
             return []
         chosen = study.chosen_arms_of(checkpoints.choose.get().output.choice)
         return expand(pattern, seed=CONFIRM_SEEDS, arm=chosen)

@@ -188,6 +188,18 @@ def test_sweeping_a_new_knob_keeps_the_existing_settings(study_run):
         "train_student_kd": 2, "evaluate": 2, "aggregate": 1, "report": 1, "all": 1}
 
 
+def test_adding_confirm_seeds_to_a_finished_study_plans_the_choice(study_run):
+    """confirm_seeds added after a selection-only run: the choice, the new
+    seed's teacher and plain student, then aggregate and report (the chosen
+    settings join once the choice is made). Snakemake once planned only the
+    report, from the aggregate's old numbers: waiting on the unmade choice hid
+    the aggregate's changed params and inputs."""
+    workdir, config = study_run
+    assert planned_jobs(workdir, deep_update(config, {"confirm_seeds": [1]})) == {
+        "choose": 1, "train_teacher": 1, "train_student_baseline": 1, "evaluate": 2,
+        "aggregate": 1, "report": 1, "all": 1}
+
+
 # ---------------------------------------------------------------------------
 # CIFAR-100 with BatchNorm models
 # ---------------------------------------------------------------------------

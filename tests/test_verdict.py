@@ -121,6 +121,32 @@ def test_headline_uses_the_confirmation_seeds_only(two_stage_run):
     assert (t["p_value_holm"].dropna() >= t.loc[t["p_value_holm"].notna(), "p_value"]).all()
 
 
+def test_changing_the_confirm_seeds_plans_the_choice_and_only_their_models(two_stage_run):
+    workdir, config, _ = two_stage_run
+    choice = workdir / "results/study/choice.json"
+    # Deleted, the choice is made again (aggregate and report follow); no
+    # model reads it, so none retrains. (Snakemake once planned nothing:
+    # the aggregate's outputs were there and its wait for the unmade choice
+    # hid its changed inputs.)
+    kept = choice.with_name("choice.json.kept")
+    choice.rename(kept)
+    try:
+        assert planned_jobs(workdir, config) == {
+            "choose": 1, "aggregate": 1, "report": 1, "all": 1}
+    finally:
+        kept.rename(choice)
+    # A confirmation seed swapped for another: that seed's models, the chosen
+    # setting among them; the choice stands.
+    swapped = deep_update(config, {"confirm_seeds": [3, 4, 6]})
+    assert planned_jobs(workdir, swapped) == {
+        "train_teacher": 1, "teacher_logits": 1, "train_student_baseline": 1,
+        "train_student_kd": 1, "evaluate": 3, "aggregate": 1, "report": 1, "all": 1}
+    # Without confirm_seeds: the selection-only headline, from what is there.
+    assert planned_jobs(workdir, {k: v for k, v in config.items()
+                                  if k != "confirm_seeds"}) == {
+        "aggregate": 1, "report": 1, "all": 1}
+
+
 def test_changing_a_setting_that_is_not_chosen_retrains_no_confirmation_model(
         two_stage_run, tmp_path):
     workdir, config, _ = two_stage_run
