@@ -12,44 +12,30 @@ be refused with its own clear one-line error.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-
-from tests.conftest import REPO, build_archive
+from tests.childmem import MAX_PEAK, run_capped
+from tests.conftest import build_archive
 
 VARIANTS = 320
 SEED = 20240611
-MAX_RSS = 512 << 20     # bytes, the whole child (imports included)
+MAX_RSS = MAX_PEAK      # bytes, the whole child (imports included)
 MAX_GROWTH = 256 << 20  # bytes above what the imports took
 
-CHILD = r'''
-import gzip, hashlib, io, json, os, random, re, resource, struct, sys, tarfile, traceback
+CHILD_IMPORTS = r'''
+import gzip, hashlib, io, os, random, re, struct, tarfile, traceback
 from pathlib import Path
 
-repo, work, n_variants, seed = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-sys.path.insert(0, repo)
 import numpy as np
 from kdflow import KdflowError
 from kdflow.datasets import convert as convert_archive
 from kdflow.unpickle import MAX_OPCODES
+'''
 
-# Allow 512 MiB of address space above what the imports took: a parser that
-# believed a size field would fail here (as MemoryError) rather than swap.
-# (The base archive comes from the parent: tests.conftest imports torch,
-# which alone would take that much.)
-vm = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmSize:"))
-hard = resource.getrlimit(resource.RLIMIT_AS)[1]
-soft = vm + (512 << 20)
-resource.setrlimit(resource.RLIMIT_AS, (soft if hard == resource.RLIM_INFINITY else min(soft, hard), hard))
-
-def peak_rss():
-    # VmHWM, this process's own high-water mark. Not ru_maxrss: Linux carries
-    # that over from the parent across fork + exec, so under a large pytest
-    # process it would report the parent's memory.
-    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status")
-                if l.startswith("VmHWM:"))
-
+# Run under tests.childmem's cap: 512 MiB of address space above what the
+# imports took, so a parser that believed a size field fails (MemoryError)
+# rather than swaps. (The base archive comes from the parent: tests.conftest
+# imports torch, which alone would take that much.)
+CHILD = r'''
+work, n_variants, seed = Path(ARGS[0]), int(ARGS[1]), int(ARGS[2])
 
 # Peak resident memory so far: the imports (torch is most of it).
 result = {"n": 0, "ok": 0, "refused": 0, "other": [], "invalid": [], "leftover": [],
@@ -246,21 +232,14 @@ for k in range(n_variants):
     for f in os.listdir(out_dir):
         os.unlink(out_dir / f)
 result["maxrss"] = peak_rss()
-print(json.dumps(result))
+report(**result)
 '''
 
 
 def test_damaged_archives_convert_or_fail_cleanly(tmp_path):
     build_archive(tmp_path / "base.tar.gz", n_train=50, n_test=20)
-    proc = subprocess.run(
-        [sys.executable, "-c", CHILD, str(REPO), str(tmp_path), str(VARIANTS), str(SEED)],
-        capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    last = proc.stderr.strip().splitlines()[-3:]
-    assert proc.returncode == 0, (
-        f"the fuzzing child ended with {proc.returncode} "
-        f"({'killed by signal ' + str(-proc.returncode) if proc.returncode < 0 else 'an error'}) "
-        f"at: {last}\n{proc.stderr[-3000:]}")
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = run_capped(CHILD_IMPORTS, CHILD, tmp_path, VARIANTS, SEED, cwd=tmp_path,
+                        margin=512 << 20)
     assert result["n"] == VARIANTS >= 300
     assert result["other"] == [], "exceptions other than KdflowError:\n" + "\n".join(
         f"variant {k} ({kind}): {err}\n{tb}" for k, kind, err, tb in result["other"])
@@ -313,7 +292,6 @@ def test_folder_archives_with_costly_listings_are_refused_in_bounded_memory(tmp_
 
     from kdflow.datasets import dataset_entry
     from kdflow.folder import MAX_MEMBERS
-    from tests.childmem import MAX_PEAK, run_capped
     from tests.test_folder_dataset import hostile_zip_directory, make_tree, tar_with_long_names
 
     tree = make_tree(tmp_path / "tree", train=1, test=1, classes=["a", "b"])

@@ -13,7 +13,6 @@ import gc
 import gzip
 import hashlib
 import io
-import json
 import os
 import pickle
 import pickletools
@@ -32,6 +31,7 @@ from kdflow import KdflowError
 from kdflow.datasets import DATASETS, convert
 from kdflow.unpickle import (ALLOWED_OPCODES, RestrictedUnpickler, UnsafePickleError, parse_batch,
                              safe_unpickle)
+from tests.childmem import run_capped
 from tests.conftest import CLASSES, REPO, build_archive
 
 # --------------------------------------------------------------------------
@@ -336,34 +336,22 @@ CAP = 512 << 20          # address space the child may add for one member
 MAX_GROWTH = 64 << 20    # resident memory parsing one refused member may add
 
 CAPPED_PARSE = r'''
-import json, resource, sys
-sys.path.insert(0, sys.argv[1])
-from kdflow.unpickle import parse_batch
-
-payload = open(sys.argv[2], "rb").read()
-def status(key):
-    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status")
-                if l.startswith(key + ":"))
-hard = resource.getrlimit(resource.RLIMIT_AS)[1]
-soft = status("VmSize") + int(sys.argv[3])
-resource.setrlimit(resource.RLIMIT_AS, (soft if hard == resource.RLIM_INFINITY else min(soft, hard), hard))
-before = status("VmHWM")    # VmHWM: this process's own peak (ru_maxrss is the parent's)
+payload = open(ARGS[0], "rb").read()
+before = status("VmHWM")
 try:
     parse_batch(payload, "cifar-10-batches-py/data_batch_1")
     error = None
 except BaseException as e:  # MemoryError included: the failure looked for
     error = [type(e).__name__, str(e)[:2000]]
-print(json.dumps({"error": error, "growth": status("VmHWM") - before}))
+report(error=error, growth=status("VmHWM") - before)
 '''
 
 
 def refused_within_the_cap(payload: bytes, tmp_path: Path, error: str) -> None:
     member = tmp_path / "data_batch_1"
     member.write_bytes(payload)
-    proc = subprocess.run([sys.executable, "-c", CAPPED_PARSE, str(REPO), str(member), str(CAP)],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    result = json.loads(proc.stdout.splitlines()[-1])
+    result = run_capped("from kdflow.unpickle import parse_batch\n", CAPPED_PARSE, member,
+                        cwd=tmp_path, margin=CAP)
     assert result["error"] is not None, "accepted"
     kind, message = result["error"]
     assert kind in ("KdflowError", "UnsafePickleError"), (kind, message[:500])
