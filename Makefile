@@ -17,7 +17,7 @@ $(VENV)/.installed: requirements.txt
 	touch $@
 
 # One run per checkout at a time, and a killed run leaves no process behind
-# (kdflow/runguard.py): a kernel lock (flock) that no process of the run
+# (kdflow/workflow/runguard.py): a kernel lock (flock) that no process of the run
 # inherits, held until the run's last process is gone; a SIGKILL of make's
 # process group ends every process of the run, even one in a session of its
 # own. Snakemake's own lock survives a killed run and would refuse the next
@@ -28,7 +28,7 @@ $(VENV)/.installed: requirements.txt
 RUN_LOCK := .snakemake/kdflow-run.lock
 run: $(VENV)/.installed
 	@mkdir -p .snakemake
-	@exec $(VENV)/bin/python -m kdflow.runguard $(RUN_LOCK) sh -c \
+	@exec $(VENV)/bin/python -m kdflow.workflow.runguard $(RUN_LOCK) sh -c \
 	  '"$$0" --unlock --quiet all "$$@" >/dev/null 2>&1; \
 	  exec "$$0" --cores $(CORES) --resources gpu=1 "$$@"' $(VENV)/bin/snakemake $(ARGS)
 

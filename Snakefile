@@ -23,11 +23,11 @@ os.environ.update(PYTHONPATH=workflow.basedir)
 
 # A job that a cluster executor submitted (SLURM: sbatch, then srun) runs in
 # a Snakemake of mode "remote" and on the GPUs the scheduler gave it, so
-# kdflow.gpu takes no slot there; a local run inside a SLURM allocation
+# kdflow.core.gpu takes no slot there; a local run inside a SLURM allocation
 # (salloc, or snakemake in an sbatch script) shares the allocation's GPUs
 # through slots. Set on every start, never inherited.
 sys.path.insert(0, workflow.basedir)
-from kdflow.gpu import CLUSTER_JOB_ENV
+from kdflow.core.gpu import CLUSTER_JOB_ENV
 
 os.environ[CLUSTER_JOB_ENV] = "1" if workflow.remote_exec else ""
 

@@ -2,12 +2,12 @@
 """What fsync costs a training job: N atomic writes of a training state.
 
 A training job writes its resume state (weights, optimiser, best weights, RNG
-streams, history: kdflow.engine) after every epoch and its checkpoint once.
-kdflow.atomic fsyncs each `.part` before renaming it and the directory after
+streams, history: kdflow.train.engine) after every epoch and its checkpoint once.
+kdflow.core.atomic fsyncs each `.part` before renaming it and the directory after
 (power-cut safety). This times N writes of the default teacher's (DeepNN)
 resume state both ways, alternating so both see the same disk weather:
 
-  fsync     kdflow.resume.save, as training does (kdflow.atomic)
+  fsync     kdflow.train.resume.save, as training does (kdflow.core.atomic)
   no fsync  the same torch.save to NAME.part and rename, without the fsyncs
 
 and prints the median and mean time per write of each, their ratio, and the
@@ -35,9 +35,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kdflow import atomic, resume  # noqa: E402
-from kdflow.config import validate  # noqa: E402
-from kdflow.models import build_model  # noqa: E402
+from kdflow.core import atomic  # noqa: E402
+from kdflow.train import resume
+from kdflow.workflow.config import validate  # noqa: E402
+from kdflow.models.zoo import build_model  # noqa: E402
 
 
 def cpu_name() -> str:
@@ -58,7 +59,7 @@ def filesystem(path: Path) -> str:
 
 
 def training_state(model_name: str) -> dict:
-    """A resume state as kdflow.engine saves it, after one SGD step."""
+    """A resume state as kdflow.train.engine saves it, after one SGD step."""
     model = build_model(model_name)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     model(torch.randn(8, 3, 32, 32)).logsumexp(1).mean().backward()

@@ -17,7 +17,7 @@ below 100% and bf16 has room to cost something):
 3. throughput: teacher, plain student and KD student, the tutorial's input
    pipeline against kdflow's engine (bench/throughput.py's functions), with
    peak GPU memory.
-4. GPU slots (kdflow.gpu): jobs that take a slot each see exactly their
+4. GPU slots (kdflow.core.gpu): jobs that take a slot each see exactly their
    slot's GPU (its UUID, from nvidia-smi) as cuda:0, and jobs that run at
    the same time never share a GPU; with two or more GPUs they spread over
    all of them.
@@ -96,7 +96,7 @@ def make_data(directory: Path, n_train: int, n_test: int, seed: int = 0,
     """A converted dataset and its split, in kdflow's formats: 10 classes,
     each a fixed random low-frequency pattern of small amplitude under
     strong pixel noise."""
-    from kdflow.data import CIFAR10_MEAN, CIFAR10_STD, write_split
+    from kdflow.data.arrays import CIFAR10_MEAN, CIFAR10_STD, write_split
 
     rng = np.random.default_rng(seed)
     coarse = rng.normal(0, 1, (10, 3, 4, 4))
@@ -128,10 +128,10 @@ def train_and_evaluate(work: Path, arm: str, data: tuple[str, str], device: str,
     """Train and evaluate the model at `arm` (a path of the study plan:
     teacher, lightnn/ce, lightnn/kd/T2_w0.25, ...) in `work`/`arm`, as the
     workflow's jobs do; students learn from `work`/teacher."""
-    from kdflow import study
-    from kdflow.config import validate
-    from kdflow.evaluate import evaluate
-    from kdflow.train import train
+    from kdflow.distill import study
+    from kdflow.workflow.config import validate
+    from kdflow.analysis.evaluate import evaluate
+    from kdflow.train.job import train
 
     out = work / arm
     out.mkdir(parents=True, exist_ok=True)
@@ -186,7 +186,7 @@ def check_bf16(work: Path, data, device: str, s: Sizes) -> Row:
 
 
 def check_throughput(device_name: str, s: Sizes) -> list[Row]:
-    from kdflow.engine import resolve_device
+    from kdflow.train.engine import resolve_device
 
     device = resolve_device(device_name)
     x, y, teacher, teacher_cl = throughput.problem((s.steps + s.warmup) * s.batch, device)
@@ -216,7 +216,7 @@ def check_throughput(device_name: str, s: Sizes) -> list[Row]:
 # CUDA) initialises CUDA and reports which GPU it got.
 SLOT_JOB = r"""
 import json, os, sys, time
-from kdflow import gpu
+from kdflow.core import gpu
 lock_dir, hold, use_cuda = sys.argv[1], float(sys.argv[2]), sys.argv[3] == "cuda"
 slot = gpu.acquire("auto", jobs_per_gpu=1, lock_dir=lock_dir, label="gpu_check")
 out = {"slot": slot.index, "gpu": slot.gpu, "cvd": os.environ["CUDA_VISIBLE_DEVICES"],
@@ -233,7 +233,7 @@ print(json.dumps(out), flush=True)
 
 
 def _uuids() -> dict[str, str]:
-    """nvidia-smi's UUID of each GPU index (PCI bus order, as kdflow.gpu's)."""
+    """nvidia-smi's UUID of each GPU index (PCI bus order, as kdflow.core.gpu's)."""
     out = subprocess.run(["nvidia-smi", "--query-gpu=index,uuid", "--format=csv,noheader"],
                          capture_output=True, text=True, check=True).stdout
     pairs = (line.split(",") for line in out.splitlines() if line.strip())
@@ -246,7 +246,7 @@ def _same_uuid(a: str, b: str) -> bool:
 
 
 def check_slots(work: Path, dry: bool, s: Sizes) -> Row:
-    from kdflow import gpu
+    from kdflow.core import gpu
 
     # The GPUs this machine lends us (an existing CUDA_VISIBLE_DEVICES is
     # kept), numbered as nvidia-smi numbers them.

@@ -42,12 +42,12 @@ from torchvision import transforms
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kdflow.data import CIFAR10_MEAN, CIFAR10_STD, Normalizer  # noqa: E402
-from kdflow.config import validate  # noqa: E402
-from kdflow.engine import TrainConfig, fit, predict_logits, setup  # noqa: E402
-from kdflow.losses import kd_loss  # noqa: E402
-from kdflow.models import build_model  # noqa: E402
-from kdflow.train import teacher_signal  # noqa: E402
+from kdflow.data.arrays import CIFAR10_MEAN, CIFAR10_STD, Normalizer  # noqa: E402
+from kdflow.workflow.config import validate  # noqa: E402
+from kdflow.train.engine import TrainConfig, fit, predict_logits, setup  # noqa: E402
+from kdflow.distill.losses import kd_loss  # noqa: E402
+from kdflow.models.zoo import build_model  # noqa: E402
+from kdflow.train.job import teacher_signal  # noqa: E402
 
 BATCH = 128
 JOB_EPOCHS = 10  # the default config's epochs, for the whole-job KD rate

@@ -7,6 +7,11 @@ step can also be run and tested from Python.
 
 __version__ = "0.1.0"
 
+# The library's subpackages in the workflow's order. A module imports only
+# from its own subpackage and from earlier ones (tests/test_imports.py), so
+# each stage can be read, tested and reused without the ones after it.
+STAGES = ("core", "data", "models", "distill", "train", "analysis", "workflow")
+
 
 class KdflowError(Exception):
     """A problem with the user's input or data, stated with its fix.

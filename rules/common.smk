@@ -6,9 +6,11 @@ import sys
 
 sys.path.insert(0, workflow.basedir)
 
-from kdflow import KdflowError, methods, study
-from kdflow.config import validate as _validate_config
-from kdflow.datasets import archive_name, directory_source, fingerprint
+from kdflow import KdflowError
+from kdflow.distill import methods
+from kdflow.distill import study
+from kdflow.workflow.config import validate as _validate_config
+from kdflow.data.datasets import archive_name, directory_source, fingerprint
 
 try:
     config.update(_validate_config(config))
@@ -16,13 +18,13 @@ except KdflowError as e:
     raise WorkflowError(str(e)) from None
 
 SEEDS = config["seeds"]
-# Every model of a seed, by its path under results/seed{seed}/ (kdflow.study):
+# Every model of a seed, by its path under results/seed{seed}/ (kdflow.distill.study):
 # teacher, {student}/ce, {student}/{method}/{setting}. Jobs look their
 # record up here by path; nothing is read back from a path's name.
 PLAN = {a.path: a for a in study.plan(config)}
 ARMS = list(PLAN)
 DISTILLED = study.distilled_arms(config)
-# Two-stage studies (kdflow.study): the confirmation seeds train the teacher
+# Two-stage studies (kdflow.distill.study): the confirmation seeds train the teacher
 # and plain students at once, and the chosen settings once the `choose`
 # checkpoint has written CHOICE.
 CONFIRM_SEEDS = config["confirm_seeds"]
@@ -30,7 +32,7 @@ CONFIRM_FIXED = [a.path for a in study.confirmation_fixed_arms(config)]
 CHOICE = "results/study/choice.json"
 
 DATA = config["data"]["dataset"]
-# The downloaded source (kdflow.datasets); None for an image folder read in
+# The downloaded source (kdflow.data.datasets); None for an image folder read in
 # place, which has no download step.
 _archive = archive_name(DATA, config["data"]["url"])
 ARCHIVE = f"results/data/{_archive}" if _archive else None
@@ -96,7 +98,7 @@ def arm_record(wildcards):
 
 def cached_teacher_logits(wildcards):
     """The shared logits, for the students that can use them (decided by
-    kdflow.methods.caches_teacher_logits, as in the job)."""
+    kdflow.distill.methods.caches_teacher_logits, as in the job)."""
     arm = planned(student_arm(wildcards))
     if methods.caches_teacher_logits(arm.method, arm.training["augment"]):
         return TEACHER_LOGITS.format(seed=wildcards.seed)
@@ -112,7 +114,7 @@ def figure(name):
     )
 
 
-# Every model's files that the aggregate reads, by kdflow.aggregate.MODEL_FILES key.
+# Every model's files that the aggregate reads, by kdflow.analysis.aggregate.MODEL_FILES key.
 MODEL_PATTERNS = {
     "metrics": "results/seed{seed}/{arm}/metrics.json",
     "speed": "results/seed{seed}/{arm}/speed.json",

@@ -1,9 +1,9 @@
 # All metrics -> tidy tables (pandas) -> figures (seaborn) -> one HTML file.
 # Local rules: seconds of CPU work, not worth a cluster job.
 
-# The report rule has one output per figure of kdflow.figures.FIGURES, named
+# The report rule has one output per figure of kdflow.analysis.figures.FIGURES, named
 # as the figure (results/figures/<name>.png, caption report/<name>.rst).
-from kdflow.figures import FIGURES
+from kdflow.analysis.figures import FIGURES
 
 
 localrules:

@@ -24,7 +24,7 @@ checkpoint choose:
         "../envs/kdflow.yaml"
     params:
         # (seed, arm, student, plan index) of each checkpoint, in the same
-        # order; the plan index breaks ties (kdflow.study.choose).
+        # order; the plan index breaks ties (kdflow.distill.study.choose).
         runs=[
             {"seed": seed, "arm": a.path, "student": a.model, "order": ARMS.index(a.path)}
             for seed in SEEDS

@@ -1,7 +1,7 @@
 # Per-model files of both stages -> tables; the chosen settings' confirmation
 # models come under confirmed_* keys once the choice exists.
-from kdflow.aggregate import MODEL_FILES, aggregate
-from kdflow.cli import run_step
+from kdflow.analysis.aggregate import MODEL_FILES, aggregate
+from kdflow.workflow.cli import run_step
 
 run_step(
     snakemake.log[0],

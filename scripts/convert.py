@@ -1,5 +1,5 @@
-from kdflow.cli import run_step
-from kdflow.datasets import convert
+from kdflow.workflow.cli import run_step
+from kdflow.data.datasets import convert
 
 run_step(
     snakemake.log[0],

@@ -1,5 +1,5 @@
-from kdflow.cli import run_step
-from kdflow.datasets import fetch
+from kdflow.workflow.cli import run_step
+from kdflow.data.datasets import fetch
 
 run_step(
     snakemake.log[0],

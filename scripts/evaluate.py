@@ -1,5 +1,5 @@
-from kdflow.cli import run_step
-from kdflow.evaluate import evaluate
+from kdflow.workflow.cli import run_step
+from kdflow.analysis.evaluate import evaluate
 
 run_step(
     snakemake.log[0],
@@ -15,7 +15,7 @@ run_step(
         device=snakemake.params.device,
         threads=snakemake.threads,
     ),
-    # A GPU slot before CUDA starts (kdflow.gpu); the config's gpu section is
+    # A GPU slot before CUDA starts (kdflow.core.gpu); the config's gpu section is
     # read here, not passed as params, so it never reruns a job.
     device=snakemake.params.device,
     gpu_config=snakemake.config["gpu"],

@@ -1,5 +1,5 @@
-from kdflow.cli import run_step
-from kdflow.report import render_report
+from kdflow.workflow.cli import run_step
+from kdflow.analysis.report import render_report
 
 run_step(
     snakemake.log[0],

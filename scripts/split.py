@@ -1,5 +1,5 @@
-from kdflow.cli import run_step
-from kdflow.data import write_split
+from kdflow.workflow.cli import run_step
+from kdflow.data.arrays import write_split
 
 run_step(
     snakemake.log[0],

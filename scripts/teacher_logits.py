@@ -1,5 +1,5 @@
-from kdflow.cli import run_step
-from kdflow.train import save_teacher_logits
+from kdflow.workflow.cli import run_step
+from kdflow.train.job import save_teacher_logits
 
 run_step(
     snakemake.log[0],
@@ -12,7 +12,7 @@ run_step(
         engine=snakemake.params.engine,
         threads=snakemake.threads,
     ),
-    # A GPU slot before CUDA starts (kdflow.gpu); the config's gpu section is
+    # A GPU slot before CUDA starts (kdflow.core.gpu); the config's gpu section is
     # read here, not passed as params, so it never reruns a job.
     device=snakemake.params.device,
     gpu_config=snakemake.config["gpu"],

@@ -1,7 +1,7 @@
 # Trains one model of the study: a teacher, a plain student or a distilled
-# student, as its plan record (the `arm` param, kdflow.study.plan) says.
-from kdflow.cli import run_step
-from kdflow.train import train
+# student, as its plan record (the `arm` param, kdflow.distill.study.plan) says.
+from kdflow.workflow.cli import run_step
+from kdflow.train.job import train
 
 run_step(
     snakemake.log[0],
@@ -18,7 +18,7 @@ run_step(
         engine=snakemake.params.engine,
         threads=snakemake.threads,
     ),
-    # A GPU slot before CUDA starts (kdflow.gpu); the config's gpu section is
+    # A GPU slot before CUDA starts (kdflow.core.gpu); the config's gpu section is
     # read here, not passed as params, so it never reruns a job.
     device=snakemake.params.device,
     gpu_config=snakemake.config["gpu"],

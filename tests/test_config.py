@@ -2,7 +2,7 @@ import pytest
 import yaml
 
 from kdflow import KdflowError
-from kdflow.config import SCHEMA_PATH, load_schema, validate
+from kdflow.workflow.config import SCHEMA_PATH, load_schema, validate
 from tests.conftest import REPO
 
 
@@ -117,7 +117,7 @@ def test_unusable_numbers_are_refused_naming_the_key(change, key, says):
 
 
 def test_setting_names_round_trip_exactly():
-    from kdflow import study
+    from kdflow.distill import study
 
     c = validate({"kd": {"temperature": [2.0000001, 2.0000002]}})
     names = [s for _, s, _ in study.settings(c)]

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 
 from kdflow import KdflowError
-from kdflow.data import Splits, channel_stats, make_split, pixel_stats, write_split
-from kdflow.datasets import convert as convert_archive
-from kdflow.fetch import fetch_archive
-from kdflow.unpickle import UnsafePickleError, safe_unpickle
+from kdflow.data.arrays import Splits, channel_stats, make_split, pixel_stats, write_split
+from kdflow.data.datasets import convert as convert_archive
+from kdflow.data.fetch import fetch_archive
+from kdflow.data.unpickle import UnsafePickleError, safe_unpickle
 from tests.conftest import build_archive, build_archive_100
 
 

@@ -6,8 +6,13 @@ import inspect
 
 import pytest
 
-from kdflow import efficiency, engine, evaluate, losses, optim, train
-from kdflow.config import load_schema
+from kdflow.models import efficiency
+from kdflow.train import engine
+from kdflow.analysis import evaluate
+from kdflow.distill import losses
+from kdflow.train import optim
+from kdflow.train import job as train
+from kdflow.workflow.config import load_schema
 
 SCHEMA = load_schema()
 TRAINING = SCHEMA["$defs"]["training"]["properties"]
@@ -24,7 +29,7 @@ CONFIG_FACING = [
     (engine.fit, TRAINING, {"model", "train_x", "train_y", "val_x", "val_y", "cfg", "seed",
                             "loss_fn", "teacher", "teacher_val_logits", "features", "extra",
                             "normalize", "state_path", "job", "name"}),
-    # arm is the job's plan record (kdflow.study), made from validated sections.
+    # arm is the job's plan record (kdflow.distill.study), made from validated sections.
     (train.train, SCHEMA["properties"], {"arm", "dataset", "split", "out_model",
                                          "out_history", "seed", "threads",
                                          "teacher", "teacher_logits"}),

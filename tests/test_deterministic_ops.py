@@ -13,12 +13,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from kdflow import methods
-from kdflow.config import validate
-from kdflow.engine import Step, features_and_logits
-from kdflow.losses import HintRegressor, cosine_loss, hint_loss
-from kdflow.models import build_model
-from kdflow import study
+from kdflow.distill import methods
+from kdflow.workflow.config import validate
+from kdflow.distill.losses import Step
+from kdflow.train.engine import features_and_logits
+from kdflow.distill.losses import HintRegressor, cosine_loss, hint_loss
+from kdflow.models.zoo import build_model
+from kdflow.distill import study
 
 # The docstring of torch.use_deterministic_algorithms (torch 2.14), list
 # "The following normally-nondeterministic operations will throw a

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kdflow.losses import dkd_loss, dkd_terms, dkd_total_loss, dkd_warmup
+from kdflow.distill.losses import dkd_loss, dkd_terms, dkd_total_loss, dkd_warmup
 from tests.test_losses import hand_ce, lse, rows
 
 

@@ -13,7 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from kdflow import KdflowError
-from kdflow.fetch import fetch_archive
+from kdflow.data.fetch import fetch_archive
 from tests.conftest import build_archive
 
 
@@ -88,8 +88,8 @@ def fetch(server, md5, dest, timeout=10.0, **kw):
 def test_a_dropped_connection_is_resumed_with_range(server, archive, dest, caplog, monkeypatch):
     server.body, md5 = archive
     server.script = lambda n, h: "half" if n == 0 else None
-    monkeypatch.setattr("kdflow.fetch._CHUNK", 2048)   # ~100 chunks
-    with caplog.at_level(logging.INFO, logger="kdflow.fetch"):
+    monkeypatch.setattr("kdflow.data.fetch._CHUNK", 2048)   # ~100 chunks
+    with caplog.at_level(logging.INFO, logger="kdflow.data.fetch"):
         fetch(server, md5, dest)
     assert dest.read_bytes() == server.body
     half = len(server.body) // 2

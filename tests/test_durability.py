@@ -46,9 +46,11 @@ os.fsync, os.replace = fsync, replace
 
 WRITES = '''
 import torch
-from kdflow import atomic, checkpoint, resume
-from kdflow.fetch import fetch_archive
-from kdflow.train import write_history
+from kdflow.core import atomic
+from kdflow.models import checkpoint
+from kdflow.train import resume
+from kdflow.data.fetch import fetch_archive
+from kdflow.train.job import write_history
 
 atomic.write_json("out/metrics.json", {"accuracy": 0.5})
 checkpoint.save("out/model.pt", state_dict={"w": torch.zeros(10)}, model="lightnn",

@@ -8,15 +8,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kdflow.data import Normalizer
-from kdflow import KdflowError, streams
-from kdflow.config import validate
-from kdflow.engine import Augment, TrainConfig, augment_batch, fit, predict_logits
-from kdflow.evaluate import evaluate
-from kdflow.losses import kd_loss
-from kdflow.models import build_model
-from kdflow.train import teacher_signal, train
-from kdflow import study
+from kdflow.data.arrays import Normalizer
+from kdflow import KdflowError
+from kdflow.core import streams
+from kdflow.workflow.config import validate
+from kdflow.train.engine import Augment, TrainConfig, augment_batch, fit, predict_logits
+from kdflow.analysis.evaluate import evaluate
+from kdflow.distill.losses import kd_loss
+from kdflow.models.zoo import build_model
+from kdflow.train.job import teacher_signal, train
+from kdflow.distill import study
 
 
 NO_AUGMENT = Augment(crop=0, flip=False)

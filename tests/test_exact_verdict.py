@@ -1,7 +1,7 @@
 """The verdict on exact numbers: equal gains, ties on validation, and the
-family a headline setting was chosen from (kdflow.aggregate, kdflow.study).
+family a headline setting was chosen from (kdflow.analysis.aggregate, kdflow.distill.study).
 
-The tables here have the columns kdflow.aggregate.collect gives them; the
+The tables here have the columns kdflow.analysis.aggregate.collect gives them; the
 workflow runs of tests/test_verdict.py check the same end to end."""
 
 import json
@@ -10,7 +10,9 @@ import pandas as pd
 import pytest
 import torch
 
-from kdflow import aggregate, checkpoint, study
+from kdflow.analysis import aggregate
+from kdflow.models import checkpoint
+from kdflow.distill import study
 
 VAL, TEST = 200, 10_000
 

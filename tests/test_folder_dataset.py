@@ -18,10 +18,10 @@ import pytest
 from PIL import Image
 
 from kdflow import KdflowError
-from kdflow.config import validate
-from kdflow.data import balanced_pick, pixel_stats, write_subset
-from kdflow.datasets import archive_name, convert, fetch, fingerprint
-from kdflow.folder import MAX_MEMBERS
+from kdflow.workflow.config import validate
+from kdflow.data.arrays import balanced_pick, pixel_stats, write_subset
+from kdflow.data.datasets import archive_name, convert, fetch, fingerprint
+from kdflow.data.folder import MAX_MEMBERS
 from tests.childmem import MAX_PEAK, run_capped
 from tests.conftest import base_config, planned_jobs, snakemake
 
@@ -211,10 +211,10 @@ def test_links_in_an_archive_are_refused(png_tree, tmp_path):
 def test_member_count_and_unpacked_size_are_capped(png_tree, tmp_path, monkeypatch):
     archive = tmp_path / "t.tar.gz"
     pack(png_tree, archive)
-    monkeypatch.setattr("kdflow.folder.MAX_MEMBERS", 20)
+    monkeypatch.setattr("kdflow.data.folder.MAX_MEMBERS", 20)
     fails(archive, tmp_path, "more than 20 members")
-    monkeypatch.setattr("kdflow.folder.MAX_MEMBERS", 10_000)
-    monkeypatch.setattr("kdflow.folder.MAX_UNPACKED", 20_000)
+    monkeypatch.setattr("kdflow.data.folder.MAX_MEMBERS", 10_000)
+    monkeypatch.setattr("kdflow.data.folder.MAX_UNPACKED", 20_000)
     fails(archive, tmp_path, "unpacks to more than 20,000 bytes")
 
 
@@ -230,8 +230,8 @@ def test_a_huge_tar_header_is_refused_before_it_is_read_whole(png_tree, tmp_path
                                                                  monkeypatch):
     # tarfile reads a pax header or a GNU long name whole, before any
     # per-member check; the counting reader caps the bytes between members.
-    monkeypatch.setattr("kdflow.folder.MAX_IMAGE_BYTES", 50_000)
-    monkeypatch.setattr("kdflow.folder.HEADER_SLACK", 20_000)
+    monkeypatch.setattr("kdflow.data.folder.MAX_IMAGE_BYTES", 50_000)
+    monkeypatch.setattr("kdflow.data.folder.HEADER_SLACK", 20_000)
     payload = image_bytes(0, 0)
     for fmt, info in ((tarfile.PAX_FORMAT, tarfile.TarInfo("tree/train/c0/pax.png")),
                       (tarfile.GNU_FORMAT, tarfile.TarInfo("tree/train/c0/" + "n" * 200_000))):
@@ -283,7 +283,7 @@ def test_bad_zip_members_are_refused_clearly(png_tree, tmp_path, header, offset,
 # --------------------------------------------------------------------------
 
 # A conversion in a child process, its peak memory measured (tests.childmem).
-CONVERT_IMPORTS = "from kdflow import KdflowError\nfrom kdflow.folder import read_folder\n"
+CONVERT_IMPORTS = "from kdflow import KdflowError\nfrom kdflow.data.folder import read_folder\n"
 CONVERT_BODY = r'''
 try:
     images = read_folder(ARGS[0])
@@ -359,7 +359,7 @@ def test_a_zip_directory_holding_more_than_it_declares_is_refused(png_tree, tmp_
                                                                      monkeypatch):
     # The end record's count is not what ZipFile goes by: the entries are
     # counted as the directory is walked, before any member is read.
-    monkeypatch.setattr("kdflow.folder.MAX_MEMBERS", 50)
+    monkeypatch.setattr("kdflow.data.folder.MAX_MEMBERS", 50)
     fails(hostile_zip_directory(tmp_path / "t.zip", 51, declared=3), tmp_path,
           r"t.zip has more than 50 members, the cap")
     # A directory larger than the file: refused as corrupt, nothing read.
@@ -374,11 +374,11 @@ def test_a_zip_is_listed_in_parts_and_reads_the_same(png_tree, tmp_path, monkeyp
     want = converted(png_tree, tmp_path)
     # Parts of 7 entries, with plain and with zip64 end records, and behind a
     # self-extractor's stub (data before the zip).
-    monkeypatch.setattr("kdflow.folder._ZIP_CHUNK", 7)
+    monkeypatch.setattr("kdflow.data.folder._ZIP_CHUNK", 7)
     stub = tmp_path / "sfx.zip"
     stub.write_bytes(b"#!/bin/sh\nexit 0\n" * 50 + archive.read_bytes())
     for limit in (0xFFFFFFFF, 0):
-        monkeypatch.setattr("kdflow.folder._ZIP32_LIMIT", limit)
+        monkeypatch.setattr("kdflow.data.folder._ZIP32_LIMIT", limit)
         for source in (archive, stub):
             got = converted(source, tmp_path)
             assert all((got[k] == want[k]).all() for k in ("x_train", "y_train", "x_test"))
@@ -394,7 +394,7 @@ def test_tar_members_are_not_kept_while_streaming(png_tree, tmp_path):
 
 
 def test_class_directories_are_capped_as_they_come(png_tree, tmp_path, monkeypatch):
-    monkeypatch.setattr("kdflow.folder.MAX_CLASSES", 9)
+    monkeypatch.setattr("kdflow.data.folder.MAX_CLASSES", 9)
     # Whichever split comes first (a directory is walked in name order).
     fails(png_tree, tmp_path, r"more than 9 class directories under (test|train)/, the cap")
     for name in ("t.tar.gz", "t.zip"):
@@ -417,7 +417,7 @@ def test_skipped_tar_members_do_not_count_against_the_header_cap(png_tree, tmp_p
     got = converted(archive, tmp_path)
     assert all((got[k] == want[k]).all() for k in ("x_train", "y_train", "x_test"))
     # Skipped bytes are still read, and still count against the total cap.
-    monkeypatch.setattr("kdflow.folder.MAX_UNPACKED", 30 << 20)
+    monkeypatch.setattr("kdflow.data.folder.MAX_UNPACKED", 30 << 20)
     (tmp_path / "capped").mkdir()
     fails(archive, tmp_path / "capped", r"t.tar.gz unpacks to more than 31,457,280 bytes")
 

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 from kdflow import KdflowError
-from kdflow.datasets import convert as convert_archive
-from kdflow.unpickle import MAX_OPCODES
+from kdflow.data.datasets import convert as convert_archive
+from kdflow.data.unpickle import MAX_OPCODES
 '''
 
 # Run under tests.childmem's cap: 512 MiB of address space above what the
@@ -290,8 +290,8 @@ def test_folder_archives_with_costly_listings_are_refused_in_bounded_memory(tmp_
     the child's peak memory stays under MAX_PEAK."""
     import re
 
-    from kdflow.datasets import dataset_entry
-    from kdflow.folder import MAX_MEMBERS
+    from kdflow.data.datasets import dataset_entry
+    from kdflow.data.folder import MAX_MEMBERS
     from tests.test_folder_dataset import hostile_zip_directory, make_tree, tar_with_long_names
 
     tree = make_tree(tmp_path / "tree", train=1, test=1, classes=["a", "b"])
@@ -320,7 +320,7 @@ def test_folder_archives_with_costly_listings_are_refused_in_bounded_memory(tmp_
     for name, (archive, _, _) in variants.items():
         assert archive.stat().st_size < cap, name
     args = [str(x) for archive, members, _ in variants.values() for x in (archive, members)]
-    result = run_capped("import kdflow.folder as folder\nfrom kdflow import KdflowError\n",
+    result = run_capped("import kdflow.data.folder as folder\nfrom kdflow import KdflowError\n",
                         FOLDER_CHILD, *args, cwd=tmp_path)
     assert len(result["outcomes"]) == len(variants)
     for (name, (_, _, error)), (kind, message, peak) in zip(variants.items(),

@@ -1,4 +1,4 @@
-"""GPU slots (kdflow.gpu) without a GPU: pretend GPUs, real locks, real jobs.
+"""GPU slots (kdflow.core.gpu) without a GPU: pretend GPUs, real locks, real jobs.
 
 Unit tests of the slot logic, then the tiny workflow through Snakemake with
 two pretend GPUs: each job appends when it took and released its slot to a
@@ -20,7 +20,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from kdflow import KdflowError, gpu, provenance
+from kdflow import KdflowError
+from kdflow.core import gpu
+from kdflow.core import provenance
 from tests.conftest import REPO, base_config, deep_update, local_env, planned_jobs, snakemake
 
 # Variables of the machine running the tests that would change what the
@@ -180,7 +182,7 @@ def test_an_unusable_lock_dir_is_a_clear_error(tmp_path):
 
 HOLDER = """
 import sys, time
-from kdflow import gpu
+from kdflow.core import gpu
 slot = gpu.acquire("auto", lock_dir=sys.argv[1], label=sys.argv[2])
 print(slot.index, slot.gpu, flush=True)
 time.sleep(120)

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from torch import nn
 
-from kdflow.losses import (
+from kdflow.distill.losses import (
     HintRegressor,
     cosine_loss,
     hint_loss,

@@ -12,8 +12,9 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from kdflow import methods, schema
-from kdflow.losses import dist_loss, dist_total_loss, kd_loss, standardize_logits, dkd_total_loss
+from kdflow.distill import methods
+from kdflow.core import schema
+from kdflow.distill.losses import dist_loss, dist_total_loss, kd_loss, standardize_logits, dkd_total_loss
 from tests.conftest import REPO, base_config, deep_update, planned_jobs, snakemake
 
 
@@ -49,7 +50,7 @@ def test_readme_method_table_matches_the_table():
 
 def test_a_method_missing_from_the_schema_is_refused_clearly():
     from kdflow import KdflowError
-    from kdflow.config import validate
+    from kdflow.workflow.config import validate
 
     s = schema.load()
     s["$defs"]["method"]["enum"] = ["kd", "dkd"]
@@ -168,7 +169,7 @@ def toy_repo(tmp_path_factory):
     repo = tmp_path_factory.mktemp("toy") / "kdflow"
     shutil.copytree(REPO, repo, ignore=shutil.ignore_patterns(
         ".git", ".venv", "results", ".snakemake", "__pycache__", ".pytest_cache", "tests"))
-    with open(repo / "kdflow/methods.py", "a") as f:
+    with open(repo / "kdflow/distill/methods.py", "a") as f:
         f.write(TOY_ENTRY)
     s = yaml.safe_load((repo / "config/schema.yaml").read_text())
     s["$defs"]["method"]["enum"].append("toy")

@@ -5,14 +5,16 @@ import copy
 import pytest
 import torch
 
-from kdflow import KdflowError, methods
-from kdflow.data import Normalizer
-from kdflow.engine import Augment, Step, TrainConfig, fit, predict_logits
-from kdflow.optim import make_optimizer
-from kdflow.models import build_model
-from kdflow.study import plan
-from kdflow.config import validate
-from kdflow.train import teacher_signal
+from kdflow import KdflowError
+from kdflow.distill import methods
+from kdflow.data.arrays import Normalizer
+from kdflow.distill.losses import Step
+from kdflow.train.engine import Augment, TrainConfig, fit, predict_logits
+from kdflow.train.optim import make_optimizer
+from kdflow.models.zoo import build_model
+from kdflow.distill.study import plan
+from kdflow.workflow.config import validate
+from kdflow.train.job import teacher_signal
 
 CONFIG = validate({"kd": {"method": list(methods.METHODS), "standardize": [False, True],
                           "soft_target_weight": [0.25, 0.5]}})
@@ -113,11 +115,11 @@ def test_sgd_with_milestones_steps_the_learning_rate_per_epoch():
 
 def test_shared_teacher_logits_equal_the_in_job_computation(tmp_path, tiny_archive):
     """The teacher_logits job's file gives the very logits a job computes itself."""
-    from kdflow import checkpoint
-    from kdflow.data import Splits, write_split
-    from kdflow.datasets import convert
-    from kdflow.engine import predict_logits
-    from kdflow.train import load_teacher_logits, save_teacher_logits
+    from kdflow.models import checkpoint
+    from kdflow.data.arrays import Splits, write_split
+    from kdflow.data.datasets import convert
+    from kdflow.train.engine import predict_logits
+    from kdflow.train.job import load_teacher_logits, save_teacher_logits
 
     dataset, split = tmp_path / "c.npz", tmp_path / "split.npz"
     convert(tiny_archive[0], dataset)

@@ -3,10 +3,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdflow.config import load_schema
-from kdflow.efficiency import count_macs
-from kdflow.models import MODELS, build_model, count_parameters
-from kdflow.resnet import BasicBlock
+from kdflow.workflow.config import load_schema
+from kdflow.models.efficiency import count_macs
+from kdflow.models.zoo import MODELS, build_model, count_parameters
+from kdflow.models.resnet import BasicBlock
 from kdflow import KdflowError
 
 

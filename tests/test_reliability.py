@@ -14,10 +14,11 @@ import pandas as pd
 import pytest
 import torch
 
-from kdflow import resume, study
-from kdflow.config import validate
-from kdflow.engine import EngineOptions
-from kdflow.train import job_identity, train
+from kdflow.train import resume
+from kdflow.distill import study
+from kdflow.workflow.config import validate
+from kdflow.train.engine import EngineOptions
+from kdflow.train.job import job_identity, train
 from tests.conftest import REPO, local_env
 
 # ---------------------------------------------------------------------------
@@ -56,38 +57,38 @@ def summary(workflow_run):
 
 WRITERS = {
     "dataset arrays": ("out.npz", """
-        from kdflow.datasets import convert as convert_archive
+        from kdflow.data.datasets import convert as convert_archive
         convert_archive({archive!r}, "out.npz")"""),
     "subset": ("subset.npz", """
-        from kdflow.data import write_subset
+        from kdflow.data.arrays import write_subset
         write_subset({dataset!r}, "subset.npz", 100, 0, 0)"""),
     "validation split": ("split.npz", """
-        from kdflow.data import write_split
+        from kdflow.data.arrays import write_split
         write_split({dataset!r}, "split.npz", 50, 0)"""),
     "checkpoint": ("model.pt", """
         import torch
-        from kdflow import checkpoint
+        from kdflow.models import checkpoint
         checkpoint.save("model.pt", state_dict={{"w": torch.zeros(20000)}}, model="lightnn",
                         num_classes=10)"""),
     "resume state": ("resume.pt", """
         import torch
-        from kdflow import resume
+        from kdflow.train import resume
         resume.save("resume.pt", {{"job": "j", "w": torch.zeros(20000)}})"""),
     "history": ("history.csv", """
-        from kdflow.train import write_history
+        from kdflow.train.job import write_history
         write_history([{{"epoch": i, "val_accuracy": 0.5}} for i in range(5000)], "history.csv")"""),
     "metrics": ("metrics.json", """
-        from kdflow.evaluate import write_json
+        from kdflow.analysis.evaluate import write_json
         write_json({{"confusion_matrix": [[0] * 100] * 100}}, "metrics.json")"""),
     "table": ("table.csv", """
         import pandas as pd
-        from kdflow.aggregate import _write_csv
+        from kdflow.analysis.aggregate import _write_csv
         _write_csv(pd.DataFrame({{"a": range(20000)}}), "table.csv")"""),
     "figure": ("accuracy.png", """
-        from kdflow.report import render_report
+        from kdflow.analysis.report import render_report
         render_report({tables!r}, "report.html", "t", {{}}, figures={{"accuracy": "accuracy.png"}})"""),
     "report": ("report.html", """
-        from kdflow.report import render_report
+        from kdflow.analysis.report import render_report
         render_report({tables!r}, "report.html", "t", {{}})"""),
 }
 
@@ -319,7 +320,7 @@ def test_the_next_run_ends_what_a_killed_guardian_left(tmp_path):
         # end the run's processes: the next run has to.
         os.killpg(proc.pid, signal.SIGSTOP)
         for pid, _ in run:
-            if b"kdflow.runguard" in Path(f"/proc/{pid}/cmdline").read_bytes():
+            if b"kdflow.workflow.runguard" in Path(f"/proc/{pid}/cmdline").read_bytes():
                 os.kill(pid, signal.SIGKILL)
         kill(proc)
         again = dry_run(tmp_path)

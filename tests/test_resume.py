@@ -22,10 +22,10 @@ def start_job(workdir: Path, data: Path, library: Path = REPO) -> subprocess.Pop
     with the kdflow library found under `library`."""
     out = workdir / "seed0" / "teacher"
     code = f"""
-from kdflow.cli import run_step
-from kdflow.config import validate
-from kdflow.train import train
-from kdflow import study
+from kdflow.workflow.cli import run_step
+from kdflow.workflow.config import validate
+from kdflow.train.job import train
+from kdflow.distill import study
 cfg = validate({{"teacher": {{"model": "deepnn", "epochs": {EPOCHS}, "batch_size": 32}},
                 "engine": {{"deterministic": True}}}})
 arm = study.lookup(cfg, "teacher").record()
@@ -118,7 +118,7 @@ def test_sigterm_saves_state_and_exits_nonzero(workflow_run, uninterrupted, tmp_
 
 
 def test_state_of_another_config_is_not_resumed(workflow_run, tmp_path, caplog):
-    from kdflow import resume
+    from kdflow.train import resume
     state = tmp_path / "resume.pt"
     resume.save(state, {"job": "some other job", "epoch": 3})
     assert resume.load(state, "some other job")["epoch"] == 3

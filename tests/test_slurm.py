@@ -14,7 +14,7 @@ import subprocess
 
 import pytest
 
-from kdflow import gpu
+from kdflow.core import gpu
 from tests.conftest import REPO, deep_update, snakemake
 
 SLURM_TOOLS = ("slurmctld", "slurmd", "munged", "sbatch", "scontrol")
@@ -49,7 +49,7 @@ def slurm_jobs() -> list[dict]:
 def test_workflow_runs_through_sbatch_with_gpus(slurm, workflow_run, tmp_path):
     local_dir, config = workflow_run
     before = {j["JobId"] for j in slurm_jobs()}
-    # device auto and a pretend GPU: under SLURM kdflow.gpu must take no slot
+    # device auto and a pretend GPU: under SLURM kdflow.core.gpu must take no slot
     # (SLURM chose the GPUs); auto still means the CPU here, so the metrics
     # equal the local run's.
     record = tmp_path / "slots.jsonl"

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from kdflow.stats import (at_chance, bootstrap_mean_ci, calibration, chance_p_value, holm,
+from kdflow.analysis.stats import (at_chance, bootstrap_mean_ci, calibration, chance_p_value, holm,
                           mean_ci, paired_comparison, sign_flip_test)
 
 # Test images right of 1,000, per seed; accuracies are these / 1,000.

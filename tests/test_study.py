@@ -10,8 +10,9 @@ import pytest
 import torch
 import yaml
 
-from kdflow import KdflowError, study
-from kdflow.config import validate
+from kdflow import KdflowError
+from kdflow.distill import study
+from kdflow.workflow.config import validate
 from tests.conftest import (REPO, SNAKEMAKE, base_config, deep_update, local_env, planned_jobs,
                             snakemake)
 

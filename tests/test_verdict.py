@@ -7,9 +7,11 @@ import pandas as pd
 import pytest
 import torch
 
-from kdflow import KdflowError, methods, streams
-from kdflow.config import validate
-from kdflow.models import build_model
+from kdflow import KdflowError
+from kdflow.distill import methods
+from kdflow.core import streams
+from kdflow.workflow.config import validate
+from kdflow.models.zoo import build_model
 from tests.conftest import base_config, deep_update, planned_jobs, snakemake
 
 # ---------------------------------------------------------------------------
@@ -228,7 +230,7 @@ def test_chance_level_models_are_flagged_in_metrics_and_report(chance_run):
 
 
 def test_report_lists_every_commit_and_warns_on_more_than_one(chance_run, tmp_path):
-    from kdflow.report import render_report
+    from kdflow.analysis.report import render_report
 
     workdir, config = chance_run
     summary = workdir / "results/summary"
@@ -268,8 +270,8 @@ def test_every_seed_and_purpose_has_its_own_stream():
 
 @pytest.mark.parametrize("method", list(methods.METHODS))
 def test_building_a_method_leaves_the_global_random_state_alone(method):
-    from kdflow import study
-    from kdflow.config import validate
+    from kdflow.distill import study
+    from kdflow.workflow.config import validate
 
     arm = next(a for a in study.plan(validate({"kd": {"method": method}}))
                if a.role == "student_kd")
@@ -293,7 +295,7 @@ def test_building_a_method_leaves_the_global_random_state_alone(method):
 
 def test_plain_and_distilled_twins_draw_the_same_dropout_masks(workflow_run, tmp_path,
                                                                 monkeypatch):
-    import kdflow.train as train_module
+    import kdflow.train.job as train_module
 
     workdir, _ = workflow_run
     data = workdir / "results/data"
@@ -317,7 +319,7 @@ def test_plain_and_distilled_twins_draw_the_same_dropout_masks(workflow_run, tmp
                     "engine": {"deterministic": True}})
     common = dict(dataset=str(data / "cifar10.npz"), split=str(data / "split.npz"), seed=0,
                   device="cpu", threads=1, teacher=teacher, engine=cfg["engine"])
-    from kdflow import study
+    from kdflow.distill import study
     config = validate({"student": {"model": "lightnn", "epochs": 1, "batch_size": 32},
                        "kd": {"method": ["hint", "kd"], "soft_target_weight": 0.5}})
     for current, path in (("plain", "lightnn/ce"), ("hint", "lightnn/hint/w0.5"),

@@ -11,7 +11,7 @@ import torch
 from tests.conftest import (REPO, SNAKEMAKE, base_config, deep_update, local_env, planned_jobs,
                             snakemake)
 
-# The test experiment's arms (kdflow.study): paths under results/seed{seed}/.
+# The test experiment's arms (kdflow.distill.study): paths under results/seed{seed}/.
 TEACHER, BASELINE, KD = "teacher", "lightnn/ce", "lightnn/kd/T2_w0.25"
 ARMS = [TEACHER, BASELINE, KD]
 
@@ -30,7 +30,7 @@ def test_run_produces_every_output(workflow_run):
     assert (res / "report.html").is_file()
     # Every figure the report lists is an output, with its caption for
     # `snakemake --report`, and no other PNG is written.
-    from kdflow.figures import FIGURES
+    from kdflow.analysis.figures import FIGURES
     for name in FIGURES:
         assert (res / "figures" / f"{name}.png").stat().st_size > 1000
         assert (REPO / "report" / f"{name}.rst").is_file(), f"no caption for {name}"
@@ -65,9 +65,9 @@ def test_checkpoints_are_self_describing_and_safe_to_load(workflow_run):
 def test_students_of_a_seed_start_from_the_same_weights(workflow_run):
     """Paired comparison: same init, same batches; only the loss differs.
     With soft-target weight 0 the KD student must equal the baseline."""
-    from kdflow import study
-    from kdflow.config import validate
-    from kdflow.train import train
+    from kdflow.distill import study
+    from kdflow.workflow.config import validate
+    from kdflow.train.job import train
     workdir, config = workflow_run
     res = workdir / "results"
     common = dict(dataset=str(res / "data/cifar10.npz"), split=str(res / "data/split.npz"),

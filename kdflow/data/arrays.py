@@ -1,0 +1,249 @@
+"""Converted datasets: the uint8 .npz, its subset and split, loading for training.
+
+Every dataset of the table (kdflow.data.datasets) converts to the same .npz:
+x_train/x_test uint8 (N, 3, IMAGE_SIZE, IMAGE_SIZE), y_train/y_test int64,
+class names, and the per-channel statistics of its training images. From
+there on nothing depends on where the images came from: this module draws
+the optional class-balanced subset (a first look in minutes), carves the
+validation split and loads the result for training (`Splits`, `Normalizer`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
+
+import numpy as np
+
+if TYPE_CHECKING:  # annotations only; see Splits
+    import torch
+
+from kdflow import KdflowError
+from kdflow.core.atomic import write_with
+
+log = logging.getLogger(__name__)
+
+# The side of every image the models see, whatever the source: CIFAR's
+# native size, to which other images are resized on conversion.
+IMAGE_SIZE = 32
+IMAGE_SHAPE = (3, IMAGE_SIZE, IMAGE_SIZE)
+
+# CIFAR-10's published channel statistics: only for .npz files written
+# before the statistics were recorded in them, and as the Normalizer's
+# default for callers without a dataset (benchmarks, tests).
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+
+
+def savez(path: Path, **arrays) -> None:
+    # Through a file object: np.savez would append ".npz" to a NAME.part path.
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
+
+
+def pixel_stats(x: np.ndarray, chunk: int = 4096) -> tuple[tuple, tuple]:
+    """Per-channel mean and (population) std of uint8 NCHW images, on the
+    0..1 scale: how every dataset's statistics are obtained, from its
+    training images. Summed in chunks in float64, so 50,000 images cost
+    no more than a chunk's worth of memory."""
+    if len(x) == 0:
+        raise KdflowError("no training images to compute channel statistics from")
+    s = np.zeros(x.shape[1])
+    s2 = np.zeros(x.shape[1])
+    for i in range(0, len(x), chunk):
+        block = x[i:i + chunk].astype(np.float64)
+        s += block.sum(axis=(0, 2, 3))
+        s2 += (block * block).sum(axis=(0, 2, 3))
+    n = len(x) * x.shape[2] * x.shape[3]
+    mean = s / n
+    std = np.sqrt(np.maximum(s2 / n - mean * mean, 0.0))
+    return tuple(round(float(v) / 255, 6) for v in mean), \
+        tuple(round(float(v) / 255, 6) for v in std)
+
+
+def write_dataset(out: str | os.PathLike, dataset: str, x_train: np.ndarray,
+                  y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray,
+                  classes: list[str], mean=None, std=None) -> None:
+    """Write the converted .npz, atomically. The statistics default to those
+    of `x_train`; a subset keeps its full set's, so a subset run normalises
+    exactly as the full run does."""
+    if mean is None:
+        mean, std = pixel_stats(x_train)
+    write_with(out, lambda tmp: savez(
+        tmp, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test,
+        classes=np.array(classes), dataset=np.array(dataset),
+        mean=np.array(mean), std=np.array(std)))
+
+
+def channel_stats(d) -> tuple[tuple, tuple]:
+    """(mean, std) recorded in a converted .npz (CIFAR-10's for older files)."""
+    if "mean" in d.files:
+        return tuple(d["mean"].tolist()), tuple(d["std"].tolist())
+    return CIFAR10_MEAN, CIFAR10_STD
+
+
+# --------------------------------------------------------------------------
+# Subset: a first look in minutes
+# --------------------------------------------------------------------------
+
+def balanced_pick(labels: np.ndarray, size: int, rng: np.random.Generator,
+                  what: str, setting: str) -> np.ndarray:
+    """Sorted indices of `size` items, class-balanced: each class gives
+    size // C (the first size % C classes one more)."""
+    labels = np.asarray(labels)
+    classes = np.unique(labels)
+    if size < len(classes):
+        raise KdflowError(
+            f"{setting} = {size} leaves some of the {len(classes)} classes without "
+            f"{what} images; use at least {len(classes)}")
+    base, extra = divmod(size, len(classes))
+    picks = []
+    for i, c in enumerate(classes):
+        members = np.flatnonzero(labels == c)
+        k = base + (1 if i < extra else 0)
+        if k > len(members):
+            raise KdflowError(
+                f"{setting} = {size} needs {k} {what} images of class {c} but it has only "
+                f"{len(members)}; lower {setting} (or set it to 0 for all images)")
+        picks.append(rng.choice(members, size=k, replace=False))
+    return np.sort(np.concatenate(picks))
+
+
+def write_subset(dataset: str | os.PathLike, out: str | os.PathLike,
+                 train: int, test: int, seed: int) -> dict:
+    """A class-balanced subset of the converted dataset (0 = all images of
+    that set), drawn with generators seeded with (`seed`, part): the same
+    dataset, sizes and seed always give the same images, and the test images
+    do not depend on the train size. The full training set's
+    channel statistics are kept."""
+    with np.load(dataset) as d:
+        arrays = {k: d[k] for k in d.files}
+    # One generator per part, so the test subset does not depend on how many
+    # training images were drawn before it: changing data.subset.train keeps
+    # the test images, and the scores stay comparable.
+    for stream, (part, size, setting) in enumerate((("train", train, "data.subset.train"),
+                                                    ("test", test, "data.subset.test"))):
+        if size:
+            rng = np.random.default_rng([seed, stream])
+            idx = balanced_pick(arrays[f"y_{part}"], size, rng, part, setting)
+            arrays[f"x_{part}"], arrays[f"y_{part}"] = arrays[f"x_{part}"][idx], \
+                arrays[f"y_{part}"][idx]
+    write_with(out, lambda tmp: savez(tmp, **arrays))
+    info = {"train": len(arrays["y_train"]), "test": len(arrays["y_test"])}
+    log.info("subset: %d train, %d test images (seed %d)", info["train"], info["test"], seed)
+    return info
+
+
+# --------------------------------------------------------------------------
+# Validation split
+# --------------------------------------------------------------------------
+
+def make_split(labels: np.ndarray, val_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Class-balanced validation indices carved from the training set.
+
+    Each class gives val_size // C images (the first val_size % C classes one
+    more), drawn by a generator seeded with `seed`: the same labels, size and
+    seed always give the same split. Returns sorted (train_idx, val_idx).
+    """
+    labels = np.asarray(labels)
+    classes = np.unique(labels)
+    n_classes = len(classes)
+    if val_size < n_classes:
+        raise KdflowError(
+            f"data.val_size = {val_size} leaves some of the {n_classes} classes "
+            f"without validation images; use at least {n_classes}"
+        )
+    rng = np.random.default_rng(seed)
+    base, extra = divmod(val_size, n_classes)
+    picks = []
+    for i, c in enumerate(classes):
+        members = np.flatnonzero(labels == c)
+        k = base + (1 if i < extra else 0)
+        if k >= len(members):
+            raise KdflowError(
+                f"data.val_size = {val_size} needs {k} validation images of class "
+                f"{c} but it has only {len(members)} training images; lower data.val_size"
+            )
+        picks.append(rng.choice(members, size=k, replace=False))
+    val_idx = np.sort(np.concatenate(picks))
+    train_idx = np.setdiff1d(np.arange(len(labels)), val_idx)
+    return train_idx, val_idx
+
+
+def write_split(dataset: str | os.PathLike, out: str | os.PathLike,
+                val_size: int, seed: int) -> None:
+    with np.load(dataset) as d:
+        labels = d["y_train"]
+    train_idx, val_idx = make_split(labels, val_size, seed)
+    write_with(out, lambda tmp: savez(tmp, train_idx=train_idx, val_idx=val_idx,
+                                       val_size=np.int64(val_size), seed=np.int64(seed)))
+    log.info("split: %d train, %d validation (seed %d)", len(train_idx), len(val_idx), seed)
+
+
+# --------------------------------------------------------------------------
+# In-memory dataset for training
+# --------------------------------------------------------------------------
+
+# torch is imported inside the two classes below that use it: the workflow
+# imports this module to validate its config, and every Snakemake start (each
+# dry run, each cluster job) would otherwise pay seconds for torch.
+class Splits:
+    """Train/val/test images as uint8 NCHW tensors with int64 labels.
+
+    Kept as uint8 (a quarter of float32's memory) on the training device;
+    batches are converted and normalised there, see `Normalizer`.
+    """
+
+    def __init__(self, dataset: str | os.PathLike, split: str | os.PathLike,
+                 device: torch.device | str = "cpu"):
+        import torch
+
+        with np.load(dataset) as d, np.load(split) as s:
+            x, y = d["x_train"], d["y_train"]
+            tr, va = s["train_idx"], s["val_idx"]
+            self.classes = [str(c) for c in d["classes"]]
+            self.mean, self.std = channel_stats(d)
+
+            def t(a):
+                return torch.from_numpy(np.ascontiguousarray(a)).to(device)
+
+            self.train_x, self.train_y = t(x[tr]), t(y[tr])
+            self.val_x, self.val_y = t(x[va]), t(y[va])
+            self.test_x, self.test_y = t(d["x_test"]), t(d["y_test"])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+class Normalizer:
+    """uint8 NCHW -> float, normalised per channel (CIFAR-10's statistics
+    unless given), channels_last.
+
+    channels_last makes the CPU and cuDNN convolution kernels faster for these
+    small-channel convolutions.
+    """
+
+    def __init__(self, device, mean=CIFAR10_MEAN, std=CIFAR10_STD):
+        import torch
+
+        self.memory_format = torch.channels_last
+        self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
+
+    def __call__(self, x_uint8: torch.Tensor) -> torch.Tensor:
+        x = (x_uint8.float() - self.mean) / self.std
+        return x.contiguous(memory_format=self.memory_format)
+
+
+class Images(NamedTuple):
+    """What every dataset's converter returns: uint8 NCHW images of
+    IMAGE_SHAPE, int64 labels indexing `classes`."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    classes: list[str]

@@ -1,0 +1,353 @@
+"""The dataset table: every dataset kdflow can read, and how it becomes arrays.
+
+DATASETS maps each `data.dataset` name to one entry: its default source
+(the official archive's URL and md5, or none), the download bound, and its
+converter, a function from the fetched source to uint8 images, labels and
+class names (kdflow.data.arrays.Images). `fetch` and `convert` are the same for all
+datasets: a new dataset is a new entry with a converter of its own, never a
+second copy of either. cifar10/cifar100 read the official python archives
+(pickled batches, through kdflow.data.unpickle); folder reads an image tree
+(kdflow.data.folder).
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import os
+import tarfile
+import urllib.parse
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from kdflow import KdflowError
+from kdflow.data import folder
+from kdflow.data.arrays import IMAGE_SHAPE, Images, write_dataset
+from kdflow.data.fetch import _size, fetch_archive, md5sum
+from kdflow.data.unpickle import class_names, parse_batch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CifarLayout:
+    """Where a CIFAR python archive keeps its batches and what they hold."""
+
+    root: str                 # folder inside the archive
+    train: tuple[str, ...]    # training batches
+    test: str
+    meta: str
+    label_key: str            # labels in each batch
+    names_key: str            # class names in the meta file
+    num_classes: int
+    # The official image counts: an archive may hold fewer (a subset, as the
+    # tests' tiny archives do) but never more.
+    train_size: int
+    test_size: int
+    # A little above the largest official member, so a member's size is
+    # refused before a single byte of it is read into memory.
+    max_member: int
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """One entry of the table."""
+
+    # (local source, this entry) -> Images; the source is the downloaded
+    # file, or the directory itself for a folder read in place.
+    read: Callable[[Path, "Dataset"], Images]
+    # Default data.url and data.md5 (None: the config must give them).
+    url: str | None
+    md5: str | None
+    # Name of the downloaded file under results/data/ (None: from data.url).
+    archive: str | None
+    # A download may be a few times the official size (a mirror may pack
+    # differently) but a server that streams without end is cut off here.
+    max_download: int
+    layout: CifarLayout | None = None
+
+
+# Both official archives unpack to about 186 MB of tar. Reading stops past
+# this, so a small gzip that inflates to gigabytes (a "zip bomb") costs
+# seconds, not the disk or the afternoon.
+MAX_UNPACKED = 200 << 20
+# A genuine archive has 7 (CIFAR-100: 4) members; thousands of tiny ones
+# would each keep a header object in memory.
+MAX_MEMBERS = 64
+
+
+class _Inflated:
+    """The archive's gzip stream as tarfile reads it, counted and capped."""
+
+    def __init__(self, gz: gzip.GzipFile, archive: Path):
+        self.gz, self.archive, self.limit, self.n = gz, archive, MAX_UNPACKED, 0
+
+    def read(self, size: int = -1) -> bytes:
+        room = self.limit - self.n + 1
+        block = self.gz.read(room if size is None or size < 0 else min(size, room))
+        self.n += len(block)
+        if self.n > self.limit:
+            raise KdflowError(
+                f"{self.archive} unpacks to more than {_size(self.limit)}, far more "
+                "than a CIFAR python archive (about 186 MB); it is not one. Check data.url")
+        return block
+
+    def drain(self) -> None:
+        """Read to the end of the gzip stream: only there are its CRC and
+        length checked (tarfile stops at the end-of-archive marker, so a
+        truncated gzip would otherwise pass)."""
+        while self.read(1 << 20):
+            pass
+
+
+def _read_members(archive: Path, spec: CifarLayout, official: str) -> dict[str, bytes]:
+    """The raw bytes of the meta file and the batches, after checking the
+    whole archive is intact (so damage is reported as such, not as an odd
+    pickle). Nothing is extracted to disk, so a hostile member name cannot
+    write anywhere."""
+    wanted = {f"{spec.root}/{n}": n for n in (spec.meta, *spec.train, spec.test)}
+    found: dict[str, bytes] = {}
+    try:
+        with open(archive, "rb") as raw, gzip.GzipFile(fileobj=raw, mode="rb") as gz:
+            stream = _Inflated(gz, archive)
+            # Stream mode: one pass through the archive, no seeking back.
+            with tarfile.open(fileobj=stream, mode="r|") as tar:
+                for i, info in enumerate(tar):
+                    if i >= MAX_MEMBERS:
+                        raise KdflowError(f"{archive} has more than {MAX_MEMBERS} members; "
+                                          "it is not a CIFAR python archive. Check data.url")
+                    if info.isdir():
+                        continue
+                    if not info.isfile() or info.issparse():
+                        # Links and devices: nothing a CIFAR archive needs.
+                        raise KdflowError(
+                            f"{archive}: member {info.name} is not a regular file (tar type "
+                            f"{info.type!r}); a genuine CIFAR archive holds only its folder "
+                            "and plain files. Check data.url")
+                    name = wanted.get(info.name)
+                    if name is None:
+                        continue   # e.g. readme.html
+                    if name in found:
+                        raise KdflowError(f"{archive} holds {info.name} twice; it is not a "
+                                          "genuine CIFAR python archive. Check data.url")
+                    if not 0 <= info.size <= spec.max_member:
+                        raise KdflowError(
+                            f"{archive}: {info.name} is {info.size:,} bytes, more than the "
+                            f"{spec.max_member:,} allowed for any {official} member; "
+                            "it is not a CIFAR batch. Check data.url and data.dataset")
+                    found[name] = tar.extractfile(info).read()
+            stream.drain()
+    except (EOFError, OSError, zlib.error, tarfile.TarError) as e:
+        raise KdflowError(
+            f"{archive}: archive truncated or corrupt: {type(e).__name__}: {e}; fetch it "
+            f"again (delete {archive} and rerun: the download step fetches and verifies "
+            "it anew)") from None
+    for path, name in wanted.items():
+        if name not in found:
+            raise KdflowError(
+                f"{archive} lacks {path}; is it the {official.split('-python')[0]} "
+                f"*python* archive ({official})? Check data.dataset and data.url")
+    return found
+
+
+
+
+def read_cifar(archive: Path, entry: Dataset) -> Images:
+    """A CIFAR python archive's batches, each checked against the layout:
+    N x 3072 uint8 images, N integer labels below the class count, no more
+    images than the official sets."""
+    spec = entry.layout
+    payloads = _read_members(archive, spec, entry.archive)
+    classes = class_names(payloads.pop(spec.meta), f"{spec.root}/{spec.meta}",
+                          spec.names_key, spec.num_classes)
+
+    def batch(name: str):
+        # pop: each raw batch is freed as soon as it is parsed.
+        return parse_batch(payloads.pop(name), f"{spec.root}/{name}", spec.label_key,
+                           spec.num_classes)
+
+    parts = [batch(b) for b in spec.train]
+    x_test, y_test = batch(spec.test)
+    x_train = np.concatenate([p[0] for p in parts])
+    y_train = np.concatenate([p[1] for p in parts])
+    name = entry.archive.split("-python")[0].replace("-", "")
+    for split, n, most in (("train", len(y_train), spec.train_size),
+                           ("test", len(y_test), spec.test_size)):
+        if not 0 < n <= most:
+            raise KdflowError(
+                f"{archive}: {n} {split} images, but {name} has at most {most} (and a "
+                "subset needs at least one); it is not a genuine archive. Check data.url")
+    return Images(x_train, y_train, x_test, y_test, classes)
+
+
+DATASETS: dict[str, Dataset] = {
+    "cifar10": Dataset(
+        read=read_cifar,
+        url="https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+        md5="c58f30108f718f92721af3b95e74349a",
+        archive="cifar-10-python.tar.gz",
+        max_download=4 * 170_498_071,
+        layout=CifarLayout(
+            root="cifar-10-batches-py",
+            train=tuple(f"data_batch_{i}" for i in range(1, 6)),
+            test="test_batch", meta="batches.meta",
+            label_key="labels", names_key="label_names",
+            num_classes=10, train_size=50_000, test_size=10_000,
+            max_member=32 << 20,      # each batch is 31,035,704 bytes
+        ),
+    ),
+    # Fine labels (100 classes), as every CIFAR-100 distillation table uses.
+    "cifar100": Dataset(
+        read=read_cifar,
+        url="https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+        md5="eb9058c3a382ffc7106e4002c42a8d85",
+        archive="cifar-100-python.tar.gz",
+        max_download=4 * 169_001_437,
+        layout=CifarLayout(
+            root="cifar-100-python",
+            train=("train",), test="test", meta="meta",
+            label_key="fine_labels", names_key="fine_label_names",
+            num_classes=100, train_size=50_000, test_size=10_000,
+            max_member=160 << 20,     # 'train' is 155,249,918 bytes
+        ),
+    ),
+    # Your own images: train/<class>/* and test/<class>/*, from a directory
+    # or a .tar/.tar.gz/.zip (kdflow.data.folder). No default source.
+    "folder": Dataset(
+        read=folder.read_folder, url=None, md5=None, archive=None,
+        max_download=folder.MAX_UNPACKED,
+    ),
+}
+
+
+def dataset_entry(name: str) -> Dataset:
+    try:
+        return DATASETS[name]
+    except KeyError:
+        raise KdflowError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}") from None
+
+
+# --------------------------------------------------------------------------
+# Sources: what data.url names, and where the download step puts it
+# --------------------------------------------------------------------------
+
+def local_path(url: str) -> str | None:
+    """The file system path a file:// URL or plain path names (None for http)."""
+    parsed = urllib.parse.urlparse(url)
+    if parsed.scheme == "file":
+        return urllib.parse.unquote(parsed.path)
+    return url if parsed.scheme == "" else None
+
+
+def directory_source(url: str) -> str | None:
+    """The directory data.url names, if it names one (read in place, no download)."""
+    path = local_path(url)
+    return path if path is not None and os.path.isdir(path) else None
+
+
+def archive_name(name: str, url: str) -> str | None:
+    """The file the download step writes under results/data/ for this
+    dataset and source; None when the source is a directory read in place."""
+    entry = dataset_entry(name)
+    if entry.archive is not None:
+        return entry.archive
+    if directory_source(url):
+        return None
+    path = urllib.parse.urlparse(url).path.lower()
+    for suffix in folder.ARCHIVE_SUFFIXES:
+        if path.endswith(suffix):
+            return f"{name}{suffix}"
+    local = local_path(url)
+    where = f"no directory {local!r} exists and " if local is not None else ""
+    raise KdflowError(
+        f"data.url {url!r}: {where}it does not end in "
+        f"{', '.join(folder.ARCHIVE_SUFFIXES)}; for data.dataset {name} give a directory "
+        "holding train/<class>/ and test/<class>/ (a path or file:// URL) or such a tree "
+        "packed as .tar, .tar.gz or .zip")
+
+
+def complete_config(data: dict) -> None:
+    """Fill data.url and data.md5 from the table, in place; refuse a source
+    the dataset cannot use (a folder needs data.url; an archive, data.md5)."""
+    name = data["dataset"]
+    entry = dataset_entry(name)
+    if entry.url is not None:
+        data.setdefault("url", entry.url)
+        data.setdefault("md5", entry.md5)
+        return
+    if "url" not in data:
+        raise KdflowError(
+            f"invalid config: data.dataset {name} has no default source; set data.url to "
+            "a directory holding train/<class>/ and test/<class>/ image folders, or to "
+            "such a tree packed as .tar, .tar.gz or .zip (with its data.md5)")
+    if archive_name(name, data["url"]) is not None and "md5" not in data:
+        raise KdflowError(
+            f"invalid config: data.url {data['url']!r} is an archive, so data.md5 is "
+            "required: the download is checked against it. Compute it with "
+            "`md5sum FILE` and set data.md5")
+
+
+def fingerprint(name: str, url: str) -> str:
+    """For a directory source, a cheap digest of its files' relative paths,
+    sizes and modification times (kdflow.data.folder.fingerprint); '' otherwise.
+    Snakemake cannot see inside a directory: the convert step takes this as
+    a parameter, so editing the tree reruns conversion and what follows."""
+    path = directory_source(url) if archive_name(name, url) is None else None
+    return folder.fingerprint(Path(path)) if path else ""
+
+
+# --------------------------------------------------------------------------
+# Fetch and convert: the same for every dataset
+# --------------------------------------------------------------------------
+
+def fetch(name: str, url: str, md5: str, dest: str | os.PathLike) -> None:
+    """Download or copy the dataset's archive to `dest`, verified (kdflow.data.fetch)."""
+    fetch_archive(url, md5, dest, max_bytes=dataset_entry(name).max_download)
+
+
+def convert(source: str | os.PathLike, out: str | os.PathLike, dataset: str = "cifar10",
+            *, md5: str | None = None) -> dict:
+    """Convert the dataset's source into one compact .npz of uint8 images.
+
+    With `md5` (the workflow passes data.md5) a source file is checked
+    against it first, so what is read is what the download step verified.
+    The entry's converter gives the arrays; they are checked here against
+    what every later step assumes, and the .npz records the dataset's name
+    and the channel statistics of its training images (kdflow.data.arrays).
+    """
+    entry = dataset_entry(dataset)
+    source = Path(source)
+    if md5 is not None and not source.is_dir():
+        got = md5sum(source)
+        if got != md5.lower():
+            raise KdflowError(
+                f"{source} has md5 {got}, not data.md5 {md5}: it changed or was damaged "
+                "after download. Delete it and rerun (the download step fetches and "
+                "verifies it again), or, for a trusted mirror, set data.md5 to its checksum")
+        log.info("%s still has md5 %s (data.md5)", source, got)
+    images = entry.read(source, entry)
+    _check(images, source)
+    write_dataset(out, dataset, *images)
+    info = {"train": len(images.y_train), "test": len(images.y_test),
+            "classes": list(images.classes)}
+    log.info("converted %s (%s): %d train, %d test images, %d classes",
+             source, dataset, info["train"], info["test"], len(images.classes))
+    return info
+
+
+def _check(images: Images, source: Path) -> None:
+    """What every converter must deliver; a slip in a new one shows here,
+    not as a shape error deep in training."""
+    k = len(images.classes)
+    for part in ("train", "test"):
+        x, y = getattr(images, f"x_{part}"), getattr(images, f"y_{part}")
+        if x.dtype != np.uint8 or x.shape[1:] != IMAGE_SHAPE or len(x) == 0:
+            raise KdflowError(f"{source}: {part} images must be uint8 of shape (N>0, "
+                              f"{', '.join(map(str, IMAGE_SHAPE))}), got {x.dtype} {x.shape}")
+        if y.dtype != np.int64 or y.shape != (len(x),) or y.min() < 0 or y.max() >= k:
+            raise KdflowError(f"{source}: {part} labels must be {len(x)} int64 values "
+                              f"in 0..{k - 1}")

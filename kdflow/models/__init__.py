@@ -1,0 +1,1 @@
+"""Stage 2, models: the model zoo, self-describing checkpoints, and what a model costs to run."""

@@ -1,0 +1,54 @@
+"""Checkpoints that explain themselves: weights plus the config they came from.
+
+Everything stored is a tensor or a plain Python value, so checkpoints load
+with `torch.load(..., weights_only=True)`, which cannot execute code.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from kdflow import KdflowError
+from kdflow.core import atomic
+from kdflow.models.zoo import build_model
+
+FORMAT = "kdflow-checkpoint-1"
+
+
+def save(path: str | os.PathLike, *, state_dict: dict, model: str, num_classes: int,
+         **record) -> None:
+    """Write atomically: a crash mid-write never leaves a truncated model.pt."""
+    atomic.save_torch(path, {"format": FORMAT, "model": model, "num_classes": num_classes,
+                             "state_dict": state_dict, **record})
+
+
+def load(path: str | os.PathLike) -> dict:
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise KdflowError(f"cannot read checkpoint {path}: {e}") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise KdflowError(f"{path} is not a kdflow checkpoint ({FORMAT})")
+    return ckpt
+
+
+def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
+    """The checkpoint's model in eval mode on `device`, and the checkpoint."""
+    ckpt = load(path)
+    model = build_model(ckpt["model"], ckpt["num_classes"])
+    model.load_state_dict(ckpt["state_dict"])
+    model.to(device).to(memory_format=torch.channels_last).eval()
+    return model, ckpt
+
+
+def validation_counts(ckpt: dict, path: str | os.PathLike) -> tuple[int, int, int]:
+    """(validation images right at the best epoch, validation images, epochs
+    trained): the exact numbers that the choice of a setting and the
+    chance-level test use."""
+    if "best_val_correct" not in ckpt or "val_images" not in ckpt:
+        raise KdflowError(f"{path} has no exact validation counts (it was trained by an "
+                          "older kdflow); delete it and rerun to retrain it")
+    return int(ckpt["best_val_correct"]), int(ckpt["val_images"]), int(ckpt["last_epoch"])

@@ -1,0 +1,161 @@
+"""Config validation against config/schema.yaml, with defaults filled in."""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+
+import jsonschema
+
+from kdflow import KdflowError
+from kdflow.distill import methods
+from kdflow.core import schema as _schema
+from kdflow.distill import study
+from kdflow.data.datasets import complete_config
+
+SCHEMA_PATH = _schema.SCHEMA_PATH
+
+
+def load_schema(path: str | Path = SCHEMA_PATH) -> dict:
+    return _schema.load(path)
+
+
+def _coerce(schema_type, value):
+    """`snakemake --config key={a: 1}` parses nested values as strings
+    (YAML BaseLoader): turn them back into the numbers the schema asks for."""
+    if schema_type == "number" and isinstance(value, int) and not isinstance(value, bool):
+        # One value, one representation: 1 and 1.0 are the same setting, and
+        # a job's parameters must not change with how a number was written.
+        return float(value)
+    if not isinstance(value, str):
+        return value
+    try:
+        if schema_type == "integer":
+            return int(value)
+        if schema_type == "number":
+            return float(value)
+    except ValueError:
+        pass  # left as is: validation then names the key and the bad value
+    if schema_type == "boolean" and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    return value
+
+
+def _complete(schema: dict, value, root: dict, path: str = "", problems: list | None = None):
+    """Fill defaults and coerce types recursively, following `$ref`s.
+
+    `problems` collects what JSON Schema cannot say: a number that is not
+    finite (nan, inf pass its `number` type) and a float where an integer is
+    meant (JSON Schema counts 10.0 as an integer; a later `range()` or a
+    seed{seed} path would not)."""
+    problems = [] if problems is None else problems
+    if "$ref" in schema:
+        name = schema["$ref"].rsplit("/", 1)[-1]
+        schema = {**root["$defs"][name], **{k: v for k, v in schema.items() if k != "$ref"}}
+    kind = schema.get("type")
+    if isinstance(kind, list):  # "a number or a list of numbers"
+        if isinstance(value, list) and "array" in kind:
+            kind = "array"
+        else:
+            kind = next(k for k in kind if k != "array")
+    if kind == "object" and isinstance(value, dict):
+        for key, sub in schema.get("properties", {}).items():
+            if key not in value and "default" in sub:
+                value[key] = copy.deepcopy(sub["default"])
+            if key in value:
+                value[key] = _complete(sub, value[key], root, f"{path}.{key}".lstrip("."),
+                                       problems)
+    elif kind == "array" and isinstance(value, list) and "items" in schema:
+        value = [_complete(schema["items"], v, root, f"{path}.{i}", problems)
+                 for i, v in enumerate(value)]
+    else:
+        value = _coerce(kind, value)
+        if isinstance(value, float) and not math.isfinite(value):
+            problems.append(f"  {path}: {value} is not a finite number")
+        elif kind == "integer" and isinstance(value, float):
+            problems.append(f"  {path}: {value!r} is not an integer; write "
+                            f"{int(value) if value.is_integer() else 'a whole number'}")
+    return value
+
+
+def _message(error: jsonschema.ValidationError) -> str:
+    """For "one of these forms" errors, the most telling reason (e.g. the
+    allowed names) instead of "not valid under any of the given schemas"."""
+    if error.validator in ("anyOf", "oneOf") and error.context:
+        named = [e for e in error.context if e.validator == "enum"]
+        # The deepest one names the offending list item, not the whole list.
+        named.sort(key=lambda e: len(e.path), reverse=True)
+        return (named[0] if named else jsonschema.exceptions.best_match(error.context)).message
+    return error.message
+
+
+def _where(error: jsonschema.ValidationError) -> str:
+    path = ".".join(str(p) for p in error.absolute_path)
+    return path or "(top level)"
+
+
+def validate(config: dict, schema: dict | None = None) -> dict:
+    """Return the config with defaults filled in, or raise KdflowError naming
+    the offending key, its value and what is allowed."""
+    schema = schema or load_schema()
+    named = schema["$defs"]["method"]["enum"]
+    if list(named) != list(methods.METHODS):
+        # The schema documents the method table (kdflow.distill.methods); a method in
+        # one and not the other would fail later, in a job.
+        raise KdflowError(f"config/schema.yaml's $defs.method.enum {named} and the method "
+                          f"table in kdflow/distill/methods.py {list(methods.METHODS)} differ; "
+                          "list each method in both, in the same order")
+    problems: list[str] = []
+    config = _complete(schema, copy.deepcopy(dict(config)), schema, "", problems)
+    validator = jsonschema.Draft202012Validator(schema)
+    errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
+    if errors or problems:
+        lines = list(problems)
+        for e in errors:
+            if e.validator == "additionalProperties":
+                lines.append(f"  {_where(e)}: {e.message} (a typo? see config/schema.yaml)")
+            else:
+                lines.append(f"  {_where(e)}: {_message(e)}")
+        raise KdflowError(
+            "invalid config (see config/schema.yaml for every key and its allowed "
+            "values):\n" + "\n".join(lines)
+        )
+    if not isinstance(config["teacher"]["model"], str):
+        raise KdflowError(
+            f"invalid config: teacher.model must be one architecture, got "
+            f"{config['teacher']['model']!r}; list several students under student.model"
+        )
+    study.settings(config)  # refuses two settings of one name
+    _check_confirmation(config)
+    # The source defaults to the dataset's official archive (kdflow.data.datasets).
+    complete_config(config["data"])
+    _check_subset(config["data"])
+    return config
+
+
+def _check_subset(data: dict) -> None:
+    """A training subset must leave images to train on beside data.val_size."""
+    train = data["subset"]["train"]
+    if train and data["val_size"] >= train:
+        raise KdflowError(
+            f"invalid config: data.subset.train = {train} leaves no training images beside "
+            f"the data.val_size = {data['val_size']} validation images carved from it; "
+            "raise data.subset.train or lower data.val_size")
+
+
+def _check_confirmation(config: dict) -> None:
+    """confirm_seeds: disjoint from seeds, and only where there is a choice."""
+    confirm = config["confirm_seeds"]
+    if not confirm:
+        return
+    shared = sorted(set(confirm) & set(config["seeds"]))
+    if shared:
+        raise KdflowError(
+            f"invalid config: confirm_seeds and seeds share {shared}; a confirmation seed must "
+            "not have taken part in the choice it confirms: give confirm_seeds seeds of their own")
+    if len(study.settings(config)) < 2:
+        raise KdflowError(
+            "invalid config: confirm_seeds is set but there is only one distillation setting, "
+            "so nothing is chosen to confirm; add these seeds to `seeds` instead (or sweep "
+            "kd.method or any knob of a method, such as kd.temperature)")
