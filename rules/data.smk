@@ -41,6 +41,7 @@ rule convert:
         directory=SOURCE_DIR,
         # Re-checked before reading: the archive may have changed since download.
         md5=config["data"].get("md5"),
+        image_size=config["data"]["image_size"],
         # A directory read in place is no input Snakemake can date: a digest
         # of its files' names, sizes and times reruns conversion on any edit.
         fingerprint=fingerprint(DATA, config["data"]["url"]),

@@ -8,5 +8,6 @@ run_step(
         snakemake.output[0],
         dataset=snakemake.params.dataset,
         md5=snakemake.params.md5,
+        image_size=snakemake.params.image_size,
     ),
 )

@@ -6,6 +6,7 @@ import inspect
 
 import pytest
 
+from kdflow.data import datasets, folder
 from kdflow.models import efficiency
 from kdflow.train import engine
 from kdflow.analysis import evaluate
@@ -46,6 +47,9 @@ CONFIG_FACING = [
                                                "teacher", "out_speed", "threads",
                                                "speed_settings"}),
     (efficiency.measure_speed, SCHEMA["properties"]["speed"]["properties"], {"model", "device"}),
+    # The library's defaults for callers without a config (the workflow passes every key).
+    (datasets.convert, SCHEMA["properties"]["data"]["properties"], {"source", "out", "md5"}),
+    (folder.read_folder, SCHEMA["properties"]["data"]["properties"], {"source", "entry"}),
 ]
 
 

@@ -10,6 +10,7 @@ import io
 import os
 import struct
 import tarfile
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from PIL import Image
 from kdflow import KdflowError
 from kdflow.workflow.config import validate
 from kdflow.data.arrays import balanced_pick, pixel_stats, write_subset
+from kdflow.data import folder
 from kdflow.data.datasets import archive_name, convert, fetch, fingerprint
 from kdflow.data.folder import MAX_MEMBERS
 from tests.childmem import MAX_PEAK, run_capped
@@ -64,19 +66,19 @@ def pack(tree: Path, out: Path, wrapper: str = "mytree") -> str:
     return hashlib.md5(out.read_bytes()).hexdigest()
 
 
-def converted(source, tmp_path: Path) -> dict:
+def converted(source, tmp_path: Path, **kw) -> dict:
     out = tmp_path / "out" / "folder.npz"
     out.parent.mkdir(exist_ok=True)
-    convert(source, out, dataset="folder")
+    convert(source, out, dataset="folder", **kw)
     with np.load(out) as d:
         return {k: d[k] for k in d.files}
 
 
-def fails(source, tmp_path: Path, error: str) -> None:
+def fails(source, tmp_path: Path, error: str, **kw) -> None:
     out = tmp_path / "out"
     out.mkdir(exist_ok=True)
     with pytest.raises(KdflowError, match=error):
-        convert(source, out / "folder.npz", dataset="folder")
+        convert(source, out / "folder.npz", dataset="folder", **kw)
     assert os.listdir(out) == []     # no .npz, no .part
 
 
@@ -112,6 +114,139 @@ def test_jpeg_of_another_size_is_resized(tmp_path):
     tree = make_tree(tmp_path / "t", train=3, test=2, size=40, fmt="JPEG")
     d = converted(tree, tmp_path)
     assert d["x_train"].shape == (30, 3, 32, 32) and d["x_test"].shape == (20, 3, 32, 32)
+
+
+@pytest.fixture(scope="module")
+def big_tree(tmp_path_factory) -> Path:
+    return make_tree(tmp_path_factory.mktemp("big") / "tree", train=2, test=1, size=80)
+
+
+def test_data_image_size_sets_the_side_of_the_arrays(big_tree, tmp_path):
+    d = converted(big_tree, tmp_path, image_size=64)
+    assert d["x_train"].shape == (20, 3, 64, 64) and d["x_test"].shape == (10, 3, 64, 64)
+    assert d["x_train"].dtype == np.uint8
+    # Resized once, bicubic, from the image as it is.
+    with Image.open(big_tree / "train" / "c0" / "000.png") as img:
+        want = np.asarray(img.convert("RGB").resize((64, 64), Image.Resampling.BICUBIC))
+    assert (d["x_train"][0] == want.transpose(2, 0, 1)).all()
+    # The same tree at 32 (the schema's default) is 32; at 80, as it is.
+    assert converted(big_tree, tmp_path, image_size=32)["x_train"].shape == (20, 3, 32, 32)
+    same = converted(big_tree, tmp_path, image_size=80)["x_train"][0]
+    with Image.open(big_tree / "train" / "c0" / "000.png") as img:
+        assert (same == np.asarray(img).transpose(2, 0, 1)).all()
+
+
+@pytest.mark.parametrize("data, error", [
+    ({"image_size": 64}, r"data.image_size = 64, but cifar10 images are 32x32.*folder images "
+                         r"only\); set data.image_size to 32"),
+    ({"dataset": "cifar100", "image_size": 224}, r"data.image_size = 224, but cifar100"),
+    ({"image_size": 4}, r"data.image_size: 4 is less than the minimum of 8"),
+])
+def test_an_image_size_a_dataset_cannot_give_is_refused(data, error):
+    with pytest.raises(KdflowError, match=error):
+        validate({"data": data})
+
+
+def test_cifar_keeps_its_size_and_a_folder_takes_any(tmp_path):
+    assert validate({"data": {"dataset": "cifar100"}})["data"]["image_size"] == 32
+    assert validate({"data": {"dataset": "folder", "url": str(tmp_path),
+                              "image_size": "96"}})["data"]["image_size"] == 96
+    # The library refuses it too, before reading anything.
+    with pytest.raises(KdflowError, match="cifar10 images are 32x32"):
+        convert(tmp_path / "absent.tar.gz", tmp_path / "c.npz", image_size=64)
+
+
+def test_an_image_listed_twice_is_refused(png_tree, tmp_path):
+    archive = tmp_path / "dup.zip"
+    pack(png_tree, archive)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")     # zipfile warns of the name it writes twice
+        with zipfile.ZipFile(archive, "a") as z:
+            z.writestr("mytree/train/c0/000.png", image_bytes(0, 5))
+    fails(archive, tmp_path, r"dup.zip: mytree/train/c0/000.png: listed twice in the archive")
+
+
+def test_a_tree_that_changes_between_listing_and_reading_is_refused(tmp_path, monkeypatch):
+    tree = make_tree(tmp_path / "t", train=1, test=1, classes=["a", "b"])
+    allocate = folder._Tree.allocate
+
+    def then_add_an_image(self):
+        allocate(self)
+        (tree / "train" / "a" / "late.png").write_bytes(image_bytes(0, 9))
+
+    monkeypatch.setattr(folder._Tree, "allocate", then_add_an_image)
+    fails(tree, tmp_path, r"t/train/a/late.png: an image that was not there when the tree "
+                          r"was listed: it changed during conversion; rerun")
+
+
+def _sources(tree: Path, tmp_path: Path) -> list[Path]:
+    pack(tree, tmp_path / "t.tar.gz")
+    pack(tree, tmp_path / "t.zip")
+    return [tree, tmp_path / "t.tar.gz", tmp_path / "t.zip"]
+
+
+def test_images_are_counted_from_the_listing(big_tree, tmp_path, monkeypatch):
+    # Clutter, and a README beside the tree, are not images conversion decodes.
+    (big_tree.parent / "README.txt").write_text("not an image")
+    (big_tree / "train" / "c0" / ".DS_Store").write_bytes(b"junk")
+
+    def no_decoding(*args):
+        raise AssertionError("an image was decoded while counting")
+
+    monkeypatch.setattr(folder._Tree, "_decode", no_decoding)
+    for source in _sources(big_tree, tmp_path):
+        assert folder.count_images(source) == 30, source
+    (big_tree / "train" / "c0" / ".DS_Store").unlink()
+
+
+def test_a_tree_too_large_for_memory_is_refused_before_decoding(big_tree, tmp_path,
+                                                                  monkeypatch):
+    need = folder.memory_needed(30, 224)
+    assert need == 30 * (3 * 224 * 224 + folder.PER_IMAGE_OVERHEAD) + folder.WORKING_ROOM
+    monkeypatch.setattr(folder, "available_memory", lambda: need - 1)
+    decoded = []
+    monkeypatch.setattr(folder._Tree, "_decode", lambda *a: decoded.append(a))
+    for source in _sources(big_tree, tmp_path):
+        fails(source, tmp_path,
+              rf"30 images at data.image_size 224 need {need:,} bytes \(.* GiB\) of memory "
+              rf"to convert \(30 x 3 x 224 x 224 = {30 * 3 * 224 * 224:,} bytes .* of pixels, "
+              rf"plus working room\), but only {need - 1:,} bytes .* is available; lower "
+              r"data.image_size .*fewer images", image_size=224)
+    assert not decoded
+    # Exactly enough converts; so does an unknown amount (no probe on this system).
+    monkeypatch.undo()
+    for available in (need, None):
+        monkeypatch.setattr(folder, "available_memory", lambda: available)
+        assert converted(big_tree, tmp_path, image_size=224)["x_test"].shape == (10, 3, 224, 224)
+
+
+def test_the_memory_probe_reads_meminfo_and_every_cgroup_limit_over_it(tmp_path):
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:  16000000 kB\nMemAvailable:  8000000 kB\n")
+    cgroups, own = tmp_path / "cgroup", tmp_path / "self"
+    assert folder.available_memory(meminfo, cgroups, own) == 8_000_000 * 1024
+
+    def group(path: str, limit: str, used: int, cache_key: str, cache: int, sub: str = ""):
+        d = cgroups / sub / path
+        d.mkdir(parents=True, exist_ok=True)
+        (d / ("memory.max" if not sub else "memory.limit_in_bytes")).write_text(limit + "\n")
+        (d / ("memory.current" if not sub else "memory.usage_in_bytes")).write_text(f"{used}\n")
+        (d / "memory.stat").write_text(f"anon 5\n{cache_key} {cache}\n")
+
+    # v2: the job's limit (3 GiB, 2 GiB used of which 0.5 GiB reclaimable
+    # cache) binds, not its step's (none) or the mount's (none written).
+    own.write_text("0::/job/step\n")
+    group("job/step", "max", 10, "inactive_file", 0)
+    group("job", str(3 << 30), 2 << 30, "inactive_file", 1 << 29)
+    assert folder.available_memory(meminfo, cgroups, own) == (3 << 30) - (2 << 30) + (1 << 29)
+    # v1 beside it: a tighter limit there wins; v1's "no limit" (~2**63) is none.
+    own.write_text("0::/job/step\n4:memory:/ctr\n")
+    group("ctr", str(1 << 30), 1 << 29, "total_inactive_file", 0, sub="memory")
+    group("", str(2 ** 63 - 4096), 10, "total_inactive_file", 0, sub="memory")
+    assert folder.available_memory(meminfo, cgroups, own) == 1 << 29
+    # The host's own probe answers, or says it cannot.
+    got = folder.available_memory()
+    assert got is None or got > 0
 
 
 @pytest.mark.parametrize("name", ["tree.tar.gz", "tree.zip"])
@@ -393,6 +528,28 @@ def test_tar_members_are_not_kept_while_streaming(png_tree, tmp_path):
     assert result.get("shape") == [120, 3, 32, 32], result
 
 
+PEAK_IMPORTS = ("from kdflow.data.datasets import convert\n"
+                "from kdflow.data.folder import read_folder\nfrom PIL import Image, ImageOps\n")
+PEAK_BODY = r'''
+before = peak_rss()
+images = read_folder(ARGS[0], None, int(ARGS[1]))
+read = peak_rss() - before
+pixels = images.x_train.nbytes + images.x_test.nbytes
+del images
+convert(ARGS[0], "out.npz", dataset="folder", image_size=int(ARGS[1]))
+report(read=read, convert=peak_rss() - before, pixels=pixels)
+'''
+
+
+def test_conversion_holds_the_pixels_once_and_within_its_estimate(png_tree, tmp_path):
+    # 160 images at 320x320: 49 MB of pixels, each image decoded into its
+    # place (stacking decoded images would hold them twice).
+    got = run_capped(PEAK_IMPORTS, PEAK_BODY, png_tree, 320, cwd=tmp_path)
+    assert got["pixels"] == 160 * 3 * 320 * 320
+    assert got["read"] < 1.3 * got["pixels"], got
+    assert got["convert"] < folder.memory_needed(160, 320), got
+
+
 def test_class_directories_are_capped_as_they_come(png_tree, tmp_path, monkeypatch):
     monkeypatch.setattr("kdflow.data.folder.MAX_CLASSES", 9)
     # Whichever split comes first (a directory is walked in name order).
@@ -653,6 +810,10 @@ def test_workflow_on_a_folder(tmp_path):
     jobs = planned_jobs(workdir, smaller)
     assert "convert" not in jobs and jobs["subset"] == 1 and jobs["split"] == 1
     assert jobs["train_teacher"] == 1
+    # Another data.image_size: the conversion and everything after it.
+    jobs = planned_jobs(workdir, {**config, "data": {**config["data"], "image_size": 48}})
+    assert jobs["convert"] == 1 and jobs["subset"] == 1 and jobs["train_teacher"] == 1
+    assert jobs["report"] == 1
     # Editing the tree reruns conversion (Snakemake cannot see inside it).
     (tree / "train" / "c3" / "000.png").write_bytes(image_bytes(3, 77))
     assert planned_jobs(workdir, config).get("convert") == 1

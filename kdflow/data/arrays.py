@@ -1,11 +1,13 @@
 """Converted datasets: the uint8 .npz, its subset and split, loading for training.
 
 Every dataset of the table (kdflow.data.datasets) converts to the same .npz:
-x_train/x_test uint8 (N, 3, IMAGE_SIZE, IMAGE_SIZE), y_train/y_test int64,
-class names, and the per-channel statistics of its training images. From
-there on nothing depends on where the images came from: this module draws
-the optional class-balanced subset (a first look in minutes), carves the
-validation split and loads the result for training (`Splits`, `Normalizer`).
+x_train/x_test uint8 (N, 3, S, S), y_train/y_test int64, class names, and
+the per-channel statistics of its training images; S is CIFAR's 32, or
+data.image_size for a folder, and every later step reads it from the
+arrays (x.shape[-1]). From there on nothing depends on where the images
+came from: this module draws the optional class-balanced subset (a first
+look in minutes), carves the validation split and loads the result for
+training (`Splits`, `Normalizer`).
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ from kdflow.core.atomic import write_with
 
 log = logging.getLogger(__name__)
 
-# The side of every image the models see, whatever the source: CIFAR's
-# native size, to which other images are resized on conversion.
+# CIFAR's image side and array shape (what its archives hold). Other
+# datasets have their own size (data.image_size); nothing after conversion
+# assumes this one.
 IMAGE_SIZE = 32
 IMAGE_SHAPE = (3, IMAGE_SIZE, IMAGE_SIZE)
 
@@ -43,13 +46,15 @@ def savez(path: Path, **arrays) -> None:
         np.savez(f, **arrays)
 
 
-def pixel_stats(x: np.ndarray, chunk: int = 4096) -> tuple[tuple, tuple]:
+def pixel_stats(x: np.ndarray, chunk_values: int = 1 << 23) -> tuple[tuple, tuple]:
     """Per-channel mean and (population) std of uint8 NCHW images, on the
     0..1 scale: how every dataset's statistics are obtained, from its
-    training images. Summed in chunks in float64, so 50,000 images cost
-    no more than a chunk's worth of memory."""
+    training images. Summed in float64 in chunks of about `chunk_values`
+    values (64 MiB, twice), so any number of images of any size costs no
+    more than that."""
     if len(x) == 0:
         raise KdflowError("no training images to compute channel statistics from")
+    chunk = max(1, chunk_values // x[0].size)
     s = np.zeros(x.shape[1])
     s2 = np.zeros(x.shape[1])
     for i in range(0, len(x), chunk):
@@ -239,8 +244,8 @@ class Normalizer:
 
 
 class Images(NamedTuple):
-    """What every dataset's converter returns: uint8 NCHW images of
-    IMAGE_SHAPE, int64 labels indexing `classes`."""
+    """What every dataset's converter returns: uint8 NCHW images, all of
+    one square size, int64 labels indexing `classes`."""
 
     x_train: np.ndarray
     y_train: np.ndarray

@@ -1,9 +1,10 @@
 """The dataset table: every dataset kdflow can read, and how it becomes arrays.
 
 DATASETS maps each `data.dataset` name to one entry: its default source
-(the official archive's URL and md5, or none), the download bound, and its
-converter, a function from the fetched source to uint8 images, labels and
-class names (kdflow.data.arrays.Images). `fetch` and `convert` are the same for all
+(the official archive's URL and md5, or none), the download bound, the
+one image size it has (or none: any data.image_size), and its converter,
+a function from the fetched source and the image size to uint8 images,
+labels and class names (kdflow.data.arrays.Images). `fetch` and `convert` are the same for all
 datasets: a new dataset is a new entry with a converter of its own, never a
 second copy of either. cifar10/cifar100 read the official python archives
 (pickled batches, through kdflow.data.unpickle); folder reads an image tree
@@ -26,7 +27,7 @@ import numpy as np
 
 from kdflow import KdflowError
 from kdflow.data import folder
-from kdflow.data.arrays import IMAGE_SHAPE, Images, write_dataset
+from kdflow.data.arrays import IMAGE_SIZE, Images, write_dataset
 from kdflow.data.fetch import _size, fetch_archive, md5sum
 from kdflow.data.unpickle import class_names, parse_batch
 
@@ -57,9 +58,9 @@ class CifarLayout:
 class Dataset:
     """One entry of the table."""
 
-    # (local source, this entry) -> Images; the source is the downloaded
-    # file, or the directory itself for a folder read in place.
-    read: Callable[[Path, "Dataset"], Images]
+    # (local source, this entry, image size) -> Images; the source is the
+    # downloaded file, or the directory itself for a folder read in place.
+    read: Callable[[Path, "Dataset", int], Images]
     # Default data.url and data.md5 (None: the config must give them).
     url: str | None
     md5: str | None
@@ -69,6 +70,9 @@ class Dataset:
     # differently) but a server that streams without end is cut off here.
     max_download: int
     layout: CifarLayout | None = None
+    # The side its images have, the only data.image_size it takes (CIFAR:
+    # 32); None: any, the images resized to it at conversion.
+    image_size: int | None = None
 
 
 # Both official archives unpack to about 186 MB of tar. Reading stops past
@@ -156,10 +160,11 @@ def _read_members(archive: Path, spec: CifarLayout, official: str) -> dict[str, 
 
 
 
-def read_cifar(archive: Path, entry: Dataset) -> Images:
+def read_cifar(archive: Path, entry: Dataset, image_size: int) -> Images:
     """A CIFAR python archive's batches, each checked against the layout:
     N x 3072 uint8 images, N integer labels below the class count, no more
-    images than the official sets."""
+    images than the official sets. Always 32x32 (`image_size` is checked
+    against the entry's before any converter runs)."""
     spec = entry.layout
     payloads = _read_members(archive, spec, entry.archive)
     classes = class_names(payloads.pop(spec.meta), f"{spec.root}/{spec.meta}",
@@ -199,6 +204,7 @@ DATASETS: dict[str, Dataset] = {
             num_classes=10, train_size=50_000, test_size=10_000,
             max_member=32 << 20,      # each batch is 31,035,704 bytes
         ),
+        image_size=IMAGE_SIZE,
     ),
     # Fine labels (100 classes), as every CIFAR-100 distillation table uses.
     "cifar100": Dataset(
@@ -214,9 +220,11 @@ DATASETS: dict[str, Dataset] = {
             num_classes=100, train_size=50_000, test_size=10_000,
             max_member=160 << 20,     # 'train' is 155,249,918 bytes
         ),
+        image_size=IMAGE_SIZE,
     ),
     # Your own images: train/<class>/* and test/<class>/*, from a directory
-    # or a .tar/.tar.gz/.zip (kdflow.data.folder). No default source.
+    # or a .tar/.tar.gz/.zip (kdflow.data.folder), resized to
+    # data.image_size. No default source.
     "folder": Dataset(
         read=folder.read_folder, url=None, md5=None, archive=None,
         max_download=folder.MAX_UNPACKED,
@@ -270,11 +278,24 @@ def archive_name(name: str, url: str) -> str | None:
         "packed as .tar, .tar.gz or .zip")
 
 
+def check_image_size(name: str, image_size: int) -> None:
+    """Refuse an image size the dataset cannot give (CIFAR's are 32x32)."""
+    fixed = dataset_entry(name).image_size
+    if fixed is not None and image_size != fixed:
+        raise KdflowError(
+            f"invalid config: data.image_size = {image_size}, but {name} images are "
+            f"{fixed}x{fixed} and are used as they are (data.image_size resizes "
+            f"data.dataset folder images only); set data.image_size to {fixed} or leave "
+            "it out")
+
+
 def complete_config(data: dict) -> None:
     """Fill data.url and data.md5 from the table, in place; refuse a source
-    the dataset cannot use (a folder needs data.url; an archive, data.md5)."""
+    the dataset cannot use (a folder needs data.url; an archive, data.md5)
+    and an image size it cannot give."""
     name = data["dataset"]
     entry = dataset_entry(name)
+    check_image_size(name, data["image_size"])
     if entry.url is not None:
         data.setdefault("url", entry.url)
         data.setdefault("md5", entry.md5)
@@ -310,8 +331,9 @@ def fetch(name: str, url: str, md5: str, dest: str | os.PathLike) -> None:
 
 
 def convert(source: str | os.PathLike, out: str | os.PathLike, dataset: str = "cifar10",
-            *, md5: str | None = None) -> dict:
-    """Convert the dataset's source into one compact .npz of uint8 images.
+            *, md5: str | None = None, image_size: int = IMAGE_SIZE) -> dict:
+    """Convert the dataset's source into one compact .npz of uint8 images,
+    (N, 3, image_size, image_size) (the workflow passes data.image_size).
 
     With `md5` (the workflow passes data.md5) a source file is checked
     against it first, so what is read is what the download step verified.
@@ -320,6 +342,7 @@ def convert(source: str | os.PathLike, out: str | os.PathLike, dataset: str = "c
     and the channel statistics of its training images (kdflow.data.arrays).
     """
     entry = dataset_entry(dataset)
+    check_image_size(dataset, image_size)
     source = Path(source)
     if md5 is not None and not source.is_dir():
         got = md5sum(source)
@@ -329,8 +352,8 @@ def convert(source: str | os.PathLike, out: str | os.PathLike, dataset: str = "c
                 "after download. Delete it and rerun (the download step fetches and "
                 "verifies it again), or, for a trusted mirror, set data.md5 to its checksum")
         log.info("%s still has md5 %s (data.md5)", source, got)
-    images = entry.read(source, entry)
-    _check(images, source)
+    images = entry.read(source, entry, image_size)
+    _check(images, source, image_size)
     write_dataset(out, dataset, *images)
     info = {"train": len(images.y_train), "test": len(images.y_test),
             "classes": list(images.classes)}
@@ -339,15 +362,16 @@ def convert(source: str | os.PathLike, out: str | os.PathLike, dataset: str = "c
     return info
 
 
-def _check(images: Images, source: Path) -> None:
+def _check(images: Images, source: Path, image_size: int) -> None:
     """What every converter must deliver; a slip in a new one shows here,
     not as a shape error deep in training."""
     k = len(images.classes)
+    shape = (3, image_size, image_size)
     for part in ("train", "test"):
         x, y = getattr(images, f"x_{part}"), getattr(images, f"y_{part}")
-        if x.dtype != np.uint8 or x.shape[1:] != IMAGE_SHAPE or len(x) == 0:
+        if x.dtype != np.uint8 or x.shape[1:] != shape or len(x) == 0:
             raise KdflowError(f"{source}: {part} images must be uint8 of shape (N>0, "
-                              f"{', '.join(map(str, IMAGE_SHAPE))}), got {x.dtype} {x.shape}")
+                              f"{', '.join(map(str, shape))}), got {x.dtype} {x.shape}")
         if y.dtype != np.int64 or y.shape != (len(x),) or y.min() < 0 or y.max() >= k:
             raise KdflowError(f"{source}: {part} labels must be {len(x)} int64 values "
                               f"in 0..{k - 1}")

@@ -10,8 +10,10 @@ count, member size and unpacked size are capped as for the CIFAR archives,
 each before what it counts is held in memory (a zip's entries are counted
 from its own records before any ZipFile lists them; tar members stream).
 Each image is decoded once, here, with Pillow (RGB), turned upright by its
-EXIF orientation, and resized to IMAGE_SIZE when all images share another
-size; mixed sizes are refused, not silently squashed.
+EXIF orientation, and resized (bicubic) to data.image_size when all images
+share another size; mixed sizes are refused, not silently squashed. Before
+any is decoded, the images are counted from the listing and a tree whose
+arrays would not fit in the memory available is refused (`memory_needed`).
 Dot-names, Thumbs.db, desktop.ini and __MACOSX/ are skipped everywhere: file
 managers and the Finder's Compress add them to every tree.
 """
@@ -39,13 +41,13 @@ from kdflow.data.arrays import IMAGE_SIZE, Images
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 SPLITS = ("train", "test")
-# Caps for packed trees, far above any dataset meant for 32x32 training
-# (CIFAR-10 as JPEGs: 60,022 members, 19 MB) yet bounding what a hostile
-# archive can cost: the bytes of the largest member, the time to inflate
-# and walk every header. No per-member header object is kept (zip
-# directories are listed in parts, tar members stream), but each image
-# kept costs its 3 KiB of pixels (twice while they are stacked), so
-# MAX_MEMBERS tiny PNGs would still hold ~12 GiB.
+# Caps for packed trees, far above any dataset meant for small-image
+# training (CIFAR-10 as JPEGs: 60,022 members, 19 MB) yet bounding what a
+# hostile archive can cost: the bytes of the largest member, the time to
+# inflate and walk every header. No per-member header object is kept (zip
+# directories are listed in parts, tar members stream); what the decoded
+# images will hold is checked against the memory available before the
+# first is decoded (`memory_needed`).
 MAX_MEMBERS = 2_000_000
 MAX_IMAGE_BYTES = 32 << 20
 MAX_UNPACKED = 8 << 30
@@ -148,13 +150,13 @@ def _image_stat(path: Path) -> os.stat_result:
     return st
 
 
-def _walk_dir(root: Path) -> Iterator[tuple[str, bytes | None]]:
+def _walk_dir(root: Path, read: bool = True) -> Iterator[tuple[str, bytes | None]]:
     """Files and directories under `root` (see _dir_entries), with the bytes
-    of each image file."""
+    of each image file (b"" for all files unless `read`)."""
     for name, path, is_dir in _dir_entries(root):
         if is_dir:
             yield name, None
-        elif not _is_image_name(name):
+        elif not _is_image_name(name) or not read:
             yield name, b""         # judged by name alone
         else:
             size = _image_stat(path).st_size
@@ -226,7 +228,7 @@ def _tar_members(tar: tarfile.TarFile, counted: _Counted, archive: Path
         yield info
 
 
-def _walk_tar(archive: Path) -> Iterator[tuple[str, bytes | None]]:
+def _walk_tar(archive: Path, read: bool = True) -> Iterator[tuple[str, bytes | None]]:
     with open(archive, "rb") as raw:
         gz = raw.read(2) == b"\x1f\x8b"
         raw.seek(0)
@@ -252,7 +254,8 @@ def _walk_tar(archive: Path) -> Iterator[tuple[str, bytes | None]]:
                 if info.size > MAX_IMAGE_BYTES:
                     raise _bad(f"{archive}: {info.name}", f"{info.size:,} bytes, more than "
                                f"the {MAX_IMAGE_BYTES:,} allowed for one image")
-                yield name, tar.extractfile(info).read()
+                # Unread, a member's data is skipped over (inflated, not kept).
+                yield name, tar.extractfile(info).read() if read else b""
         # The gzip's CRC and length are checked only at its end.
         counted.members_done = True
         while counted.read(1 << 20):
@@ -446,7 +449,7 @@ def _zip_parts(archive: Path, f) -> Iterator[zipfile.ZipFile]:
             return
 
 
-def _walk_zip(archive: Path) -> Iterator[tuple[str, bytes | None]]:
+def _walk_zip(archive: Path, read: bool = True) -> Iterator[tuple[str, bytes | None]]:
     with open(archive, "rb") as f:
         total = 0
         for zf in _zip_parts(archive, f):
@@ -467,6 +470,9 @@ def _walk_zip(archive: Path) -> Iterator[tuple[str, bytes | None]]:
                 if info.file_size > MAX_IMAGE_BYTES:
                     raise _bad(f"{archive}: {info.filename}", f"{info.file_size:,} bytes, "
                                f"more than the {MAX_IMAGE_BYTES:,} allowed for one image")
+                if not read:
+                    yield name, b""
+                    continue
                 # The declared size may lie: read at most one byte past it.
                 try:
                     with zf.open(info) as member:
@@ -480,41 +486,70 @@ def _walk_zip(archive: Path) -> Iterator[tuple[str, bytes | None]]:
                 yield name, payload
 
 
-def _walk(source: Path) -> Iterator[tuple[str, bytes | None]]:
+def _walk(source: Path, read: bool = True) -> Iterator[tuple[str, bytes | None]]:
+    """(name, bytes) of everything under `source`, None for a directory;
+    with `read` False, b"" for every file: the listing alone, as cheap as
+    the source allows (a directory's names, a zip's directory, a tar's
+    headers), under the same checks and caps."""
     if source.is_dir():
-        return _walk_dir(source)
+        return _walk_dir(source, read)
     if not source.is_file():
         raise KdflowError(f"image folder source {source} does not exist; check data.url")
     if zipfile.is_zipfile(source):
-        return _walk_zip(source)
-    return _walk_tar(source)
+        return _walk_zip(source, read)
+    return _walk_tar(source, read)
 
 
 # --------------------------------------------------------------------------
 # The tree
 # --------------------------------------------------------------------------
 
-class _Tree:
-    """Collects decoded images by split and class, checking the layout."""
+def _in_split(parts: tuple[str, ...]) -> tuple[str, tuple[str, ...]] | None:
+    """(wrapping directory or "", the parts from the split on) of a path
+    under train/ or test/, directly or under one wrapper; None beside the
+    tree (a README): not ours."""
+    if parts and parts[0] in SPLITS:
+        return "", parts
+    if len(parts) > 1 and parts[1] in SPLITS:
+        return parts[0], parts[1:]
+    return None
 
-    def __init__(self, source: Path):
+
+def _is_tree_image(name: str) -> bool:
+    """Whether conversion decodes this file: <split>/<class>/<image>,
+    named as an image, skipped by no rule."""
+    parts = PurePosixPath(name).parts
+    where = None if any(_skipped(p) for p in parts) else _in_split(parts)
+    return where is not None and len(where[1]) == 3 and _is_image_name(name)
+
+
+class _Tree:
+    """The tree in two passes: its listing, whose layout is checked and
+    whose images are given their place in the arrays (sorted by class, then
+    file name), then its images, each decoded straight into its place, so
+    the pixels are held once."""
+
+    def __init__(self, source: Path, image_size: int):
         self.source = source
+        self.image_size = image_size
         self.wrapper: str | None = None
-        self.images: dict[tuple[str, str], list[tuple[str, np.ndarray]]] = {}
+        # (split, class) -> member names of its images, from the listing
+        self.listed: dict[tuple[str, str], list[str]] = {}
         self.classes = dict.fromkeys(SPLITS, 0)
         self.size: tuple[str, tuple[int, int]] | None = None
+        self.slots: dict[str, tuple[int, int]] = {}     # member -> (split, index)
+        self.labels: list[np.ndarray] = []      # per split
+        self.arrays: list[tuple[np.ndarray, np.ndarray]] = []
+        self.class_names: list[str] = []
 
     def _where(self, name: str) -> str:
         return f"{self.source}/{name}" if self.source.is_dir() else f"{self.source}: {name}"
 
     def _relative(self, name: str) -> tuple[str, ...] | None:
-        parts = PurePosixPath(name).parts
-        if parts and parts[0] in SPLITS:
-            wrapper, rel = "", parts
-        elif len(parts) > 1 and parts[1] in SPLITS:
-            wrapper, rel = parts[0], parts[1:]
-        else:
-            return None     # beside the tree (a README): not ours
+        where = _in_split(PurePosixPath(name).parts)
+        if where is None:
+            return None
+        wrapper, rel = where
         if self.wrapper is None:
             self.wrapper = wrapper
         elif wrapper != self.wrapper:
@@ -522,7 +557,8 @@ class _Tree:
                                     f"and under {wrapper or 'the top'!r}; keep one tree")
         return rel
 
-    def add(self, name: str, payload: bytes | None) -> None:
+    def note(self, name: str, payload: bytes | None) -> None:
+        """One entry of the listing (payload None for a directory)."""
         if any(_skipped(p) for p in PurePosixPath(name).parts):
             return      # .DS_Store, __MACOSX/..., .ipynb_checkpoints/...
         rel = self._relative(name)
@@ -539,20 +575,68 @@ class _Tree:
             raise _bad(self._where(name), "a file outside train/<class>/ and test/<class>/")
         if PurePosixPath(rel[2]).suffix.lower() not in IMAGE_SUFFIXES:
             raise _bad(self._where(name), "not a .png, .jpg or .jpeg file")
-        image = self._decode(name, payload)
-        self._class(rel[0], rel[1]).append((rel[2], image))
+        self._class(rel[0], rel[1]).append(name)
 
-    def _class(self, split: str, name: str) -> list[tuple[str, np.ndarray]]:
+    def _class(self, split: str, name: str) -> list[str]:
         """The images of a class so far; a new class is counted against
-        MAX_CLASSES as it comes, not once the whole tree is read."""
-        images = self.images.get((split, name))
+        MAX_CLASSES as it comes, not once the whole tree is listed."""
+        images = self.listed.get((split, name))
         if images is None:
             self.classes[split] += 1
             if self.classes[split] > MAX_CLASSES:
                 raise _bad(self.source, f"more than {MAX_CLASSES:,} class directories under "
                                         f"{split}/, the cap for an image tree")
-            images = self.images[split, name] = []
+            images = self.listed[split, name] = []
         return images
+
+    def plan(self) -> int:
+        """Check the layout the listing shows and give each image its place;
+        the number of images."""
+        by_split = {s: sorted(c for (sp, c) in self.listed if sp == s) for s in SPLITS}
+        root = f"{self.source}/{self.wrapper}" if self.wrapper else str(self.source)
+        if not by_split["train"]:
+            raise _bad(root, "no class directories under train/")
+        classes = by_split["train"]
+        missing = sorted(set(classes) - set(by_split["test"]))
+        extra = sorted(set(by_split["test"]) - set(classes))
+        if missing:
+            raise _bad(root, f"class(es) {missing} have no directory under test/")
+        if extra:
+            raise _bad(root, f"class(es) {extra} are under test/ but not under train/")
+        for s in SPLITS:
+            for c in classes:
+                if not self.listed[s, c]:
+                    raise _bad(f"{root}/{s}/{c}", "an empty class directory")
+        labels = []
+        for k, s in enumerate(SPLITS):
+            ys = []
+            for label, c in enumerate(classes):
+                # By file name: the order of a tar's members is no one's choice.
+                for name in sorted(self.listed.pop((s, c)), key=lambda n: n.rsplit("/", 1)[-1]):
+                    if name in self.slots:      # a zip or tar may list a name twice
+                        raise _bad(self._where(name), "listed twice in the archive; "
+                                                      "repack the tree")
+                    self.slots[name] = (k, len(ys))
+                    ys.append(label)
+            labels.append(np.array(ys, dtype=np.int64))
+        self.class_names, self.labels = classes, labels
+        return len(self.slots)
+
+    def allocate(self) -> None:
+        """The arrays the images are decoded into (once their memory is checked)."""
+        side = self.image_size
+        self.arrays = [(np.empty((len(y), 3, side, side), np.uint8), y) for y in self.labels]
+
+    def add(self, name: str, payload: bytes | None) -> None:
+        """One entry of the second pass: an image is decoded into its place."""
+        if payload is None or not _is_tree_image(name):
+            return      # checked from the listing
+        slot = self.slots.pop(name, None)
+        if slot is None:
+            raise _bad(self._where(name), "an image that was not there when the tree was "
+                                          "listed: it changed during conversion; rerun")
+        k, i = slot
+        self.arrays[k][0][i] = self._decode(name, payload)
 
     def _decode(self, name: str, payload: bytes) -> np.ndarray:
         from PIL import Image, ImageOps  # only the convert step decodes
@@ -591,45 +675,164 @@ class _Tree:
             (w0, h0), (w, h) = self.size[1], rgb.size
             raise _bad(where, f"{w}x{h} pixels, but {self.size[0]} is {w0}x{h0}; all images "
                               "must share one size (resize them beforehand)")
-        if rgb.size != (IMAGE_SIZE, IMAGE_SIZE):
-            rgb = rgb.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BICUBIC)
+        side = self.image_size
+        if rgb.size != (side, side):
+            rgb = rgb.resize((side, side), Image.Resampling.BICUBIC)
         return np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1)
 
     def finish(self) -> Images:
-        by_split = {s: sorted(c for (sp, c) in self.images if sp == s) for s in SPLITS}
-        root = f"{self.source}/{self.wrapper}" if self.wrapper else str(self.source)
-        if not by_split["train"]:
-            raise _bad(root, "no class directories under train/")
-        classes = by_split["train"]
-        missing = sorted(set(classes) - set(by_split["test"]))
-        extra = sorted(set(by_split["test"]) - set(classes))
-        if missing:
-            raise _bad(root, f"class(es) {missing} have no directory under test/")
-        if extra:
-            raise _bad(root, f"class(es) {extra} are under test/ but not under train/")
-        for s in SPLITS:
-            for c in classes:
-                if not self.images[s, c]:
-                    raise _bad(f"{root}/{s}/{c}", "an empty class directory")
-        arrays = []
-        for s in SPLITS:
-            xs, ys = [], []
-            for label, c in enumerate(classes):
-                # By file name: the order of a tar's members is no one's choice.
-                for _, image in sorted(self.images[s, c], key=lambda t: t[0]):
-                    xs.append(image)
-                    ys.append(label)
-            arrays += [np.stack(xs), np.array(ys, dtype=np.int64)]
-        return Images(*arrays, classes)
+        if self.slots:
+            name = next(iter(self.slots))
+            raise _bad(self._where(name), "listed but gone when read: the tree changed "
+                                          "during conversion; rerun")
+        (x_train, y_train), (x_test, y_test) = self.arrays
+        return Images(x_train, y_train, x_test, y_test, self.class_names)
 
 
-def read_folder(source: Path, entry: object = None) -> Images:
-    """The converter of the `folder` entry (kdflow.data.datasets): a directory or
-    a .tar/.tar.gz/.zip of train/<class>/ and test/<class>/ images. `entry`
-    (the table's Dataset) is the converters' common signature; unused here."""
-    tree = _Tree(Path(source))
+# --------------------------------------------------------------------------
+# Memory: a tree too large is refused before the first image is decoded
+# --------------------------------------------------------------------------
+
+# Held besides the pixels: per image, its name and place from the listing
+# (a few hundred bytes); once, the image being decoded at its own size (up
+# to MAX_PIXELS, in a few copies as it is turned, converted and resized)
+# and the channel statistics' float64 chunks.
+PER_IMAGE_OVERHEAD = 1 << 10
+WORKING_ROOM = 256 << 20
+
+
+def memory_needed(images: int, image_size: int) -> int:
+    """Bytes converting `images` images to image_size x image_size holds at
+    its peak: their uint8 pixels once (each image is decoded into its place
+    in the arrays, which are then written in chunks), with the room above."""
+    return images * (3 * image_size * image_size + PER_IMAGE_OVERHEAD) + WORKING_ROOM
+
+
+def available_memory(meminfo: Path = Path("/proc/meminfo"),
+                     cgroups: Path = Path("/sys/fs/cgroup"),
+                     own: Path = Path("/proc/self/cgroup")) -> int | None:
+    """Bytes this process can still take: the kernel's MemAvailable, or
+    less where a memory cgroup (v2 or v1; a container's, a Slurm job's)
+    leaves less; None where none of it can be read (not Linux)."""
+    rooms = []
     try:
-        for name, payload in _walk(Path(source)):
+        rooms.append(next(int(line.split()[1]) * 1024 for line in meminfo.read_text().splitlines()
+                          if line.startswith("MemAvailable:")))
+    except (OSError, StopIteration, ValueError, IndexError):
+        try:
+            rooms.append(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+        except (OSError, ValueError, AttributeError):
+            pass
+    rooms += _cgroup_rooms(cgroups, own)
+    return min(rooms) if rooms else None
+
+
+# (directory under the cgroup mount, limit, usage, the page cache the kernel
+# reclaims before it refuses memory) for cgroup v2 and v1.
+_CGROUP_FILES = (("", "memory.max", "memory.current", "inactive_file"),
+                 ("memory", "memory.limit_in_bytes", "memory.usage_in_bytes",
+                  "total_inactive_file"))
+
+
+def _cgroup_rooms(cgroups: Path, own: Path) -> list[int]:
+    """What each memory limit over this process leaves: its own cgroup's
+    and its ancestors' up to the mount (inside a container, the mount is
+    the container's own cgroup)."""
+    try:
+        lines = own.read_text().splitlines()
+    except OSError:
+        lines = []
+    rooms = []
+    for sub, limit, usage, cache in _CGROUP_FILES:
+        mount = cgroups / sub
+        here = mount / _own_cgroup(lines, sub).strip().lstrip("/")
+        for d in (here, *here.parents):
+            room = _cgroup_room(d, limit, usage, cache)
+            if room is not None:
+                rooms.append(room)
+            if d == mount:
+                break
+    return rooms
+
+
+def _own_cgroup(lines: list[str], sub: str) -> str:
+    """This process's cgroup in /proc/self/cgroup's lines: "0::/path" for
+    v2, "4:memory:/path" for v1's memory controller ("/" if not listed)."""
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) == 3 and (parts[1] == "" if not sub else sub in parts[1].split(",")):
+            return parts[2]
+    return "/"
+
+
+def _cgroup_room(d: Path, limit: str, usage: str, cache: str) -> int | None:
+    """What the limit in cgroup directory `d` leaves (None: no limit there),
+    its reclaimable page cache counted as free."""
+    try:
+        text = (d / limit).read_text().strip()
+        if text == "max" or int(text) >= 1 << 60:     # v1 writes "no limit" as ~2**63
+            return None
+        room = int(text) - int((d / usage).read_text())
+    except (OSError, ValueError):
+        return None
+    try:
+        for line in (d / "memory.stat").read_text().splitlines():
+            key, _, value = line.partition(" ")
+            if key == cache:
+                room += int(value)
+    except (OSError, ValueError):
+        pass
+    return max(0, room)
+
+
+def check_memory(source: Path, images: int, image_size: int,
+                 available: int | None) -> None:
+    """Refuse a tree whose arrays would not fit, naming the numbers."""
+    need = memory_needed(images, image_size)
+    if available is None or need <= available:
+        return
+    pixels = images * 3 * image_size * image_size
+    raise KdflowError(
+        f"{source}: {images:,} images at data.image_size {image_size} need "
+        f"{_bytes(need)} of memory to convert ({images:,} x 3 x {image_size} x {image_size} "
+        f"= {_bytes(pixels)} of pixels, plus working room), but only {_bytes(available)} "
+        "is available; lower data.image_size (memory grows with its square), use fewer "
+        "images in the tree, or convert on a machine with more memory")
+
+
+def _bytes(n: int) -> str:
+    return f"{n:,} bytes ({n / (1 << 30):.2f} GiB)"
+
+
+def _listed(source: Path, image_size: int) -> _Tree:
+    """The tree with its listing read and its layout checked, nothing decoded."""
+    tree = _Tree(source, image_size)
+    for name, payload in _walk(source, read=False):
+        tree.note(name, payload)
+    tree.plan()
+    return tree
+
+
+def count_images(source: Path) -> int:
+    """How many images conversion would decode, from the listing alone (a
+    directory's names, a zip's directory, a tar's headers), under the same
+    checks and caps as the reading."""
+    return len(_listed(Path(source), IMAGE_SIZE).slots)
+
+
+def read_folder(source: Path, entry: object = None, image_size: int = IMAGE_SIZE) -> Images:
+    """The converter of the `folder` entry (kdflow.data.datasets): a directory or
+    a .tar/.tar.gz/.zip of train/<class>/ and test/<class>/ images, resized
+    to image_size x image_size. `entry` (the table's Dataset) is the
+    converters' common signature; unused here. The tree is listed, its
+    layout checked and the memory its arrays need compared with what is
+    available before the first image is decoded."""
+    source = Path(source)
+    try:
+        tree = _listed(source, image_size)
+        check_memory(source, len(tree.slots), image_size, available_memory())
+        tree.allocate()
+        for name, payload in _walk(source):
             tree.add(name, payload)
     except (EOFError, zlib.error, tarfile.TarError, zipfile.BadZipFile) as e:
         raise KdflowError(
