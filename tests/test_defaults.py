@@ -45,7 +45,8 @@ CONFIG_FACING = [
     (evaluate.evaluate, SCHEMA["properties"], {"model_path", "dataset", "out", "arm", "seed",
                                                "teacher", "out_speed", "threads",
                                                "speed_settings"}),
-    (efficiency.measure_speed, SCHEMA["properties"]["speed"]["properties"], {"model", "device"}),
+    (efficiency.measure_speed, SCHEMA["properties"]["speed"]["properties"],
+     {"model", "device", "image_shape"}),
 ]
 
 
