@@ -46,7 +46,8 @@ CONFIG_FACING = [
     (evaluate.evaluate, SCHEMA["properties"], {"model_path", "dataset", "out", "arm", "seed",
                                                "teacher", "out_speed", "threads",
                                                "speed_settings"}),
-    (efficiency.measure_speed, SCHEMA["properties"]["speed"]["properties"], {"model", "device"}),
+    (efficiency.measure_speed, SCHEMA["properties"]["speed"]["properties"],
+     {"model", "device", "image_shape"}),
     # The library's defaults for callers without a config (the workflow passes every key).
     (datasets.convert, SCHEMA["properties"]["data"]["properties"], {"source", "out", "md5"}),
     (folder.read_folder, SCHEMA["properties"]["data"]["properties"], {"source", "entry"}),

@@ -54,7 +54,7 @@ from kdflow.train.job import write_history
 
 atomic.write_json("out/metrics.json", {"accuracy": 0.5})
 checkpoint.save("out/model.pt", state_dict={"w": torch.zeros(10)}, model="lightnn",
-                num_classes=10)
+                num_classes=10, image_size=32)
 resume.save("out/resume.pt", {"job": "j", "epoch": 1})
 write_history([{"epoch": 1, "val_accuracy": 0.5}], "out/history.csv")
 fetch_archive("source.bin", MD5, "out/archive.tar.gz")

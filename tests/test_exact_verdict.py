@@ -51,7 +51,7 @@ def test_the_choose_step_and_the_aggregate_choose_alike_on_an_exact_tie(tmp_path
         for arm in ("lightnn/kd/A", "lightnn/kd/B"):
             p = tmp_path / f"seed{s}" / arm / "model.pt"
             p.parent.mkdir(parents=True)
-            checkpoint.save(p, state_dict={}, model="lightnn", num_classes=10,
+            checkpoint.save(p, state_dict={}, model="lightnn", num_classes=10, image_size=32,
                             best_val_accuracy=val[arm][s] / VAL, best_val_correct=val[arm][s],
                             val_images=VAL, last_epoch=3)
             paths.append(str(p))

@@ -127,7 +127,7 @@ def test_shared_teacher_logits_equal_the_in_job_computation(tmp_path, tiny_archi
     torch.manual_seed(0)
     teacher = tmp_path / "teacher.pt"
     checkpoint.save(teacher, state_dict=build_model("deepnn").state_dict(), model="deepnn",
-                    num_classes=10)
+                    num_classes=10, image_size=32)
     out = tmp_path / "logits.pt"
     save_teacher_logits(str(teacher), str(dataset), str(split), str(out), device="cpu",
                         engine=validate({})["engine"])

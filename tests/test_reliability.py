@@ -69,7 +69,7 @@ WRITERS = {
         import torch
         from kdflow.models import checkpoint
         checkpoint.save("model.pt", state_dict={{"w": torch.zeros(20000)}}, model="lightnn",
-                        num_classes=10)"""),
+                        num_classes=10, image_size=32)"""),
     "resume state": ("resume.pt", """
         import torch
         from kdflow.train import resume

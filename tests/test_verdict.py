@@ -302,8 +302,8 @@ def test_plain_and_distilled_twins_draw_the_same_dropout_masks(workflow_run, tmp
     masks: dict[str, list] = {}
     real_build = train_module.build_model
 
-    def recording_build(name, num_classes=10):
-        model = real_build(name, num_classes)
+    def recording_build(name, *args):
+        model = real_build(name, *args)
         if name == "lightnn":
             store = masks.setdefault(current, [])
             for module in model.modules():

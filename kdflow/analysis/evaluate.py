@@ -80,7 +80,7 @@ def evaluate(model_path: str, dataset: str, out: str, *, arm: str, seed: int,
         "classes": classes,
         "parameters": count_parameters(model),
         "parameter_bytes": parameter_bytes(model),
-        "macs_per_image": count_macs(model),
+        "macs_per_image": count_macs(model, tuple(x.shape[1:])),
         "calibration": calibration(torch.softmax(logits, 1).cpu().numpy(), y.cpu().numpy()),
         "best_epoch": ckpt["best_epoch"],
         "best_val_accuracy": ckpt["best_val_accuracy"],
@@ -113,7 +113,8 @@ def evaluate(model_path: str, dataset: str, out: str, *, arm: str, seed: int,
     if out_speed is not None:
         speed = {"arm": arm, "seed": seed, "device": str(dev),
                  "device_name": provenance.device_name(dev),
-                 **measure_speed(model, dev, **speed_settings)}
+                 **measure_speed(model, dev, image_shape=tuple(x.shape[1:]),
+                                 **speed_settings)}
         write_json(speed, out_speed)
         log.info("latency %.2f ms (batch 1), throughput %.0f images/s",
                  speed["latency_ms_batch1"], speed["throughput_images_per_s"])

@@ -1,1 +1,1 @@
-"""Stage 2, models: the model zoo, self-describing checkpoints, and what a model costs to run."""
+"""Stage 2, models: the model zoo, self-describing checkpoints, weights from outside, and what a model costs to run."""

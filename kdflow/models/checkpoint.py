@@ -19,10 +19,10 @@ FORMAT = "kdflow-checkpoint-1"
 
 
 def save(path: str | os.PathLike, *, state_dict: dict, model: str, num_classes: int,
-         **record) -> None:
+         image_size: int, **record) -> None:
     """Write atomically: a crash mid-write never leaves a truncated model.pt."""
     atomic.save_torch(path, {"format": FORMAT, "model": model, "num_classes": num_classes,
-                             "state_dict": state_dict, **record})
+                             "image_size": image_size, "state_dict": state_dict, **record})
 
 
 def load(path: str | os.PathLike) -> dict:
@@ -32,13 +32,15 @@ def load(path: str | os.PathLike) -> dict:
         raise KdflowError(f"cannot read checkpoint {path}: {e}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise KdflowError(f"{path} is not a kdflow checkpoint ({FORMAT})")
+    # Older kdflow trained on 32x32 images only and did not record the size.
+    ckpt.setdefault("image_size", 32)
     return ckpt
 
 
 def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
     """The checkpoint's model in eval mode on `device`, and the checkpoint."""
     ckpt = load(path)
-    model = build_model(ckpt["model"], ckpt["num_classes"])
+    model = build_model(ckpt["model"], ckpt["num_classes"], ckpt["image_size"])
     model.load_state_dict(ckpt["state_dict"])
     model.to(device).to(memory_format=torch.channels_last).eval()
     return model, ckpt

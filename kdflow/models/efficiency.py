@@ -12,13 +12,12 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from kdflow.data.arrays import IMAGE_SHAPE
 
-
-def count_macs(model: nn.Module, image_shape=IMAGE_SHAPE) -> int:
-    """Multiply-accumulates of one forward pass for one image, counted by
-    PyTorch's FLOP counter over the operations the model actually runs
-    (convolutions and matrix products; 1 MAC = 2 FLOPs)."""
+def count_macs(model: nn.Module, image_shape: tuple[int, int, int]) -> int:
+    """Multiply-accumulates of one forward pass for one (C, H, W) image,
+    counted by PyTorch's FLOP counter over the operations the model actually
+    runs (convolutions and matrix products, without their bias additions;
+    activations and poolings are not counted; 1 MAC = 2 FLOPs)."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -34,13 +33,13 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.no_grad()
-def measure_speed(model: nn.Module, device: torch.device, *, batch: int,
-                  latency_runs: int, throughput_runs: int) -> dict:
-    """Median latency of single images and throughput of large batches
-    (eval mode, fp32, no gradients, after warm-up)."""
+def measure_speed(model: nn.Module, device: torch.device, *, image_shape: tuple[int, int, int],
+                  batch: int, latency_runs: int, throughput_runs: int) -> dict:
+    """Median latency of single (C, H, W) images and throughput of large
+    batches (eval mode, fp32, no gradients, after warm-up)."""
     model.eval()
-    one = torch.randn(1, *IMAGE_SHAPE, device=device).contiguous(memory_format=torch.channels_last)
-    big = torch.randn(batch, *IMAGE_SHAPE, device=device).contiguous(memory_format=torch.channels_last)
+    one = torch.randn(1, *image_shape, device=device).contiguous(memory_format=torch.channels_last)
+    big = torch.randn(batch, *image_shape, device=device).contiguous(memory_format=torch.channels_last)
     for _ in range(5):
         model(one)
     model(big)

@@ -49,16 +49,19 @@ class BasicBlock(nn.Module):
 
 
 class CifarResNet(nn.Module):
-    """ResNet-(6n+2) for 32x32 images; subclasses set `depth` and `widths`.
+    """ResNet-(6n+2), designed for 32x32 images; subclasses set `depth` and `widths`.
 
     `features(x)` is the output of the last stage, (N, widths[3], 8, 8) for a
     32x32 input; `classify` average-pools it and applies the linear layer.
+    The pooling is global and every convolution padded, so any image size
+    runs (`image_size` changes no layer).
     """
 
     depth: int
     widths: tuple[int, int, int, int]
+    min_image_size = 1
 
-    def __init__(self, num_classes: int = 10):
+    def __init__(self, num_classes: int = 10, image_size: int = 32):
         super().__init__()
         if (self.depth - 2) % 6:
             raise ValueError(f"depth must be 6n+2, not {self.depth}")

@@ -34,16 +34,18 @@ def _block(in_channels: int, widths: tuple[int, ...]) -> nn.Sequential:
 
 
 class CifarVGG(nn.Module):
-    """VGG with BatchNorm for 32x32 images; subclasses set `cfg`.
+    """VGG with BatchNorm, designed for 32x32 images; subclasses set `cfg`.
 
     `features(x)` is the last block's output before the final pooling,
     (N, 512, 4, 4) for a 32x32 input; `classify` pools and applies the
-    linear `classifier`.
+    linear `classifier`. The final pooling is global, so any image size from
+    8x8 on runs (`image_size` changes no layer).
     """
 
     cfg: tuple[tuple[int, ...], ...]
+    min_image_size = 8  # three 2x2 max-pools need at least one pixel left
 
-    def __init__(self, num_classes: int = 10):
+    def __init__(self, num_classes: int = 10, image_size: int = 32):
         super().__init__()
         ins = [3] + [widths[-1] for widths in self.cfg[:-1]]
         self.block0 = _block(ins[0], self.cfg[0])

@@ -55,16 +55,19 @@ def _stage(in_channels: int, channels: int, blocks: int, stride: int) -> nn.Sequ
 
 
 class WideResNet(nn.Module):
-    """WRN-`depth`-`widen` for 32x32 images; subclasses set both.
+    """WRN-`depth`-`widen`, designed for 32x32 images; subclasses set both.
 
     `features(x)` is the last stage's output after the final BN+ReLU,
     (N, 64*widen, 8, 8) for a 32x32 input; `classify` pools and applies `fc`.
+    The pooling is global and every convolution padded, so any image size
+    runs (`image_size` changes no layer).
     """
 
     depth: int
     widen: int
+    min_image_size = 1
 
-    def __init__(self, num_classes: int = 10):
+    def __init__(self, num_classes: int = 10, image_size: int = 32):
         super().__init__()
         if (self.depth - 4) % 6:
             raise ValueError(f"depth must be 6n+4, not {self.depth}")

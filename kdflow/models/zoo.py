@@ -1,6 +1,9 @@
 """Every architecture by name (build_model), and the tutorial's DeepNN and LightNN.
 
 DeepNN and LightNN are the networks of PyTorch's knowledge-distillation tutorial.
+Every model is built for square 3-channel images of one size (`image_size`,
+the dataset's): the flattened-map classifiers of DeepNN and LightNN are sized
+by it, the other nets pool globally and take any size from their minimum on.
 
 ReLUs are in place: the same function, but the teacher's largest activations
 (64 MiB per batch of 128 after its first convolution) are not allocated
@@ -13,10 +16,13 @@ directly instead of hooking into module paths by name.
 
 from __future__ import annotations
 
+from numbers import Integral
+
 import torch
 from torch import nn
 
 from kdflow import KdflowError
+from kdflow.models import torchvision_zoo as tv
 from kdflow.models.resnet import (ResNet8, ResNet8x4, ResNet14, ResNet20, ResNet32,
                            ResNet32x4, ResNet44, ResNet56, ResNet110)
 from kdflow.models.vgg import VGG8, VGG13
@@ -24,10 +30,26 @@ from kdflow.models.wrn import WRN16x1, WRN16x2, WRN40x1, WRN40x2
 
 
 class _FeaturesThenClassifier(nn.Module):
-    """`features` (a conv stack) then `classifier` (an MLP on the flattened map)."""
+    """`features` (a conv stack ending in two 2x2 max-pools) then `classifier`
+    (an MLP on the flattened map, whose first layer takes
+    (image_size // 4)^2 * `feature_channels` inputs)."""
 
     features: nn.Module
     classifier: nn.Module
+    feature_channels: int
+    min_image_size = 4  # the second pooling needs a 2x2 map
+
+    @classmethod
+    def flat_features(cls, image_size: int) -> int:
+        """Inputs of the first classifier layer for `image_size` images."""
+        return (image_size // 4) ** 2 * cls.feature_channels
+
+    @classmethod
+    def image_size_for(cls, flat_features: int) -> int | None:
+        """The smallest image size whose flattened map has `flat_features`
+        values (sizes up to 3 pixels larger floor to the same map), or None."""
+        side = round((flat_features / cls.feature_channels) ** 0.5)
+        return 4 * side if side > 0 and cls.flat_features(4 * side) == flat_features else None
 
     def classify(self, features: torch.Tensor) -> torch.Tensor:
         return self.classifier(torch.flatten(features, 1))
@@ -39,10 +61,13 @@ class _FeaturesThenClassifier(nn.Module):
 class DeepNN(_FeaturesThenClassifier):
     """Teacher: four 3x3 convolutions in two pooled stages, then a 2-layer MLP.
 
-    1,186,986 parameters for 10 classes; ~94 M multiply-accumulates per image.
+    At 32x32, 1,186,986 parameters for 10 classes; ~94 M multiply-accumulates
+    per image.
     """
 
-    def __init__(self, num_classes: int = 10):
+    feature_channels = 32
+
+    def __init__(self, num_classes: int = 10, image_size: int = 32):
         super().__init__()
         self.features = nn.Sequential(
             nn.Conv2d(3, 128, kernel_size=3, padding=1),
@@ -57,7 +82,7 @@ class DeepNN(_FeaturesThenClassifier):
             nn.MaxPool2d(kernel_size=2, stride=2),
         )
         self.classifier = nn.Sequential(
-            nn.Linear(2048, 512),
+            nn.Linear(self.flat_features(image_size), 512),
             nn.ReLU(inplace=True),
             nn.Dropout(0.1),
             nn.Linear(512, num_classes),
@@ -67,11 +92,13 @@ class DeepNN(_FeaturesThenClassifier):
 class LightNN(_FeaturesThenClassifier):
     """Student: two 3x3 convolutions with 16 channels, then a 2-layer MLP.
 
-    267,738 parameters for 10 classes (a quarter of the teacher's) and ~1.3 M
-    multiply-accumulates per image (1/70 of the teacher's compute).
+    At 32x32, 267,738 parameters for 10 classes (a quarter of the teacher's)
+    and ~1.3 M multiply-accumulates per image (1/70 of the teacher's compute).
     """
 
-    def __init__(self, num_classes: int = 10):
+    feature_channels = 16
+
+    def __init__(self, num_classes: int = 10, image_size: int = 32):
         super().__init__()
         self.features = nn.Sequential(
             nn.Conv2d(3, 16, kernel_size=3, padding=1),
@@ -82,7 +109,7 @@ class LightNN(_FeaturesThenClassifier):
             nn.MaxPool2d(kernel_size=2, stride=2),
         )
         self.classifier = nn.Sequential(
-            nn.Linear(1024, 256),
+            nn.Linear(self.flat_features(image_size), 256),
             nn.ReLU(inplace=True),
             nn.Dropout(0.1),
             nn.Linear(256, num_classes),
@@ -110,17 +137,51 @@ MODELS: dict[str, type[nn.Module]] = {
     "wrn_40_2": WRN40x2,
     "vgg8": VGG8,
     "vgg13": VGG13,
+    # torchvision's ImageNet architectures (never with downloaded weights),
+    # under torchvision's names.
+    "resnet18": tv.ResNet18,
+    "resnet34": tv.ResNet34,
+    "mobilenet_v2": tv.MobileNetV2,
+    "mobilenet_v3_small": tv.MobileNetV3Small,
+    "mobilenet_v3_large": tv.MobileNetV3Large,
+    "efficientnet_b0": tv.EfficientNetB0,
+    "shufflenet_v2_x1_0": tv.ShuffleNetV2x1_0,
 }
 
 
-def build_model(name: str, num_classes: int = 10) -> nn.Module:
+def build_model(name: str, num_classes: int = 10, image_size: int = 32) -> nn.Module:
+    """Model `name` for `num_classes` classes and image_size x image_size RGB images."""
     try:
         cls = MODELS[name]
     except KeyError:
         raise KdflowError(
             f"unknown model {name!r}; choose one of {sorted(MODELS)}"
         ) from None
-    return cls(num_classes=num_classes)
+    minimum = cls.min_image_size
+    # Integral: sizes read from array shapes may be NumPy integers.
+    if isinstance(image_size, bool) or not isinstance(image_size, Integral) \
+            or image_size < minimum:
+        raise KdflowError(
+            f"model {name} cannot take {image_size!r}x{image_size!r} images: it needs at least "
+            f"{minimum}x{minimum} pixels; set data.image_size to {minimum} or more, or choose "
+            "another model")
+    return cls(num_classes=num_classes, image_size=int(image_size))
+
+
+def model_name(model: nn.Module) -> str:
+    """The zoo name `model` was built under (each name has a class of its own)."""
+    for name, cls in MODELS.items():
+        if type(model) is cls:
+            return name
+    raise ValueError(f"{type(model).__name__} is no model of the zoo")
+
+
+def state_module(model: nn.Module) -> nn.Module:
+    """The module whose state_dict a plain weights file matches: the wrapped
+    torchvision network for torchvision entries (a file saved from
+    `torchvision.models.resnet18().state_dict()`), the model itself for
+    kdflow's own nets (whose keys are RepDistiller's)."""
+    return model.net if isinstance(model, tv.TorchvisionNet) else model
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -90,7 +90,8 @@ def train(
     # distilled students of one seed start from the same weights; seeding
     # here also fixes the dropout masks (CPU and CUDA generators alike).
     torch.manual_seed(streams.stream_seed(seed, "init"))
-    model = build_model(model_cfg["model"], data.num_classes)
+    image_size = data.train_x.shape[-1]
+    model = build_model(model_cfg["model"], data.num_classes, image_size)
     log.info("model %s: %d parameters", model_cfg["model"], count_parameters(model))
 
     if role == "student_kd":
@@ -131,6 +132,7 @@ def train(
         state_dict=result.best_state,
         model=model_cfg["model"],
         num_classes=data.num_classes,
+        image_size=image_size,
         classes=data.classes,
         role=role,
         seed=seed,
