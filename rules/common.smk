@@ -23,12 +23,19 @@ SEEDS = config["seeds"]
 # record up here by path; nothing is read back from a path's name.
 PLAN = {a.path: a for a in study.plan(config)}
 ARMS = list(PLAN)
+# The models evaluated per seed: all but a shared teacher, which is evaluated
+# once (results/teacher/) and stands for the teacher of every seed.
+SEED_ARMS = [a for a in ARMS if not (a == "teacher" and config["teacher"]["shared"])]
 DISTILLED = study.distilled_arms(config)
 # Two-stage studies (kdflow.distill.study): the confirmation seeds train the teacher
 # and plain students at once, and the chosen settings once the `choose`
 # checkpoint has written CHOICE.
 CONFIRM_SEEDS = config["confirm_seeds"]
-CONFIRM_FIXED = [a.path for a in study.confirmation_fixed_arms(config)]
+CONFIRM_FIXED = [
+    a.path
+    for a in study.confirmation_fixed_arms(config)
+    if a.path in SEED_ARMS
+]
 CHOICE = "results/study/choice.json"
 
 DATA = config["data"]["dataset"]
@@ -49,10 +56,22 @@ DATASET = (
     else CONVERTED
 )
 SPLIT = "results/data/split.npz"
-# One teacher per seed; its training-set logits are shared by the logit-based
-# students of that seed.
-TEACHER = "results/seed{seed}/teacher/model.pt"
-TEACHER_LOGITS = "results/seed{seed}/teacher/train_logits.pt"
+# The teacher: one per seed, or one shared by every seed (teacher.shared, and
+# always for an imported teacher.checkpoint), trained with the first seed.
+# Its training-set logits are shared by the logit-based students it teaches.
+TEACHER_CFG = config["teacher"]
+IMPORTED = TEACHER_CFG["checkpoint"] is not None
+SHARED_TEACHER = TEACHER_CFG["shared"]
+TEACHER_SEED = SEEDS[0]
+# `where` of the teacher's files: results/<where>/teacher/, and the same
+# under results/logs/ and results/benchmarks/.
+TEACHER_AT = "" if SHARED_TEACHER else "seed{seed}/"
+TEACHER = f"results/{TEACHER_AT}teacher/model.pt"
+TEACHER_LOGITS = f"results/{TEACHER_AT}teacher/train_logits.pt"
+# Downloaded weights (md5-verified): the imported teacher, or the initial
+# weights of a fine-tuned one.
+TEACHER_SOURCE = "results/teacher/source.pt"
+TEACHER_INIT = "results/teacher/init.pt" if TEACHER_CFG["init"] else None
 
 
 wildcard_constraints:
@@ -71,6 +90,11 @@ def teacher_of(wildcards):
     if wildcards.arm == "teacher":
         return []
     return TEACHER.format(seed=wildcards.seed)
+
+
+def job_seed(wildcards):
+    """A training job's seed: its wildcard, or the first seed for a shared teacher."""
+    return int(wildcards.seed) if "seed" in wildcards.keys() else TEACHER_SEED
 
 
 def planned(path):
@@ -128,10 +152,28 @@ MODEL_PATTERNS = {
 def per_model(pattern):
     """`pattern` for every model known before any choice (each selection
     seed x arm, then each confirmation seed's teacher and plain students),
-    in one fixed order shared by all inputs."""
-    return expand(pattern, seed=SEEDS, arm=ARMS) + expand(
+    in one fixed order shared by all inputs. A shared teacher is not among
+    them (SHARED_TEACHER_FILES)."""
+    return expand(pattern, seed=SEEDS, arm=SEED_ARMS) + expand(
         pattern, seed=CONFIRM_SEEDS, arm=CONFIRM_FIXED
     )
+
+
+# The shared teacher's files, by MODEL_FILES key, for the aggregate (which
+# repeats its row for every seed); an imported teacher has no training
+# history or training benchmark. Empty without a shared teacher.
+SHARED_TEACHER_FILES = (
+    {
+        "metrics": "results/teacher/metrics.json",
+        "speed": "results/teacher/speed.json",
+        "histories": [] if IMPORTED else "results/teacher/history.csv",
+        "checkpoints": TEACHER,
+        "train_benchmarks": [] if IMPORTED else "results/benchmarks/teacher/train.tsv",
+        "eval_benchmarks": "results/benchmarks/teacher/evaluate.tsv",
+    }
+    if SHARED_TEACHER
+    else {}
+)
 
 
 def confirmed_models(pattern):

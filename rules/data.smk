@@ -85,3 +85,48 @@ rule split:
         seed=config["data"]["split_seed"],
     script:
         "../scripts/split.py"
+
+
+# Weights from outside (teacher.checkpoint or teacher.init): fetched and
+# md5-verified as a dataset's archive is; a new md5 fetches again, which
+# reruns what uses the file (the import or the teacher's training) and,
+# through the teacher, every student, but nothing upstream. Local rules,
+# like the dataset's download.
+if IMPORTED:
+
+    localrules:
+        fetch_teacher_checkpoint,
+
+    rule fetch_teacher_checkpoint:
+        output:
+            TEACHER_SOURCE,
+        log:
+            "results/logs/teacher/fetch_checkpoint.log",
+        conda:
+            "../envs/kdflow.yaml"
+        params:
+            key="teacher.checkpoint",
+            url=TEACHER_CFG["checkpoint"]["url"],
+            md5=TEACHER_CFG["checkpoint"]["md5"],
+        script:
+            "../scripts/fetch_weights.py"
+
+
+if TEACHER_INIT:
+
+    localrules:
+        fetch_teacher_init,
+
+    rule fetch_teacher_init:
+        output:
+            TEACHER_INIT,
+        log:
+            "results/logs/teacher/fetch_init.log",
+        conda:
+            "../envs/kdflow.yaml"
+        params:
+            key="teacher.init",
+            url=TEACHER_CFG["init"]["url"],
+            md5=TEACHER_CFG["init"]["md5"],
+        script:
+            "../scripts/fetch_weights.py"

@@ -24,3 +24,25 @@ rule evaluate:
         speed=config["speed"],
     script:
         "../scripts/evaluate.py"
+
+
+if SHARED_TEACHER:
+
+    # The shared teacher, evaluated once; the aggregate repeats its results
+    # for every seed. An imported teacher has no seed.
+    use rule evaluate as evaluate_teacher with:
+        input:
+            model=TEACHER,
+            dataset=DATASET,
+        output:
+            metrics="results/teacher/metrics.json",
+            speed="results/teacher/speed.json",
+        log:
+            "results/logs/teacher/evaluate.log",
+        benchmark:
+            "results/benchmarks/teacher/evaluate.tsv"
+        params:
+            device=config["device"],
+            speed=config["speed"],
+            arm="teacher",
+            seed=None if IMPORTED else TEACHER_SEED,

@@ -19,6 +19,8 @@ rule aggregate:
             for key, pattern in MODEL_PATTERNS.items()
         },
         choice=CHOICE if CONFIRM_SEEDS else [],
+        # A shared teacher's files, once (rules/common.smk).
+        **{f"teacher_{key}": path for key, path in SHARED_TEACHER_FILES.items()},
     output:
         metrics="results/summary/metrics.csv",
         history="results/summary/history.csv",

@@ -5,29 +5,62 @@
 # distillation setting never reruns another.
 
 
-rule train_teacher:
-    input:
-        dataset=DATASET,
-        split=SPLIT,
-    output:
-        model=TEACHER,
-        history="results/seed{seed}/teacher/history.csv",
-    log:
-        "results/logs/seed{seed}/teacher/train.log",
-    benchmark:
-        "results/benchmarks/seed{seed}/teacher/train.tsv"
-    conda:
-        "../envs/kdflow.yaml"
-    threads: 4
-    resources:
-        gpu=1,
-    params:
-        # The plan record (kdflow.distill.study): role, training section.
-        arm=PLAN["teacher"].record(),
-        device=config["device"],
-        engine=config["engine"],
-    script:
-        "../scripts/train.py"
+if not IMPORTED:
+
+    rule train_teacher:
+        input:
+            dataset=DATASET,
+            split=SPLIT,
+            # Fine-tuning: the weights training starts from (teacher.init).
+            init=TEACHER_INIT or [],
+        output:
+            model=TEACHER,
+            history=f"results/{TEACHER_AT}teacher/history.csv",
+        log:
+            f"results/logs/{TEACHER_AT}teacher/train.log",
+        benchmark:
+            f"results/benchmarks/{TEACHER_AT}teacher/train.tsv"
+        conda:
+            "../envs/kdflow.yaml"
+        threads: 4
+        resources:
+            gpu=1,
+        params:
+            # The plan record (kdflow.distill.study): role, training section.
+            arm=PLAN["teacher"].record(),
+            seed=job_seed,
+            device=config["device"],
+            engine=config["engine"],
+        script:
+            "../scripts/train.py"
+
+
+if IMPORTED:
+
+    rule import_teacher:
+        # A trained teacher from outside (teacher.checkpoint), checked against
+        # this config's architecture, classes and image size, measured on the
+        # validation split, and written as this run's teacher checkpoint.
+        input:
+            source=TEACHER_SOURCE,
+            dataset=DATASET,
+            split=SPLIT,
+        output:
+            model=TEACHER,
+        log:
+            "results/logs/teacher/import.log",
+        conda:
+            "../envs/kdflow.yaml"
+        threads: 4
+        resources:
+            gpu=1,
+        params:
+            arm=PLAN["teacher"].record(),
+            source=TEACHER_CFG["checkpoint"],
+            device=config["device"],
+            engine=config["engine"],
+        script:
+            "../scripts/import_teacher.py"
 
 
 rule teacher_logits:
@@ -42,7 +75,7 @@ rule teacher_logits:
     output:
         TEACHER_LOGITS,
     log:
-        "results/logs/seed{seed}/teacher/logits.log",
+        f"results/logs/{TEACHER_AT}teacher/logits.log",
     conda:
         "../envs/kdflow.yaml"
     threads: 4
@@ -74,6 +107,7 @@ rule train_student_baseline:
         gpu=1,
     params:
         arm=arm_record,
+        seed=job_seed,
         device=config["device"],
         engine=config["engine"],
     script:
@@ -101,6 +135,7 @@ rule train_student_kd:
     params:
         # Role, training section, method and this setting's values only.
         arm=arm_record,
+        seed=job_seed,
         device=config["device"],
         engine=config["engine"],
     script:

@@ -13,5 +13,9 @@ run_step(
         out=dict(snakemake.output.items()),
         confirm_seeds=snakemake.params.confirm_seeds,
         choice=snakemake.input.choice or None,
+        # A shared teacher's files (an imported one has no history or training
+        # benchmark), or None.
+        teacher={k: snakemake.input.get(f"teacher_{k}") or None for k in MODEL_FILES}
+        if snakemake.input.get("teacher_metrics") else None,
     ),
 )

@@ -9,9 +9,11 @@ run_step(
         snakemake.output.metrics,
         out_speed=snakemake.output.speed,
         speed_settings=snakemake.params.speed,
-        arm=snakemake.wildcards.arm,
-        seed=int(snakemake.wildcards.seed),
-        teacher=snakemake.input.teacher or None,
+        # A shared teacher's job has no wildcards: its params say.
+        arm=snakemake.params.get("arm") or snakemake.wildcards.arm,
+        seed=(snakemake.params.seed if "seed" in snakemake.params.keys()
+              else int(snakemake.wildcards.seed)),
+        teacher=snakemake.input.get("teacher") or None,
         device=snakemake.params.device,
         threads=snakemake.threads,
     ),

@@ -70,28 +70,49 @@ def _read_json(path) -> dict:
 SELECTION, CONFIRMATION = "selection", "confirmation"
 
 
-def collect(files: dict[str, list[str]],
-            confirm_seeds: tuple[int, ...] = ()) -> dict[str, pd.DataFrame]:
+def _models(files: dict[str, list[str]], teacher: Optional[dict]):
+    """(paths by MODEL_FILES key, seed) per model row: the per-seed models,
+    then a shared teacher's one set of files once for every seed they cover,
+    its seed replaced by theirs (its history and training benchmark are
+    None for an imported teacher)."""
+    lists = [files[k] for k in MODEL_FILES]
+    if len({len(v) for v in lists}) != 1:
+        raise KdflowError("aggregate needs the same number of files of each kind per model")
+    rows = [(dict(zip(MODEL_FILES, paths)), None) for paths in zip(*lists)]
+    if not teacher:
+        return rows
+    seeds = list(dict.fromkeys(_read_json(p)["seed"] for p in files["metrics"]))
+    return [({k: teacher.get(k) for k in MODEL_FILES}, s) for s in seeds] + rows
+
+
+def collect(files: dict[str, list[str]], confirm_seeds: tuple[int, ...] = (),
+            teacher: Optional[dict] = None) -> dict[str, pd.DataFrame]:
     """Read every model's files into tidy tables.
 
     `files` maps each key of MODEL_FILES to a list; entry i of every list
     belongs to the same model (the workflow expands them over the same seeds
-    x arms), which is checked. Every row has its stage: confirmation for a
-    seed of `confirm_seeds`, else selection.
+    x arms), which is checked. `teacher`, by the same keys, holds the files
+    of a teacher shared by every seed (teacher.shared, or an imported one):
+    its rows are repeated for each seed, so every per-seed table and
+    comparison reads as before, while its training job and provenance are
+    listed once. Every row has its stage: confirmation for a seed of
+    `confirm_seeds`, else selection.
     """
-    lists = [files[k] for k in MODEL_FILES]
-    if len({len(v) for v in lists}) != 1:
-        raise KdflowError("aggregate needs the same number of files of each kind per model")
     models, curves, per_class, confusion, calib, jobs, prov = [], [], [], [], [], [], []
-    for m_path, s_path, h_path, c_path, tb_path, eb_path in zip(*lists):
-        if len({Path(p).parent for p in (m_path, s_path, h_path, c_path)}) != 1:
-            raise KdflowError(f"{m_path}, {s_path}, {h_path} and {c_path} "
-                              "belong to different models")
+    listed = set()
+    for paths, seed in _models(files, teacher):
+        m_path, s_path, h_path, c_path, tb_path, eb_path = (paths[k] for k in MODEL_FILES)
+        named = [p for p in (m_path, s_path, h_path, c_path) if p]
+        if len({Path(p).parent for p in named}) != 1:
+            raise KdflowError(f"{', '.join(named)} belong to different models")
         m, speed, ckpt = _read_json(m_path), _read_json(s_path), checkpoint.load(c_path)
-        key = {"seed": m["seed"], "arm": m["arm"],
-               "stage": CONFIRMATION if m["seed"] in confirm_seeds else SELECTION}
+        seed = m["seed"] if seed is None else seed
+        key = {"seed": seed, "arm": m["arm"],
+               "stage": CONFIRMATION if seed in confirm_seeds else SELECTION}
         about = describe_arm(m["plan"])
-        train_job, eval_job = _benchmark(tb_path), _benchmark(eb_path)
+        train_job = _benchmark(tb_path) if tb_path else {"wall_seconds": np.nan,
+                                                           "max_rss_mb": np.nan}
+        eval_job = _benchmark(eb_path)
         models.append({
             **key, **about, "model": m["model"],
             "accuracy": m["accuracy"], "correct": m["correct"], "test_images": m["test_images"],
@@ -114,8 +135,9 @@ def collect(files: dict[str, list[str]],
             "wall_seconds": train_job["wall_seconds"], "max_rss_mb": train_job["max_rss_mb"],
             "source": str(m_path),
         })
-        h = pd.read_csv(h_path)
-        curves.append(h.assign(**key, source=str(h_path)))
+        if h_path:
+            h = pd.read_csv(h_path)
+            curves.append(h.assign(**key, source=str(h_path)))
         per_class += [{**key, "class": c, "accuracy": a, "source": str(m_path)}
                       for c, a in m["per_class_accuracy"].items()]
         classes = m["classes"]
@@ -124,8 +146,12 @@ def collect(files: dict[str, list[str]],
                       for i, row in enumerate(m["confusion_matrix"]) for j, n in enumerate(row)]
         calib += [{**key, "bin": b, **row, "source": str(m_path)}
                   for b, row in enumerate(m["calibration"]["bins"])]
-        jobs += [{**key, "job": "train", **train_job, "source": str(tb_path)},
-                 {**key, "job": "evaluate", **eval_job, "source": str(eb_path)}]
+        if c_path in listed:    # a shared teacher: one set of jobs, one provenance
+            continue
+        listed.add(c_path)
+        if tb_path:
+            jobs.append({**key, "job": "train", **train_job, "source": str(tb_path)})
+        jobs.append({**key, "job": "evaluate", **eval_job, "source": str(eb_path)})
         prov.append({**key, **ckpt["provenance"], "source": str(c_path)})
 
     # Arms keep the workflow's order (teacher, then per student its baseline
@@ -349,8 +375,27 @@ def _write_csv(df: pd.DataFrame, path: str) -> None:
     atomic.write_with(path, lambda tmp: df.to_csv(tmp, index=False))
 
 
+def teacher_record(teacher: Optional[dict], metrics: pd.DataFrame,
+                   checkpoints: list[str]) -> dict:
+    """How the headline's teacher came to be: one per seed, or one shared
+    by every seed (trained here with one seed, or imported: its url and md5);
+    and the weights its training started from (teacher.init), if any."""
+    if not teacher:
+        first = next((c for c in checkpoints if Path(c).parent.name == "teacher"), None)
+        init = checkpoint.load(first).get("init") if first else None
+        return {"shared": False, "source": None, "init": init}
+    ckpt = checkpoint.load(teacher["checkpoints"])
+    source = ckpt.get("source")
+    return {"shared": True, "trained_seed": ckpt.get("seed"),
+            "source": {"url": source["url"], "md5": source["md5"]} if source else None,
+            "init": ckpt.get("init"),
+            "file": str(teacher["checkpoints"]),
+            "seeds": int(metrics["seed"].nunique())}
+
+
 def aggregate(files: dict[str, list[str]], out: dict[str, str], *,
-              confirm_seeds: list[int] = (), choice: str | None = None) -> None:
+              confirm_seeds: list[int] = (), choice: str | None = None,
+              teacher: Optional[dict] = None) -> None:
     """Write every table of `collect` plus arms, study, gain (CSV) and
     headline (JSON) to the paths in `out`.
 
@@ -358,7 +403,7 @@ def aggregate(files: dict[str, list[str]], out: dict[str, str], *,
     its teacher and plain twin on those seeds only; `choice` is the choice
     file they were trained from, which must agree with the selection
     stage's validation numbers here."""
-    tables = collect(files, tuple(confirm_seeds))
+    tables = collect(files, tuple(confirm_seeds), teacher)
     tables["arms"] = summarize_arms(tables["metrics"])
     tables["study"] = study_table(tables["metrics"])
     chosen = chosen_arms(tables["study"])
@@ -393,6 +438,7 @@ def aggregate(files: dict[str, list[str]], out: dict[str, str], *,
                   "perm_p_value": _or_none(row["perm_p_value_holm"])}
     head = headline(tables["gain"], chosen, len(tables["study"]), stage=stage,
                     selection_seeds=selection_seeds, flags=flags, family=family)
+    head["teacher"] = teacher_record(teacher, tables["metrics"], files["checkpoints"])
     atomic.write_json(out["headline"], head)
     log.info("%d models over %d seeds; %d distilled settings, chosen on validation: %s, "
              "gain %+.2f points (mean)", len(tables["metrics"]), head["n_seeds"],

@@ -29,7 +29,7 @@ def write_json(obj, path: str | os.PathLike) -> None:
     atomic.write_json(path, obj)
 
 
-def evaluate(model_path: str, dataset: str, out: str, *, arm: str, seed: int,
+def evaluate(model_path: str, dataset: str, out: str, *, arm: str, seed: Optional[int],
              device: str = "auto", teacher: Optional[str] = None,
              threads: Optional[int] = None, out_speed: Optional[str] = None,
              speed_settings: Optional[dict] = None) -> dict:
@@ -119,9 +119,9 @@ def evaluate(model_path: str, dataset: str, out: str, *, arm: str, seed: int,
         log.info("latency %.2f ms (batch 1), throughput %.0f images/s",
                  speed["latency_ms_batch1"], speed["throughput_images_per_s"])
     if metrics["flag"]:
-        log.warning("%s seed %d: %s (best validation accuracy %.2f%%, chance %.2f%%)", arm, seed,
+        log.warning("%s seed %s: %s (best validation accuracy %.2f%%, chance %.2f%%)", arm, seed,
                     metrics["flag"], 100 * ckpt["best_val_accuracy"], 100 / k)
-    log.info("%s seed %d: test accuracy %.2f%%, loss %.4f%s", arm, seed,
+    log.info("%s seed %s: test accuracy %.2f%%, loss %.4f%s", arm, seed,
              100 * metrics["accuracy"], metrics["loss"],
              f", agreement with teacher {100 * metrics['teacher_agreement']:.2f}%"
              if teacher else "")

@@ -68,15 +68,15 @@ _CHUNK = 1 << 20
 _RETRY_STATUS = {408, 429}
 
 
-def _offline_error(url: str, reason) -> KdflowError:
+def _offline_error(url: str, reason, key: str = "data") -> KdflowError:
     return KdflowError(
         f"could not download {url}: {reason}. Without internet access, copy the "
-        "archive here and point data.url at it (file:///path/to/archive.tar.gz or "
-        "a plain path) with its data.md5"
+        f"file here and point {key}.url at it (file:///path/to/the/file or "
+        f"a plain path) with its {key}.md5"
     )
 
 
-def _open_source(url: str, offset: int = 0, timeout: float = 60.0):
+def _open_source(url: str, offset: int = 0, timeout: float = 60.0, key: str = "data"):
     """Open an http(s)/file URL or a plain path at byte `offset`.
 
     Returns (stream, total size or None, start): `start` is where the stream
@@ -89,13 +89,13 @@ def _open_source(url: str, offset: int = 0, timeout: float = 60.0):
         path = urllib.parse.unquote(parsed.path) if parsed.scheme == "file" else url
         if not os.path.isfile(path):
             raise KdflowError(
-                f"dataset source not found at {path!r} (from data.url {url!r}); "
-                "set data.url to an existing file, a file:// URL or an http(s) URL"
+                f"source not found at {path!r} (from {key}.url {url!r}); "
+                f"set {key}.url to an existing file, a file:// URL or an http(s) URL"
             )
         return open(path, "rb"), os.path.getsize(path), 0
     if parsed.scheme not in ("http", "https"):
         raise KdflowError(
-            f"data.url {url!r} has unsupported scheme {parsed.scheme!r}; "
+            f"{key}.url {url!r} has unsupported scheme {parsed.scheme!r}; "
             "use http(s)://, file:// or a plain path"
         )
     headers = {"Range": f"bytes={offset}-"} if offset else {}
@@ -106,16 +106,16 @@ def _open_source(url: str, offset: int = 0, timeout: float = 60.0):
         e.close()
         if e.code == 416 and offset:
             # The partial file is no prefix of what the server has now.
-            return _open_source(url, 0, timeout)
+            return _open_source(url, 0, timeout, key)
         if e.code >= 500 or e.code in _RETRY_STATUS:
             raise _Transient(f"HTTP {e.code} {e.reason}") from None
         raise KdflowError(f"could not download {url}: HTTP {e.code} {e.reason}; "
-                          "check data.url") from None
+                          f"check {key}.url") from None
     except urllib.error.URLError as e:
         # No name resolution usually means no network at all, and a bad
         # certificate will not get better: neither is worth waiting for.
         if isinstance(e.reason, (socket.gaierror, ssl.SSLCertVerificationError)):
-            raise _offline_error(url, e.reason) from None
+            raise _offline_error(url, e.reason, key) from None
         raise _Transient(str(e.reason)) from None
     except (OSError, http.client.HTTPException) as e:
         raise _Transient(f"{type(e).__name__}: {e}") from None
@@ -126,7 +126,7 @@ def _open_source(url: str, offset: int = 0, timeout: float = 60.0):
         first, _, total = rng.partition("/")
         if unit != "bytes" or first.split("-")[0] != str(offset):
             resp.close()
-            return _open_source(url, 0, timeout)
+            return _open_source(url, 0, timeout, key)
         return resp, int(total) if total.isdigit() else None, offset
     size = resp.headers.get("Content-Length")
     return resp, int(size) if size and size.isdigit() else None, 0
@@ -160,8 +160,8 @@ class _Progress:
 class _Deadline:
     """The whole download's deadline, and what arrived before it."""
 
-    def __init__(self, seconds: float, cap: int, url: str):
-        self.seconds, self.cap, self.url = seconds, cap, url
+    def __init__(self, seconds: float, cap: int, url: str, key: str = "data"):
+        self.seconds, self.cap, self.url, self.key = seconds, cap, url, key
         self.t0, self.received = time.monotonic(), 0
 
     def check(self) -> None:
@@ -171,17 +171,17 @@ class _Deadline:
                 f"{self.url} sent {_size(self.received)} in {elapsed:,.0f} s, below the "
                 f"minimum rate a download needs (at most {_size(self.cap)} within "
                 f"{self.seconds:,.0f} s; kdflow.data.fetch.MIN_RATE); nothing was kept. The "
-                "server or the link is too slow: try a mirror, or download the archive "
-                "another way and point data.url at a file:// copy")
+                "server or the link is too slow: try a mirror, or download the file "
+                f"another way and point {self.key}.url at a file:// copy")
 
 
 def _copy(src, out, start: int, total: int | None, cap: int, url: str,
-          deadline: _Deadline) -> None:
+          deadline: _Deadline, key: str = "data") -> None:
     """Append `src` to `out` (which holds `start` bytes), at most `cap` in all."""
     if total is not None and total > cap:
         raise KdflowError(
             f"{url} is {_size(total)}, more than the {_size(cap)} allowed for this "
-            "dataset's archive, so it is not the archive: check data.url")
+            f"file, so it is not the file {key}.url should name: check {key}.url")
     done, progress = start, _Progress(total, start)
     while True:
         try:
@@ -197,8 +197,8 @@ def _copy(src, out, start: int, total: int | None, cap: int, url: str,
         if done + len(block) > cap:
             raise KdflowError(
                 f"{url} sent more than {_size(cap)} without ending (more than this "
-                "dataset's archive can be), so it is not the archive; nothing was kept. "
-                "Check data.url")
+                f"file can be), so it is not the file {key}.url should name; nothing was "
+                f"kept. Check {key}.url")
         out.write(block)
         done += len(block)
         deadline.received += len(block)
@@ -216,8 +216,11 @@ def _copy(src, out, start: int, total: int | None, cap: int, url: str,
 def fetch_archive(url: str, md5: str, dest: str | os.PathLike, *,
                   max_bytes: int | None = None, retries: int = 5,
                   backoff: float = 2.0, timeout: float = 60.0,
-                  deadline: float | None = None) -> None:
+                  deadline: float | None = None, key: str = "data") -> None:
     """Copy/download `url` to `dest` and verify its md5.
+
+    `key` is the config section the url and md5 come from (data, or a
+    teacher's weights), named in every error.
 
     The bytes go to `dest.part`, renamed to `dest` only once the md5 matches,
     so a failed, corrupt or oversized download never sits under the final
@@ -235,7 +238,7 @@ def fetch_archive(url: str, md5: str, dest: str | os.PathLike, *,
     """
     dest = Path(dest)
     cap = max_bytes or MAX_DOWNLOAD
-    clock = _Deadline(transfer_deadline(cap) if deadline is None else deadline, cap, url)
+    clock = _Deadline(transfer_deadline(cap) if deadline is None else deadline, cap, url, key)
     last = None
     with atomic_path(dest) as part:
         for attempt in range(retries + 1):
@@ -247,25 +250,25 @@ def fetch_archive(url: str, md5: str, dest: str | os.PathLike, *,
                 clock.check()
             offset = part.stat().st_size if part.exists() else 0
             try:
-                src, total, start = _open_source(url, offset, timeout)
+                src, total, start = _open_source(url, offset, timeout, key)
                 if start:
                     log.info("resuming %s at %.1f MB", url, start / MB)
                 with src, open(part, "ab" if start else "wb") as out:
-                    _copy(src, out, start, total, cap, url, clock)
+                    _copy(src, out, start, total, cap, url, clock, key)
                 break
             except _Transient as e:
                 last = e
         else:
             raise KdflowError(
                 f"could not download {url} in {retries + 1} attempts (last: {last}); "
-                "nothing was kept. Check the network and data.url, or copy the archive "
-                "here and point data.url at it (file:///path/to/archive.tar.gz)")
+                f"nothing was kept. Check the network and {key}.url, or copy the file "
+                f"here and point {key}.url at it (file:///path/to/the/file)")
         got = md5sum(part)
         if got != md5.lower():
             raise KdflowError(
                 f"md5 mismatch for {url}: expected {md5}, got {got}. The file is "
-                "corrupt, truncated or a different archive; fetch it again, or if it "
-                "is a trusted mirror set data.md5 to its checksum"
+                "corrupt, truncated or a different file; fetch it again, or if it "
+                f"is a trusted copy set {key}.md5 to its checksum"
             )
     log.info("verified %s (md5 %s) -> %s", url, got, dest)
 

@@ -53,4 +53,6 @@ def validation_counts(ckpt: dict, path: str | os.PathLike) -> tuple[int, int, in
     if "best_val_correct" not in ckpt or "val_images" not in ckpt:
         raise KdflowError(f"{path} has no exact validation counts (it was trained by an "
                           "older kdflow); delete it and rerun to retrain it")
-    return int(ckpt["best_val_correct"]), int(ckpt["val_images"]), int(ckpt["last_epoch"])
+    # An imported teacher trained no epoch here but was measured once: one look.
+    return (int(ckpt["best_val_correct"]), int(ckpt["val_images"]),
+            max(1, int(ckpt["last_epoch"])))

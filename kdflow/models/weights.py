@@ -57,7 +57,7 @@ def load_teacher(path: str | os.PathLike, *, model: str, num_classes: int,
     """The file's weights as architecture `model` for `num_classes` classes
     and image_size x image_size images, in eval mode on the CPU, and what
     was loaded: {"kind": "kdflow" or "state_dict"}, with a kdflow
-    checkpoint's model, num_classes and image_size."""
+    checkpoint's model, num_classes, image_size and class names."""
     state = read_state(path)
     if _is_checkpoint(state):
         ckpt = state
@@ -74,7 +74,7 @@ def load_teacher(path: str | os.PathLike, *, model: str, num_classes: int,
                               f"{image_size}x{image_size}: set data.image_size to {size}, or name "
                               f"a teacher trained on {image_size}x{image_size} images")
         info = {"kind": "kdflow", "model": ckpt["model"], "num_classes": ckpt["num_classes"],
-                "image_size": size}
+                "image_size": size, "classes": ckpt.get("classes")}
         state = ckpt["state_dict"]
     else:
         info = {"kind": "state_dict"}

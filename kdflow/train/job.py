@@ -12,7 +12,7 @@ import torch
 
 from kdflow import KdflowError
 from kdflow.core import atomic
-from kdflow.models import checkpoint
+from kdflow.models import checkpoint, weights
 from kdflow.distill import methods
 from kdflow.core import provenance
 from kdflow.train import resume
@@ -47,6 +47,8 @@ def train(
     threads: Optional[int] = None,
     teacher: Optional[str] = None,
     teacher_logits: Optional[str] = None,
+    init: Optional[str] = None,
+    init_record: Optional[dict] = None,
 ) -> None:
     """Train one model and save its best-validation checkpoint and history.
 
@@ -56,7 +58,8 @@ def train(
     their seed: the baseline only to measure agreement with it, a distilled
     student to learn from it, from the precomputed `teacher_logits` file
     when given. engine: the validated engine section {precision, compile,
-    deterministic}.
+    deterministic}. init: weights a teacher's training starts from
+    (teacher.init, whose {url, md5} is `init_record`): fine-tuning.
     """
     role, model_cfg = arm["role"], arm["training"]
     if role not in study.ROLES:
@@ -90,9 +93,21 @@ def train(
     # distilled students of one seed start from the same weights; seeding
     # here also fixes the dropout masks (CPU and CUDA generators alike).
     torch.manual_seed(streams.stream_seed(seed, "init"))
-    image_size = data.train_x.shape[-1]
+    image_size = int(data.train_x.shape[-1])
     model = build_model(model_cfg["model"], data.num_classes, image_size)
     log.info("model %s: %d parameters", model_cfg["model"], count_parameters(model))
+    started_from = None
+    if init is not None:
+        if role != "teacher":
+            raise KdflowError("only a teacher starts from given weights (teacher.init)")
+        started_from = {**(init_record or {}), **weights.init_from(
+            model, init, num_classes=data.num_classes)}
+        if started_from.get("head_replaced"):
+            log.info("fine-tuning from %s: classifier head %s replaced (%d classes there, "
+                     "%d here), all else loaded", init, started_from["head"],
+                     started_from["from_classes"], started_from["to_classes"])
+        else:
+            log.info("fine-tuning from %s: every weight loaded", init)
 
     if role == "student_kd":
         if teacher is None:
@@ -114,7 +129,7 @@ def train(
 
     # Resumable state beside the outputs, not one of them (kdflow.train.resume).
     state_path = str(Path(out_model).with_name("resume.pt"))
-    job = job_identity(arm, options, seed, dev.type, dataset, split, teacher)
+    job = job_identity(arm, options, seed, dev.type, dataset, split, teacher, init)
     result = fit(model, data.train_x, data.train_y, data.val_x, data.val_y, cfg, seed=seed,
                  loss_fn=method.loss if method else None, teacher=teacher_fn,
                  teacher_val_logits=teacher_val, features=bool(method and method.features),
@@ -148,13 +163,15 @@ def train(
         last_val_accuracy=last["val_accuracy"],
         train_seconds=sum(r["seconds"] for r in result.history),
         teacher=teacher_record,
+        init=started_from,
         provenance=provenance.collect(dev),
     )
     resume.remove(state_path)  # outputs complete: nothing left to resume
 
 
 def job_identity(arm: dict, options: EngineOptions, seed: int, device_type: str,
-                 dataset: str, split: str, teacher: Optional[str]) -> str:
+                 dataset: str, split: str, teacher: Optional[str],
+                 init: Optional[str] = None) -> str:
     """What a saved training state must match to be resumed: the plan
     record, the seed, the inputs' contents, the device type (a CUDA
     generator state cannot be restored on a CPU node, nor the reverse) and
@@ -163,7 +180,8 @@ def job_identity(arm: dict, options: EngineOptions, seed: int, device_type: str,
         arm=arm, engine=options, seed=seed, device=device_type,
         library=resume.library_digest(),
         split=resume.file_digest(split), dataset=resume.file_digest(dataset),
-        teacher=resume.file_digest(teacher) if teacher else None)
+        teacher=resume.file_digest(teacher) if teacher else None,
+        **({"init": resume.file_digest(init)} if init else {}))
 
 
 def teacher_signal(t_model, *, features: bool,

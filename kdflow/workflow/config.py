@@ -126,12 +126,35 @@ def validate(config: dict, schema: dict | None = None) -> dict:
             f"invalid config: teacher.model must be one architecture, got "
             f"{config['teacher']['model']!r}; list several students under student.model"
         )
+    _check_teacher(config)
     study.settings(config)  # refuses two settings of one name
     _check_confirmation(config)
     # The source defaults to the dataset's official archive (kdflow.data.datasets).
     complete_config(config["data"])
     _check_subset(config["data"])
     return config
+
+
+TEACHER_ONLY = ("checkpoint", "init", "shared")
+
+
+def _check_teacher(config: dict) -> None:
+    """A teacher from outside: checkpoint or init, not both; students never.
+    An imported checkpoint is one model, so it is the shared teacher."""
+    student = config["student"]
+    given = [k for k in TEACHER_ONLY if student.get(k) not in (None, False)]
+    if given:
+        raise KdflowError(
+            f"invalid config: student.{given[0]} is a teacher key; students are always "
+            "trained here (both from the same initial weights): remove it, or move it "
+            "under teacher")
+    teacher = config["teacher"]
+    if teacher["checkpoint"] is not None and teacher["init"] is not None:
+        raise KdflowError(
+            "invalid config: teacher.checkpoint (use a trained teacher as it is) and "
+            "teacher.init (start training from these weights) exclude each other: keep one")
+    if teacher["checkpoint"] is not None:
+        teacher["shared"] = True
 
 
 def _check_subset(data: dict) -> None:

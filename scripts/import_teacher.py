@@ -1,0 +1,20 @@
+# Imports a trained teacher (teacher.checkpoint) as this run's teacher checkpoint.
+from kdflow.workflow.cli import run_step
+from kdflow.train.teacher import import_teacher
+
+run_step(
+    snakemake.log[0],
+    lambda: import_teacher(
+        snakemake.params.arm,
+        source=snakemake.input.source,
+        source_record=dict(snakemake.params.source),
+        dataset=snakemake.input.dataset,
+        split=snakemake.input.split,
+        out_model=snakemake.output.model,
+        device=snakemake.params.device,
+        engine=snakemake.params.engine,
+        threads=snakemake.threads,
+    ),
+    device=snakemake.params.device,
+    gpu_config=snakemake.config["gpu"],
+)

@@ -1,0 +1,206 @@
+"""Teachers from outside and shared teachers: imported checkpoints, fine-tuning
+from given weights, one teacher for every seed.
+
+One real run imports the teacher that the shared `workflow_run` trained
+(its seed-0 model.pt, by file URL and md5) and distils 3 seeds of students
+from it; the rest are dry runs and direct calls on the tiny data."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from kdflow import KdflowError
+from kdflow.data.fetch import fetch_archive
+from kdflow.models import checkpoint
+from kdflow.models.zoo import build_model
+from kdflow.train.job import train
+from kdflow.train.teacher import import_teacher
+from kdflow.workflow.config import validate
+from tests.conftest import base_config, deep_update, planned_jobs, snakemake
+
+
+def md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def imported_config(tiny_archive, source: Path, seeds=(0, 1, 2)) -> dict:
+    return deep_update(base_config(*tiny_archive), {
+        "seeds": list(seeds),
+        "teacher": {"checkpoint": {"url": source.as_uri(), "md5": md5(source)}}})
+
+
+@pytest.fixture(scope="module")
+def imported_run(tmp_path_factory, tiny_archive, workflow_run):
+    """Run 2 of the test experiment: the teacher run 1 trained for seed 0,
+    imported; planned jobs before the run, the workdir and config."""
+    first, _ = workflow_run
+    workdir = tmp_path_factory.mktemp("imported")
+    config = imported_config(tiny_archive, first / "results/seed0/teacher/model.pt")
+    jobs = planned_jobs(workdir, config)
+    snakemake(workdir, config)
+    return workdir, config, jobs
+
+
+def test_a_teacher_trained_by_one_run_is_imported_by_another(imported_run, workflow_run):
+    workdir, config, jobs = imported_run
+    assert "train_teacher" not in jobs
+    assert jobs["fetch_teacher_checkpoint"] == jobs["import_teacher"] == 1
+    assert jobs["evaluate_teacher"] == 1 and jobs["teacher_logits"] == 1
+    assert jobs["train_student_baseline"] == jobs["train_student_kd"] == 3
+    res = workdir / "results"
+    for seed in (0, 1, 2):
+        student = checkpoint.load(res / f"seed{seed}/lightnn/kd/T2_w0.25/model.pt")
+        assert student["teacher"]["path"] == "results/teacher/model.pt"
+        assert student["seed"] == seed
+    teacher = checkpoint.load(res / "teacher/model.pt")
+    source = config["teacher"]["checkpoint"]
+    assert teacher["source"]["url"] == source["url"] and teacher["source"]["md5"] == source["md5"]
+    # The same weights on the same data: the same test results as in run 1.
+    first, _ = workflow_run
+    mine = json.loads((res / "teacher/metrics.json").read_text())
+    theirs = json.loads((first / "results/seed0/teacher/metrics.json").read_text())
+    assert mine["correct"] == theirs["correct"] and mine["confusion_matrix"] == theirs["confusion_matrix"]
+    # The report names where the teacher came from, and that it is shared.
+    html = (res / "report.html").read_text()
+    assert source["url"] in html and source["md5"] in html
+    assert "imported, not trained here" in html and "one teacher shared by all 3 seeds" in html
+    head = json.loads((res / "summary/headline.json").read_text())
+    assert head["teacher"]["shared"] and head["teacher"]["source"] == source
+    assert head["n_seeds"] == 3
+    # Its row stands for every seed's teacher in the tables.
+    import pandas as pd
+    m = pd.read_csv(res / "summary/metrics.csv")
+    t = m[m["arm"] == "teacher"]
+    assert sorted(t["seed"]) == [0, 1, 2] and t["accuracy"].nunique() == 1
+
+
+def test_a_new_teacher_md5_reruns_every_student_but_nothing_upstream(imported_run, tmp_path):
+    workdir, config, _ = imported_run
+    # Another teacher: the same checkpoint with one weight nudged.
+    ckpt = torch.load(workdir / "results/teacher/model.pt", weights_only=True)
+    key = next(iter(ckpt["state_dict"]))
+    ckpt["state_dict"][key] = ckpt["state_dict"][key] * 1.01
+    other = tmp_path / "other.pt"
+    torch.save(ckpt, other)
+    changed = deep_update(config, {"teacher": {"checkpoint": {"url": other.as_uri(),
+                                                               "md5": md5(other)}}})
+    jobs = planned_jobs(workdir, changed)
+    assert jobs.pop("fetch_teacher_checkpoint") == jobs.pop("import_teacher") == 1
+    assert jobs.pop("train_student_baseline") == jobs.pop("train_student_kd") == 3
+    assert not {"download", "convert", "split", "subset"} & set(jobs)
+    assert set(jobs) <= {"teacher_logits", "evaluate", "evaluate_teacher", "aggregate",
+                         "report", "all"}
+
+
+def test_one_shared_trained_teacher_teaches_three_seeds(tmp_path, tiny_archive):
+    config = deep_update(base_config(*tiny_archive),
+                         {"seeds": [0, 1, 2], "teacher": {"shared": True}})
+    jobs = planned_jobs(tmp_path, config)
+    assert jobs["train_teacher"] == 1 and jobs["teacher_logits"] == 1
+    assert jobs["evaluate_teacher"] == 1
+    assert jobs["train_student_baseline"] == jobs["train_student_kd"] == 3
+    assert jobs["evaluate"] == 6            # the students only
+
+
+def test_fine_tuning_plans_the_download_of_its_initial_weights(tmp_path, tiny_archive):
+    weights = tmp_path / "init.pt"
+    torch.save(build_model("deepnn", 100).state_dict(), weights)
+    config = deep_update(base_config(*tiny_archive), {
+        "teacher": {"init": {"url": str(weights), "md5": md5(weights)}}})
+    jobs = planned_jobs(tmp_path, config)
+    assert jobs["fetch_teacher_init"] == 1 and jobs["train_teacher"] == 2
+
+
+def test_teacher_keys_are_teacher_only_and_exclusive(tiny_archive):
+    base = base_config(*tiny_archive)
+    ref = {"url": "/x.pt", "md5": "0" * 32}
+    with pytest.raises(KdflowError, match="student.init is a teacher key"):
+        validate(deep_update(base, {"student": {"init": ref}}))
+    with pytest.raises(KdflowError, match="exclude each other"):
+        validate(deep_update(base, {"teacher": {"init": ref, "checkpoint": ref}}))
+    with pytest.raises(KdflowError, match="md5"):
+        validate(deep_update(base, {"teacher": {"checkpoint": {"url": "/x.pt", "md5": "abc"}}}))
+    assert validate(deep_update(base, {"teacher": {"checkpoint": ref}}))["teacher"]["shared"]
+
+
+def test_a_teacher_file_with_the_wrong_md5_is_refused_naming_its_key(tmp_path):
+    src = tmp_path / "t.pt"
+    torch.save(build_model("lightnn").state_dict(), src)
+    with pytest.raises(KdflowError, match=r"set teacher\.checkpoint\.md5") as e:
+        fetch_archive(str(src), "0" * 32, tmp_path / "out.pt", key="teacher.checkpoint")
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "out.pt").exists() and not list(tmp_path.glob("*.part"))
+
+
+# Direct calls on the test experiment's data (run 1's converted set and split).
+
+def data_of(workflow_run):
+    first, _ = workflow_run
+    return str(first / "results/data/cifar10.npz"), str(first / "results/data/split.npz")
+
+
+@pytest.mark.parametrize("make,needle", [
+    (lambda p: torch.save(build_model("lightnn").state_dict(), p), "architecture"),
+    (lambda p: torch.save(build_model("deepnn", 7).state_dict(), p), "class"),
+    (lambda p: torch.save(build_model("deepnn", 10, 64).state_dict(), p), "built for 64x64 images"),
+    (lambda p: torch.save({"weights": build_model("deepnn").state_dict(),
+                           "note": Path("/tmp")}, p), "pickled"),
+], ids=["architecture", "class-count", "image-size", "pickled-code"])
+def test_a_teacher_that_does_not_fit_is_refused_clearly(tmp_path, workflow_run, make, needle):
+    dataset, split = data_of(workflow_run)
+    _, config = workflow_run
+    arm = {"path": "teacher", "role": "teacher", "training": validate(config)["teacher"],
+           "method": None, "values": {}}
+    src = tmp_path / "teacher.pt"
+    make(src)
+    out = tmp_path / "model.pt"
+    with pytest.raises(KdflowError, match=needle) as e:
+        import_teacher(arm, source=str(src), source_record={"url": str(src), "md5": md5(src)},
+                       dataset=dataset, split=split, out_model=str(out), device="cpu",
+                       engine={"precision": "fp32", "compile": False, "deterministic": True})
+    assert len(str(e.value).splitlines()) == 1
+    assert not out.exists()
+
+
+def test_a_fine_tuned_teacher_replaces_the_head_and_starts_elsewhere(tmp_path, workflow_run,
+                                                                     caplog):
+    dataset, split = data_of(workflow_run)
+    _, config = workflow_run
+    cfg = validate(config)
+    arm = {"path": "teacher", "role": "teacher", "training": cfg["teacher"], "method": None,
+           "values": {}}
+    # Weights for another task (100 classes), trained a little so they differ
+    # from any random start: every layer but the head is what they give.
+    torch.manual_seed(123)
+    pretrained = build_model("deepnn", 100)
+    with torch.no_grad():
+        for p in pretrained.parameters():
+            p.mul_(1.5)
+    init = tmp_path / "imagenet-like.pt"
+    torch.save(pretrained.state_dict(), init)
+
+    def run(name, **kw):
+        out = tmp_path / name
+        train(arm, dataset=dataset, split=split, out_model=str(out / "model.pt"),
+              out_history=str(out / "history.csv"), seed=0, device="cpu",
+              engine=cfg["engine"], threads=1, **kw)
+        return checkpoint.load(out / "model.pt"), (out / "history.csv").read_text()
+
+    with caplog.at_level(logging.INFO, logger="kdflow"):
+        tuned, tuned_hist = run("tuned", init=str(init),
+                                init_record={"url": str(init), "md5": md5(init)})
+    assert "classifier head classifier.3 replaced (100 classes there, 10 here)" in caplog.text
+    assert tuned["init"]["head_replaced"] and tuned["init"]["md5"] == md5(init)
+    scratch, scratch_hist = run("scratch")
+    assert scratch["init"] is None
+    first = lambda h: h.splitlines()[1].split(",")
+    header = tuned_hist.splitlines()[0].split(",")
+    col = header.index("val_accuracy")
+    assert first(tuned_hist)[col] != first(scratch_hist)[col]
