@@ -7,6 +7,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import json
 import os
 import struct
 import tarfile
@@ -24,6 +25,7 @@ from kdflow.data.arrays import balanced_pick, pixel_stats, write_subset
 from kdflow.data import folder
 from kdflow.data.datasets import archive_name, convert, fetch, fingerprint
 from kdflow.data.folder import MAX_MEMBERS
+from kdflow.models import checkpoint
 from tests.childmem import MAX_PEAK, run_capped
 from tests.conftest import base_config, planned_jobs, snakemake
 
@@ -788,22 +790,36 @@ def test_subset_defaults_to_all():
 # The workflow, end to end, on a test-made tree
 # --------------------------------------------------------------------------
 
-def test_workflow_on_a_folder(tmp_path):
-    tree = make_tree(tmp_path / "tree", train=20, test=5)
+def test_workflow_on_a_folder_at_64_pixels(tmp_path):
+    # 80x80 photos trained at 64x64, a kdflow and a torchvision student, one
+    # teacher shared by both seeds.
+    tree = make_tree(tmp_path / "tree", train=20, test=5, size=80)
     workdir = tmp_path / "run"
     workdir.mkdir()
     config = base_config(tree, "")     # its data section is replaced here
-    config["seeds"] = [0]
     config["data"] = {"dataset": "folder", "url": str(tree), "val_size": 50,
-                      "subset": {"train": 150, "test": 40}}
+                      "subset": {"train": 150, "test": 40}, "image_size": 64}
+    config["teacher"]["shared"] = True
+    config["student"]["model"] = ["lightnn", "mobilenet_v3_small"]
     snakemake(workdir, config)
-    metrics = workdir / "results" / "seed0" / "teacher" / "metrics.json"
-    assert '"test_images": 40' in metrics.read_text()
-    assert not (workdir / "results" / "data" / "folder.tar.gz").exists()  # read in place
-    with np.load(workdir / "results" / "data" / "folder.npz") as d:
-        assert len(d["y_train"]) == 200
-    report = (workdir / "results" / "report.html").read_text()
+    res = workdir / "results"
+    metrics = json.loads((res / "teacher" / "metrics.json").read_text())
+    assert metrics["test_images"] == 40
+    assert not (res / "data" / "folder.tar.gz").exists()  # read in place
+    with np.load(res / "data" / "folder.npz") as d:
+        assert len(d["y_train"]) == 200 and d["x_train"].shape[1:] == (3, 64, 64)
+    for seed in (0, 1):
+        for student in ("lightnn", "mobilenet_v3_small"):
+            ckpt = checkpoint.load(res / f"seed{seed}" / student / "kd" / "T2_w0.25" / "model.pt")
+            assert ckpt["image_size"] == 64 and ckpt["teacher"]["path"] == "results/teacher/model.pt"
+    # LightNN at 64x64, by hand (MACs of convolutions and matrix products):
+    # conv 3->16 at 64x64, conv 16->16 at 32x32, linear 16*16*16 -> 256 -> 10.
+    light = json.loads((res / "seed0" / "lightnn" / "ce" / "metrics.json").read_text())
+    assert light["macs_per_image"] == (64 * 64 * 16 * 3 * 9 + 32 * 32 * 16 * 16 * 9
+                                       + 4096 * 256 + 256 * 10)
+    report = (res / "report.html").read_text()
     assert "subset run" in report.lower()
+    assert "one teacher shared by all 2 seeds" in report and "trained once, with seed 0" in report
 
     # Another subset: only the steps after conversion rerun.
     smaller = {**config, "data": {**config["data"], "subset": {"train": 120, "test": 40}}}
