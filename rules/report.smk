@@ -67,6 +67,8 @@ rule report:
         "../envs/kdflow.yaml"
     params:
         title=config["report"]["title"],
+        # The published accuracies a preset reproduces, shown beside the measured.
+        published=config["report"]["published"],
         # Shown in the report; every one of these also reruns the jobs it
         # affects, so the report is rebuilt with them anyway.
         experiment={

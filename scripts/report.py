@@ -9,5 +9,6 @@ run_step(
         figures={k: v for k, v in snakemake.output.items() if k != "html"},
         title=snakemake.params.title,
         experiment=snakemake.params.experiment,
+        published=snakemake.params.published,
     ),
 )

@@ -39,6 +39,10 @@ CONFIG_FACING = [
     # The losses' knobs are kd keys; logits, targets and DKD's fixed label
     # weight are not configurable.
     (losses.kd_loss, KD, {"student_logits", "teacher_logits", "targets"}),
+    (losses.cosine_loss, KD, {"student_features", "teacher_features", "student_logits",
+                              "targets"}),
+    (losses.hint_loss, KD, {"regressed_student", "teacher_features", "student_logits",
+                            "targets"}),
     (losses.dkd_total_loss, {**KD, **KD["dkd"]["properties"]},
      {"student_logits", "teacher_logits", "targets", "warmup_factor", "ce_weight"}),
     (losses.dist_total_loss, {**KD, **KD["dist"]["properties"]},

@@ -57,7 +57,12 @@ def test_plan_records_hold_exactly_their_own_setting():
     assert len(paths) == 1 + 2 * (1 + 4 + 2)
     kd = study.lookup(c, "resnet8/kd/T4_w0.5")
     assert (kd.role, kd.model, kd.method, kd.setting) == ("student_kd", "resnet8", "kd", "T4_w0.5")
-    assert kd.values == {"temperature": 4.0, "soft_target_weight": 0.5, "standardize": False}
+    assert kd.values == {"temperature": 4.0, "soft_target_weight": 0.5, "ce_weight": None,
+                         "standardize": False}
+    # A knob added later stays out of the record (a job's params) at its
+    # default, so results made before it existed stay fresh.
+    assert kd.record()["values"] == {"temperature": 4.0, "soft_target_weight": 0.5,
+                                     "standardize": False}
     assert kd.training == {**c["student"], "model": "resnet8"}
     dkd = study.lookup(c, "lightnn/dkd/T1_b2")
     assert dkd.values == {"temperature": 1.0, "dkd.alpha": 1.0, "dkd.beta": 2.0,
@@ -189,6 +194,15 @@ def test_sweeping_a_new_knob_keeps_the_existing_settings(study_run):
         "train_student_kd": 2, "evaluate": 2, "aggregate": 1, "report": 1, "all": 1}
 
 
+def test_a_ce_weight_reruns_only_the_methods_that_use_it(study_run):
+    """ce_weight [default, 1]: kd (8 settings), cosine and hint (2 each) gain
+    a twin with CE weight 1; dkd, dist and every existing setting stay."""
+    workdir, config = study_run
+    changed = deep_update(config, {"kd": {"ce_weight": [None, 1.0]}})
+    assert planned_jobs(workdir, changed) == {
+        "train_student_kd": 12, "evaluate": 12, "aggregate": 1, "report": 1, "all": 1}
+
+
 def test_adding_confirm_seeds_to_a_finished_study_plans_the_choice(study_run):
     """confirm_seeds added after a selection-only run: the choice, the new
     seed's teacher and plain student, then aggregate and report (the chosen
@@ -268,3 +282,31 @@ def test_repdistiller_presets_dry_run(tmp_path, preset, teacher, student):
         assert (s["optimizer"], s["momentum"], s["weight_decay"]) == ("sgd", 0.9, 5e-4)
         assert s["lr_milestones"] == [150, 180, 210] and s["augment"] == {"crop": 4, "flip": True}
     assert (c["kd"]["temperature"], c["kd"]["soft_target_weight"]) == (4.0, 0.9)
+
+
+# The authors' recipes: method, the one setting's name and values, published numbers.
+RECIPES = [
+    ("ls_kd_cifar100_resnet32x4_resnet8x4.yaml", "kd", "T2_w9_ce0.1_ls",
+     {"temperature": 2.0, "soft_target_weight": 9.0, "ce_weight": 0.1, "standardize": True},
+     {"student_kd": 76.62}),
+    ("dist_cifar100_resnet32x4_resnet8x4.yaml", "dist", "T4_b2_g2",
+     {"temperature": 4.0, "dist.beta": 2.0, "dist.gamma": 2.0},
+     {"teacher": 79.42, "student_baseline": 72.5, "student_kd": 76.31}),
+]
+
+
+@pytest.mark.parametrize("preset,method,setting,values,published", RECIPES,
+                         ids=[r[0] for r in RECIPES])
+def test_authors_recipe_presets_dry_run(tmp_path, preset, method, setting, values, published):
+    jobs = dry_run_preset(tmp_path, preset)
+    assert jobs["train_teacher"] == 3 and jobs["train_student_kd"] == 3
+    c = validate(yaml.safe_load((PRESETS / preset).read_text()))
+    assert c["data"]["dataset"] == "cifar100" and c["data"]["val_size"] == 5000
+    for section, model in (("teacher", "resnet32x4"), ("student", "resnet8x4")):
+        s = c[section]
+        assert s["model"] == model and (s["epochs"], s["batch_size"], s["lr"]) == (240, 64, 0.05)
+        assert (s["optimizer"], s["momentum"], s["weight_decay"]) == ("sgd", 0.9, 5e-4)
+        assert s["lr_milestones"] == [150, 180, 210] and s["augment"] == {"crop": 4, "flip": True}
+    assert study.settings(c) == [(method, setting, values)]
+    shown = {k: v for k, v in c["report"]["published"].items() if k != "source" and v is not None}
+    assert shown == published and c["report"]["published"]["source"]

@@ -314,9 +314,11 @@ def _subset(experiment: dict) -> dict | None:
 
 
 def render_report(tables: dict[str, str], out: str, title: str, experiment: dict,
-                  figures: dict[str, str] | None = None) -> None:
+                  figures: dict[str, str] | None = None, published: dict | None = None) -> None:
     """tables: paths of the aggregate step's CSV files and headline JSON.
-    figures: where to also write figures as PNG files, by name (see FIGURES)."""
+    figures: where to also write figures as PNG files, by name (see FIGURES).
+    published: config report.published, the accuracies (%) by role that a
+    preset reproduces, shown beside the measured ones."""
     t = {k: pd.read_csv(v) for k, v in tables.items() if k != "headline"}
     head = json.loads(Path(tables["headline"]).read_text())
     sns.set_theme(style="whitegrid", context="notebook")
@@ -372,6 +374,7 @@ def render_report(tables: dict[str, str], out: str, title: str, experiment: dict
         figures={k: "data:image/png;base64," + base64.b64encode(v).decode()
                  for k, v in figures.items()},
         subset=_subset(experiment),
+        published={k: v for k, v in (published or {}).items() if v is not None},
         experiment_yaml=yaml.safe_dump(experiment, sort_keys=False),
         provenance=_provenance(t["provenance"], experiment),
         commits=commits(t["provenance"]),

@@ -3,11 +3,13 @@
 Hinton, Vinyals & Dean (2015), "Distilling the knowledge in a neural network"
 (arXiv:1503.02531):
 
-    loss = (1 - w) * CE(y, s) + w * T^2 * KL(softmax(t / T) || softmax(s / T))
+    loss = c * CE(y, s) + w * T^2 * KL(softmax(t / T) || softmax(s / T))
 
-with student logits s, teacher logits t, temperature T and soft-target weight
-w (PyTorch's tutorial: w = 0.25, CE weight 0.75, T = 2). In the α notation,
-α = 1 - w is the weight of the label loss.
+with student logits s, teacher logits t, temperature T, soft-target weight w
+and label-loss weight c, by default c = 1 - w (PyTorch's tutorial: w = 0.25,
+c = 0.75, T = 2; in the α notation α = 1 - w). Recipes that do not mix the
+two convexly give c of its own (kd.ce_weight): logit standardization's
+CIFAR-100 recipe is c = 0.1, w = 9, T = 2 (Sun et al. 2024).
 
 - KL is averaged per *sample* (`reduction="batchmean"`); `"mean"` would also
   divide by the number of classes and silently shrink the soft term.
@@ -74,6 +76,12 @@ def standardize_logits(logits: torch.Tensor) -> torch.Tensor:
     return (z - z.mean(dim=1, keepdim=True)) / (1e-7 + z.std(dim=1, keepdim=True))
 
 
+def label_weight(soft_target_weight: float, ce_weight: Optional[float]) -> float:
+    """The label loss's weight c: `ce_weight`, or 1 - w when it is None
+    (the convex mix of Hinton et al. and the tutorial; kd.ce_weight)."""
+    return 1.0 - soft_target_weight if ce_weight is None else float(ce_weight)
+
+
 def kd_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -82,22 +90,25 @@ def kd_loss(
     soft_target_weight: float,
     *,
     standardize: bool = False,
+    ce_weight: Optional[float] = None,
 ) -> torch.Tensor:
-    """Hinton et al.'s loss: label CE plus the T^2-scaled soft-target KL.
+    """Hinton et al.'s loss: c * label CE plus w * the T^2-scaled soft-target KL,
+    c = :func:`label_weight` (1 - w unless `ce_weight` is given).
 
     With `standardize`, both logits are z-scored per sample before the
     temperature softmax (:func:`standardize_logits`; Sun et al. 2024); the
     label CE keeps the raw student logits, as in the authors' code.
     """
+    c = label_weight(soft_target_weight, ce_weight)
     ce = F.cross_entropy(student_logits, targets)
     if soft_target_weight == 0:
-        # Exactly plain cross-entropy: no teacher term, not even 0 * KL.
-        return ce
+        # Exactly c * cross-entropy: no teacher term, not even 0 * KL.
+        return c * ce
     if standardize:
         student_logits = standardize_logits(student_logits)
         teacher_logits = standardize_logits(teacher_logits)
     soft = soft_target_loss(student_logits, teacher_logits, temperature)
-    return (1.0 - soft_target_weight) * ce + soft_target_weight * soft
+    return c * ce + soft_target_weight * soft
 
 
 def teacher_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
@@ -190,10 +201,12 @@ def cosine_loss(
     student_logits: torch.Tensor,
     targets: torch.Tensor,
     soft_target_weight: float,
+    *,
+    ce_weight: Optional[float] = None,
 ) -> torch.Tensor:
     """Label CE plus a cosine loss between flattened hidden representations.
 
-        loss = (1 - w) * CE(y, s) + w * mean_i(1 - cos(h_s_i, h_t_i))
+        loss = c * CE(y, s) + w * mean_i(1 - cos(h_s_i, h_t_i)),  c = 1 - w by default
 
     PyTorch's knowledge-distillation tutorial ("ModifiedDeepNNCosine" /
     "ModifiedLightNNCosine", ``nn.CosineEmbeddingLoss`` with target 1):
@@ -202,12 +215,13 @@ def cosine_loss(
     features are expected to come from ``torch.no_grad()``.
     """
     w = soft_target_weight
+    c = label_weight(w, ce_weight)
     ce = F.cross_entropy(student_logits.float(), targets)
     if w == 0:
-        return ce  # exactly CE, as in kd_loss
+        return c * ce  # exactly c * CE, as in kd_loss
     h_s, h_t = match_vectors(student_features, teacher_features)
     hidden = (1.0 - F.cosine_similarity(h_s, h_t, dim=1)).mean()
-    return (1.0 - w) * ce + w * hidden
+    return c * ce + w * hidden
 
 
 def _common_hw(a: tuple[int, int], b: tuple[int, int]) -> tuple[int, int]:
@@ -257,10 +271,12 @@ def hint_loss(
     student_logits: torch.Tensor,
     targets: torch.Tensor,
     soft_target_weight: float,
+    *,
+    ce_weight: Optional[float] = None,
 ) -> torch.Tensor:
     """Label CE plus the FitNets hint: MSE between regressed student and teacher maps.
 
-        loss = (1 - w) * CE(y, s) + w * mean((r(h_s) - h_t)^2)
+        loss = c * CE(y, s) + w * mean((r(h_s) - h_t)^2),  c = 1 - w by default
 
     Romero et al. 2015; the tutorial's feature_map_weight 0.25 and
     ce_loss_weight 0.75 are w = 0.25. The MSE averages over all elements
@@ -270,13 +286,14 @@ def hint_loss(
     upsampling the student would.
     """
     w = soft_target_weight
+    c = label_weight(w, ce_weight)
     ce = F.cross_entropy(student_logits.float(), targets)
     if w == 0:
-        return ce
+        return c * ce
     r, t = regressed_student.float(), teacher_features.float()
     hw = _common_hw(tuple(r.shape[-2:]), tuple(t.shape[-2:]))
     r, t = _pool2d(r, hw), _pool2d(t, hw)
-    return (1.0 - w) * ce + w * F.mse_loss(r, t)
+    return c * ce + w * F.mse_loss(r, t)
 
 
 # --------------------------------------------------------------------------
@@ -368,10 +385,15 @@ def dkd_total_loss(
 ) -> torch.Tensor:
     """ce_weight * CE + warmup_factor * dkd_loss, as mdistiller's DKD distiller.
 
-    DKD's CIFAR-100 defaults: CE weight 1.0, alpha 1.0, beta 8.0, T 4.0,
-    warm-up 20 epochs (warmup_factor = dkd_warmup(epoch, 20)). With
-    `standardize` the DKD terms see z-scored logits (Sun et al. 2024's
-    DKD + LS); the label CE keeps the raw ones.
+    The authors' CIFAR-100 values (mdistiller's configs): CE weight 1.0,
+    alpha 1.0, beta 8.0 (6.0 for wrn_40_2 -> wrn_16_2), T 4.0, warm-up 20
+    epochs (warmup_factor = dkd_warmup(epoch, 20)). kdflow's config takes
+    alpha, beta and the warm-up as theirs (kd.dkd.*), but T is the shared
+    kd.temperature, whose default is the tutorial's 2.0: their recipe needs
+    kd.temperature 4. The CE weight is always theirs, 1. With `standardize`
+    the DKD terms see z-scored logits (Sun et al. 2024's DKD + LS, whose
+    README runs it with alpha and beta times 9 at T = 2); the label CE keeps
+    the raw ones.
     """
     ce = F.cross_entropy(student_logits.float(), targets)
     if standardize:
@@ -415,7 +437,9 @@ def dist_loss(
     the teacher's (invariant to shift and scale, so a stronger teacher's
     sharper outputs need not be copied exactly); the intra-class term asks
     each class's scores across the batch to correlate. Paper: beta = gamma
-    = 1, T = 1 (ImageNet).
+    = 1, T = 1 (ImageNet). On CIFAR-100 the authors' config
+    (dist_cifar.yaml) trains CE + 2 * DIST(beta 1, gamma 1, tau 4): here
+    beta = gamma = 2, T = 4.
     """
     t = float(temperature)
     p_s = F.softmax(student_logits.float() / t, dim=1)

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from kdflow import KdflowError
+from kdflow.core import schema
 
 if TYPE_CHECKING:  # for annotations only: torch is imported by the jobs
     import torch
@@ -38,11 +39,17 @@ class Knob:
     goes by in every record, table and column; `tag` writes it in setting
     names (T2, w0.25, ls). A `primary` knob is always in the name; any
     other only when it differs from its schema default, so that sweeping a
-    new knob keeps the existing settings' names (and results)."""
+    new knob keeps the existing settings' names (and results).
+
+    A knob added to a method once results existed is not `recorded_at_default`:
+    at its default it is left out of the plan record, which is each job's
+    Snakemake params, so that adding it reruns nothing; :func:`complete`
+    puts it back for whoever reads a record."""
 
     key: str
     tag: str
     primary: bool
+    recorded_at_default: bool = True
 
 
 @dataclass
@@ -78,15 +85,17 @@ class MethodSpec:
 # Knobs shared by several methods: one definition each.
 TEMPERATURE = Knob("temperature", "T", primary=True)
 WEIGHT = Knob("soft_target_weight", "w", primary=True)
+# The label loss's weight beside WEIGHT; its default (none) means 1 - w.
+CE_WEIGHT = Knob("ce_weight", "ce", primary=False, recorded_at_default=False)
 STANDARDIZE = Knob("standardize", "ls", primary=False)
 
 
 def _kd(v: dict, ctx: BuildContext) -> Method:
     from kdflow.distill.losses import kd_loss
 
-    T, w, ls = v["temperature"], v["soft_target_weight"], v["standardize"]
+    T, w, c, ls = v["temperature"], v["soft_target_weight"], v["ce_weight"], v["standardize"]
     return Method(lambda s: kd_loss(s.logits, s.teacher_logits, s.targets, T, w,
-                                    standardize=ls), features=False)
+                                    standardize=ls, ce_weight=c), features=False)
 
 
 def _dkd(v: dict, ctx: BuildContext) -> Method:
@@ -111,27 +120,29 @@ def _dist(v: dict, ctx: BuildContext) -> Method:
 def _cosine(v: dict, ctx: BuildContext) -> Method:
     from kdflow.distill.losses import cosine_loss
 
-    w = v["soft_target_weight"]
+    w, c = v["soft_target_weight"], v["ce_weight"]
     return Method(lambda s: cosine_loss(s.features, s.teacher_features, s.logits,
-                                        s.targets, w), features=True)
+                                        s.targets, w, ce_weight=c), features=True)
 
 
 def _hint(v: dict, ctx: BuildContext) -> Method:
     from kdflow.distill.losses import HintRegressor, hint_loss
 
-    w = v["soft_target_weight"]
+    w, c = v["soft_target_weight"], v["ce_weight"]
     c_s, *_ = _feature_shape(ctx.student.to(ctx.device), ctx.device, ctx.image_shape)
     c_t, h_t, w_t = _feature_shape(ctx.teacher, ctx.device, ctx.image_shape)
     # Initial weights from the method's own generator (kdflow.core.streams): the
     # student's dropout masks stay those of its plain twin.
     regressor = HintRegressor(c_s, c_t, generator=ctx.generator)
     return Method(lambda s: hint_loss(regressor(s.features, (h_t, w_t)), s.teacher_features,
-                                      s.logits, s.targets, w), features=True, extra=regressor)
+                                      s.logits, s.targets, w, ce_weight=c),
+                  features=True, extra=regressor)
 
 
 METHODS: dict[str, MethodSpec] = {
     "kd": MethodSpec(
-        "kd", "KD (Hinton)", (TEMPERATURE, WEIGHT, STANDARDIZE), logits_only=True, build=_kd,
+        "kd", "KD (Hinton)", (TEMPERATURE, WEIGHT, CE_WEIGHT, STANDARDIZE), logits_only=True,
+        build=_kd,
         reference="Hinton, Vinyals & Dean 2015; logit standardization: Sun et al., CVPR 2024"),
     "dkd": MethodSpec(
         "dkd", "DKD",
@@ -143,10 +154,10 @@ METHODS: dict[str, MethodSpec] = {
         (TEMPERATURE, Knob("dist.beta", "b", False), Knob("dist.gamma", "g", False)),
         logits_only=True, build=_dist, reference="Huang et al., NeurIPS 2022"),
     "cosine": MethodSpec(
-        "cosine", "cosine (features)", (WEIGHT,), logits_only=False, build=_cosine,
+        "cosine", "cosine (features)", (WEIGHT, CE_WEIGHT), logits_only=False, build=_cosine,
         reference="PyTorch's knowledge-distillation tutorial"),
     "hint": MethodSpec(
-        "hint", "hint (FitNets)", (WEIGHT,), logits_only=False, build=_hint,
+        "hint", "hint (FitNets)", (WEIGHT, CE_WEIGHT), logits_only=False, build=_hint,
         reference="Romero et al., ICLR 2015"),
 }
 
@@ -167,10 +178,46 @@ def caches_teacher_logits(method: str, augment: dict) -> bool:
     return spec(method).logits_only and not (augment["crop"] or augment["flip"])
 
 
+def recorded(method: str, values: dict) -> dict:
+    """A setting's values as its plan record keeps them: without the knobs
+    that are not recorded at their default (see :class:`Knob`)."""
+    quiet = {k.key for k in spec(method).knobs if not k.recorded_at_default
+             and k.key in values and values[k.key] == schema.default(f"kd.{k.key}")}
+    return {k: v for k, v in values.items() if k not in quiet}
+
+
+def complete(method: str, values: dict) -> dict:
+    """A record's values with every knob :func:`recorded` leaves out back at
+    its schema default, in the order of the method's knobs."""
+    knobs = spec(method).knobs
+    defaults = {k.key: schema.default(f"kd.{k.key}") for k in knobs if not k.recorded_at_default}
+    return {k.key: values[k.key] if k.key in values else defaults[k.key]
+            for k in knobs if k.key in values or k.key in defaults}
+
+
+def check(method: str, values: dict) -> None:
+    """Refuse one setting whose loss makes no sense, naming the fix."""
+    if "ce_weight" not in values:
+        return
+    w, c = values["soft_target_weight"], values["ce_weight"]
+    if c is None and w > 1:
+        raise KdflowError(
+            f"invalid config: {method} with kd.soft_target_weight {w:g} and no kd.ce_weight "
+            f"would give the label loss the weight 1 - w = {1 - w:g}; set kd.ce_weight, the "
+            "label loss's own weight (logit standardization's recipe: ce_weight 0.1, "
+            "soft_target_weight 9), or keep soft_target_weight in [0, 1]")
+    if c == 0 and w == 0:
+        raise KdflowError(
+            f"invalid config: {method} with kd.ce_weight 0 and kd.soft_target_weight 0 has no "
+            "loss at all; give one of them a positive weight")
+
+
 def build(method: str, values: dict, ctx: BuildContext) -> Method:
     """The Method of one distilled job: `values` holds every knob of the
-    method (a study record's values)."""
+    method (a study record's values; those :func:`recorded` leaves out may
+    be missing)."""
     s = spec(method)
+    values = complete(method, values)
     missing = [k.key for k in s.knobs if k.key not in values]
     if missing:
         raise KdflowError(f"method {method!r} needs values for {', '.join(missing)}")

@@ -40,6 +40,7 @@ from typing import Optional
 from kdflow import KdflowError
 from kdflow.core import atomic
 from kdflow.core import schema
+from kdflow.distill import methods
 from kdflow.distill.methods import MethodSpec, spec
 
 ROLES = ("teacher", "student_baseline", "student_kd")
@@ -74,13 +75,17 @@ class Arm:
     values: dict = field(default_factory=dict, hash=False, compare=False)
 
     def record(self) -> dict:
-        """Plain data: a job's parameter, stored in its checkpoint and metrics."""
+        """Plain data: a job's parameter, stored in its checkpoint and metrics
+        (a knob added later is left out at its default: methods.recorded)."""
+        values = methods.recorded(self.method, self.values) if self.method else self.values
         return {"path": self.path, "role": self.role, "model": self.model,
                 "training": self.training, "method": self.method, "setting": self.setting,
-                "values": self.values}
+                "values": values}
 
     @classmethod
     def from_record(cls, record: dict) -> "Arm":
+        if record.get("method"):
+            record = {**record, "values": methods.complete(record["method"], record["values"])}
         return cls(**record)
 
 
@@ -145,6 +150,7 @@ def settings(config: dict) -> list[tuple[str, str, dict]]:
         keys = [k.key for k in method.knobs]
         for combo in itertools.product(*(as_list(_kd_value(kd, k)) for k in keys)):
             values = dict(zip(keys, combo))
+            methods.check(name, values)
             out.append((name, setting_name(method, values), values))
     seen = set()
     for name, setting, _ in out:
