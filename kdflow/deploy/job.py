@@ -1,0 +1,164 @@
+"""The workflow's export job: a checkpoint to model.onnx, model.int8.onnx and their export.json.
+
+export.json (FORMAT), each number measured in this job:
+
+  model, dataset, split   what was exported, and from which data
+  onnx        file, opset, ir_version, input and output (name, dtype, shape
+              with "batch" dynamic, layout, channels, range), normalisation
+  check       the fp32 file against PyTorch on every test image: tolerance,
+              logit_scale, max_abs_diff, agreement {same, images, fraction},
+              pytorch / onnxruntime {correct, images, accuracy}
+  int8        null without int8; else file, quantization (the settings),
+              calibration {images, seed, drawn_from, sha256, indices},
+              accuracy, agreement_with_fp32, accuracy_drop, large_drop
+  files       per precision: file, bytes, sha256
+  latency     batch, warmup, runs, batches, threads, rows: one per runtime,
+              precision, batch and threads with median_ms, images_per_s and
+              speedup_vs_pytorch
+  cpu         name, machine, cores and the flags avx2, avx512f,
+              avx512_vnni, avx_vnni, amx (null where unknown)
+  provenance  kdflow.core.provenance plus the onnx packages' versions
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+from kdflow import KdflowError
+from kdflow.core import atomic, provenance
+from kdflow.data.arrays import channel_stats
+from kdflow.deploy import latency as lat
+from kdflow.deploy.onnx_export import (accuracy, agreement, check_against_pytorch, export_onnx,
+                                       onnx_logits, open_session, pytorch_logits)
+from kdflow.deploy.quantize import (LARGE_DROP, calibration_indices, digest, quantize_int8)
+from kdflow.models import checkpoint
+
+log = logging.getLogger(__name__)
+
+FORMAT = "kdflow-export-1"
+FILES = {"fp32": "model.onnx", "int8": "model.int8.onnx"}
+RECORD = "export.json"
+LATENCY_KEYS = ("batch", "warmup", "runs")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _latency_settings(latency: dict) -> dict:
+    if not isinstance(latency, dict) or set(latency) != set(LATENCY_KEYS) \
+            or not all(isinstance(latency[k], int) for k in LATENCY_KEYS) \
+            or latency["batch"] < 1 or latency["runs"] < 1 or latency["warmup"] < 0:
+        raise KdflowError(f"latency must be {{batch: >= 1, warmup: >= 0, runs: >= 1}} "
+                          f"(whole numbers), not {latency!r}")
+    return latency
+
+
+def export_model(model_path: str | os.PathLike, dataset: str | os.PathLike,
+                 split: str | os.PathLike, out_dir: str | os.PathLike, *,
+                 calibration_images: int, seed: int, latency: dict, int8: bool,
+                 threads: int) -> dict:
+    """Export, check, quantise and time one checkpoint; returns the record.
+
+    Writes into `out_dir`: model.onnx (fp32, normalisation baked in, see
+    kdflow.deploy.onnx_export), model.int8.onnx when `int8`, and
+    export.json, each whole (kdflow.core.atomic) and export.json last: it
+    exists only beside the files it describes. Everything is built in a
+    temporary folder inside `out_dir` first, so a failure at any step
+    leaves no new output at all.
+
+    calibration_images: training images (of `split`'s train_idx, drawn with
+    `seed`) that set the int8 ranges. latency: {batch: the large batch
+    measured beside batch 1, warmup, runs}. threads: the "all threads" count
+    of the latency table and of ONNX Runtime's scoring (0: every available
+    core).
+    """
+    settings = _latency_settings(latency)
+    scoring_threads = lat.thread_counts(threads)[-1]
+    where = str(model_path)
+    # Drawn first: a count the split cannot give fails before minutes of work.
+    idx = calibration_indices(split, calibration_images, seed) if int8 else None
+    model, ckpt = checkpoint.load_model(model_path)
+    with np.load(dataset) as d:
+        x_test, y_test = d["x_test"], d["y_test"]
+        mean, std = channel_stats(d)
+        x_train = d["x_train"] if int8 else None
+    image_shape = tuple(int(n) for n in x_test.shape[1:])
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    record = {"format": FORMAT,
+              "model": {"file": where, "name": ckpt["model"], "num_classes": ckpt["num_classes"]},
+              "dataset": str(dataset), "split": str(split)}
+
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".export-") as tmp:
+        paths = {"fp32": Path(tmp) / FILES["fp32"]}
+        record["onnx"] = {"file": FILES["fp32"],
+                          **export_onnx(model, paths["fp32"], mean, std, image_shape, where),
+                          "normalisation": {"mean": list(mean), "std": list(std),
+                                            "baked_in": True}}
+        reference = pytorch_logits(model, x_test, mean, std)
+        fp32_logits = onnx_logits(open_session(paths["fp32"], scoring_threads), x_test)
+        record["check"] = check_against_pytorch(reference, fp32_logits, y_test, where)
+        log.info("%s: ONNX matches PyTorch on %d test images (max |diff| %.2g)", where,
+                 len(y_test), record["check"]["max_abs_diff"])
+
+        record["int8"] = None
+        if int8:
+            paths["int8"] = Path(tmp) / FILES["int8"]
+            quantization = quantize_int8(paths["fp32"], paths["int8"], x_train[idx])
+            q_logits = onnx_logits(open_session(paths["int8"], scoring_threads), x_test)
+            acc = accuracy(q_logits, y_test)
+            drop = record["check"]["onnxruntime"]["accuracy"] - acc["accuracy"]
+            record["int8"] = {
+                "file": FILES["int8"], "quantization": quantization,
+                "calibration": {"images": len(idx), "seed": seed, "drawn_from": "train_idx",
+                                "sha256": digest(idx), "indices": idx.tolist()},
+                "accuracy": acc, "agreement_with_fp32": agreement(q_logits, fp32_logits),
+                "accuracy_drop": drop, "large_drop": drop > LARGE_DROP,
+                "large_drop_threshold": LARGE_DROP}
+            log.info("%s: int8 test accuracy %.2f%% (fp32 %.2f%%)%s", where,
+                     100 * acc["accuracy"], 100 * record["check"]["onnxruntime"]["accuracy"],
+                     ": a large drop" if drop > LARGE_DROP else "")
+
+        record["files"] = {p: {"file": FILES[p], "bytes": path.stat().st_size,
+                               "sha256": _sha256(path)} for p, path in paths.items()}
+        record["latency"] = {
+            **settings, "batches": sorted({1, settings["batch"]}),
+            "threads": lat.thread_counts(threads),
+            "rows": lat.measure(model, paths, mean, std, image_shape,
+                                batches=sorted({1, settings["batch"]}), threads=threads,
+                                warmup=settings["warmup"], runs=settings["runs"])}
+        record["cpu"] = lat.cpu_info()
+        record["provenance"] = {**provenance.collect("cpu"),
+                                **{p: _version(p) for p in ("onnx", "onnxscript", "onnxruntime")}}
+
+        # Into place. The old record goes first, so no export.json ever
+        # describes files other than those beside it; a stale int8 file of
+        # an earlier run with int8 on would be taken for this run's.
+        (out_dir / RECORD).unlink(missing_ok=True)
+        for precision, name in FILES.items():
+            if precision in paths:
+                with atomic.atomic_path(out_dir / name) as part:
+                    os.replace(paths[precision], part)
+            else:
+                (out_dir / name).unlink(missing_ok=True)
+        atomic.write_json(out_dir / RECORD, record)
+    return record
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None

@@ -1,0 +1,253 @@
+"""The deployed model: ONNX export checked against PyTorch, int8 calibrated on
+training images only, latency recorded, clear failures and no partial outputs.
+
+Tiny: random-weight models on a synthetic dataset of 200 training and 40 test
+images, 32 calibration images, latency from single runs of batches 1 and 4.
+"""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import nn
+
+from kdflow import KdflowError
+from kdflow.data.arrays import channel_stats, write_dataset, write_split
+from kdflow.deploy import job, latency, quantize
+from kdflow.deploy.job import FILES, RECORD, export_model
+from kdflow.deploy.onnx_export import (MAX_DIFF_RELATIVE, MIN_AGREEMENT, check_against_pytorch,
+                                       export_onnx, onnx_logits, open_session, pytorch_logits)
+from kdflow.models import checkpoint
+from kdflow.models.zoo import build_model
+from tests.conftest import CLASSES, synthetic_images
+
+CALIBRATION = 32
+LATENCY = {"batch": 4, "warmup": 0, "runs": 1}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("deploy")
+    rng = np.random.default_rng(0)
+    x, y = synthetic_images(200, rng)
+    xt, yt = synthetic_images(40, rng)
+    write_dataset(root / "data.npz", "cifar10", x.reshape(-1, 3, 32, 32), np.array(y),
+                  xt.reshape(-1, 3, 32, 32), np.array(yt), CLASSES)
+    write_split(root / "data.npz", root / "split.npz", val_size=20, seed=0)
+    return root
+
+
+def _checkpoint(root, name, seed=0):
+    torch.manual_seed(seed)
+    path = root / f"{name}-{seed}.pt"
+    checkpoint.save(path, state_dict=build_model(name).state_dict(), model=name, num_classes=10)
+    return path
+
+
+def _export(data, name, out, **overrides):
+    kwargs = dict(calibration_images=CALIBRATION, seed=0, latency=LATENCY, int8=True, threads=0)
+    return export_model(_checkpoint(data, name), data / "data.npz", data / "split.npz", out,
+                        **{**kwargs, **overrides})
+
+
+@pytest.fixture(scope="module", params=["lightnn", "deepnn"])
+def exported(request, data):
+    out = data / f"export-{request.param}"
+    return request.param, out, _export(data, request.param, out)
+
+
+def _test_images(data):
+    with np.load(data / "data.npz") as d:
+        return d["x_test"], d["y_test"], channel_stats(d)
+
+
+def test_export_matches_pytorch_within_tolerance_and_records_the_file(exported, data):
+    name, out, record = exported
+    assert sorted(p.name for p in out.iterdir()) == sorted([RECORD, *FILES.values()])
+    assert json.loads((out / RECORD).read_text()) == record
+    check = record["check"]
+    assert check["max_abs_diff"] <= MAX_DIFF_RELATIVE * check["logit_scale"]
+    assert check["agreement"]["fraction"] >= MIN_AGREEMENT
+    assert check["pytorch"]["correct"] == check["onnxruntime"]["correct"]
+    # Recomputed here, from the files alone.
+    x, y, (mean, std) = _test_images(data)
+    model, _ = checkpoint.load_model(record["model"]["file"])
+    ours = onnx_logits(open_session(out / FILES["fp32"]), x)
+    theirs = pytorch_logits(model, x, mean, std)
+    assert np.abs(ours - theirs).max() <= MAX_DIFF_RELATIVE * np.abs(theirs).max()
+    assert check["pytorch"]["correct"] == int((theirs.argmax(1) == y).sum())
+    # The record describes the file a user gets.
+    m = onnx.load(str(out / FILES["fp32"]))
+    assert record["onnx"]["opset"] == next(o.version for o in m.opset_import if o.domain == "")
+    assert record["onnx"]["input"] == {"name": "images", "dtype": "float32",
+                                       "shape": ["batch", 3, 32, 32], "layout": "NCHW",
+                                       "channels": "RGB", "range": [0.0, 255.0]}
+    assert record["onnx"]["output"]["shape"] == ["batch", 10]
+    assert record["onnx"]["normalisation"]["mean"] == pytest.approx(mean)
+    for precision, name_ in FILES.items():
+        assert record["files"][precision]["bytes"] == (out / name_).stat().st_size
+
+
+def test_batch_size_is_dynamic_and_the_file_takes_raw_pixels(exported, data):
+    _, out, record = exported
+    x, _, (mean, std) = _test_images(data)
+    model, _ = checkpoint.load_model(record["model"]["file"])
+    session = open_session(out / FILES["fp32"])
+    for n in (1, 7):
+        logits = onnx_logits(session, x[:n])
+        assert logits.shape == (n, 10)
+        # Plain 0..255 pixels in, the same logits as kdflow's normalised path.
+        ref = pytorch_logits(model, x[:n], mean, std)
+        assert np.abs(logits - ref).max() <= MAX_DIFF_RELATIVE * np.abs(ref).max()
+
+
+def test_int8_accuracy_is_what_onnx_runtime_gives(exported, data):
+    _, out, record = exported
+    x, y, _ = _test_images(data)
+    int8 = record["int8"]
+    logits = onnx_logits(open_session(out / FILES["int8"]), x)
+    assert int8["accuracy"]["correct"] == int((logits.argmax(1) == y).sum())
+    assert int8["accuracy"]["images"] == len(y)
+    fp32_correct = record["check"]["onnxruntime"]["correct"]
+    assert int8["accuracy_drop"] == pytest.approx((fp32_correct - int8["accuracy"]["correct"]) / len(y))
+    assert int8["large_drop"] == (int8["accuracy_drop"] > quantize.LARGE_DROP)
+    assert record["files"]["int8"]["bytes"] < record["files"]["fp32"]["bytes"]
+    # Really int8: the weights are stored as 8-bit integers.
+    m = onnx.load(str(out / FILES["int8"]))
+    assert any(t.data_type == onnx.TensorProto.INT8 for t in m.graph.initializer)
+
+
+def test_calibration_uses_training_images_only(exported, data):
+    _, _, record = exported
+    cal = record["int8"]["calibration"]
+    idx = np.array(cal["indices"])
+    with np.load(data / "split.npz") as s:
+        train_idx, val_idx = s["train_idx"], s["val_idx"]
+    assert len(idx) == cal["images"] == CALIBRATION == len(set(cal["indices"]))
+    assert set(idx) <= set(train_idx) and not set(idx) & set(val_idx)
+    assert cal["sha256"] == quantize.digest(idx)
+    # Seeded: the same seed draws the same images, another seed others.
+    again = quantize.calibration_indices(data / "split.npz", CALIBRATION, seed=0)
+    other = quantize.calibration_indices(data / "split.npz", CALIBRATION, seed=1)
+    assert np.array_equal(again, idx) and not np.array_equal(other, idx)
+
+
+def test_latency_table_covers_every_case_and_names_the_cpu(exported):
+    _, _, record = exported
+    table = record["latency"]
+    cases = {(r["runtime"], r["precision"], r["batch"], r["threads"]) for r in table["rows"]}
+    assert cases == {(rt, p, b, t) for rt, p in (("pytorch", "fp32"), ("onnxruntime", "fp32"),
+                                                 ("onnxruntime", "int8"))
+                     for b in (1, LATENCY["batch"]) for t in latency.thread_counts(0)}
+    assert all(r["median_ms"] > 0 for r in table["rows"])
+    cpu = record["cpu"]
+    assert cpu["name"] and cpu["cores"] >= 1
+    assert all(cpu[f] in (True, False, None) for f in (*latency.FLAGS, "amx"))
+
+
+def test_torch_threads_are_restored_after_timing(data, tmp_path):
+    model, _ = checkpoint.load_model(_checkpoint(data, "lightnn"))
+    export_onnx(model, tmp_path / "m.onnx", (0.5,) * 3, (0.25,) * 3, (3, 32, 32), "m.pt")
+    original = torch.get_num_threads()
+    # A count that timing never uses (it stops at the available cores).
+    torch.set_num_threads(latency.available_cores() + 1)
+    try:
+        latency.measure(model, {"fp32": tmp_path / "m.onnx"}, (0.5,) * 3, (0.25,) * 3,
+                        (3, 32, 32), batches=[1], threads=0, warmup=0, runs=1)
+        assert torch.get_num_threads() == latency.available_cores() + 1
+    finally:
+        torch.set_num_threads(original)
+
+
+@torch.library.custom_op("kdflow_test::opaque", mutates_args=())
+def _opaque(x: torch.Tensor) -> torch.Tensor:
+    return x * 2
+
+
+@_opaque.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+class _Opaque(nn.Module):
+    """A model with an operation the ONNX exporter has no translation for."""
+
+    def forward(self, x):
+        return _opaque(x).mean((2, 3))
+
+
+def test_an_unsupported_operation_is_one_clear_line(tmp_path):
+    with pytest.raises(KdflowError) as e:
+        export_onnx(_Opaque(), tmp_path / "m.onnx", (0.5,) * 3, (0.25,) * 3, (3, 32, 32),
+                    "models/odd.pt")
+    message = str(e.value)
+    assert "\n" not in message and len(message) < 500, message
+    assert "models/odd.pt" in message and "kdflow_test.opaque" in message
+
+
+def test_a_truncated_onnx_file_is_a_clear_error(exported, tmp_path):
+    _, out, _ = exported
+    bad = tmp_path / "truncated.onnx"
+    data = (out / FILES["fp32"]).read_bytes()
+    for payload in (data[:len(data) // 2], b"", b"not a model"):
+        bad.write_bytes(payload)
+        with pytest.raises(KdflowError, match="truncated.onnx is not a usable ONNX model") as e:
+            open_session(bad)
+        assert "\n" not in str(e.value)
+
+
+def test_damaged_weights_fail_the_check_with_the_numbers(exported, data, tmp_path):
+    _, out, record = exported
+    m = onnx.load(str(out / FILES["fp32"]))
+    weights = max(m.graph.initializer, key=lambda t: len(t.raw_data)).raw_data
+    raw = bytearray((out / FILES["fp32"]).read_bytes())
+    at = raw.find(weights)
+    raw[at:at + 4096] = bytes(b ^ 0x55 for b in raw[at:at + 4096])  # still a valid protobuf
+    bad = tmp_path / "damaged.onnx"
+    bad.write_bytes(bytes(raw))
+    x, y, (mean, std) = _test_images(data)
+    model, _ = checkpoint.load_model(record["model"]["file"])
+    with pytest.raises(KdflowError, match=r"models/student\.pt does not match PyTorch on 40 test "
+                                          r"images: max \|logit difference\|") as e:
+        check_against_pytorch(pytorch_logits(model, x, mean, std),
+                              onnx_logits(open_session(bad), x), y, "models/student.pt")
+    assert "\n" not in str(e.value)
+
+
+def test_a_calibration_count_the_split_cannot_give_fails_at_once(data, tmp_path):
+    with pytest.raises(KdflowError, match="calibration needs between 1 and 180 images"):
+        _export(data, "lightnn", tmp_path / "out", calibration_images=181)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_failure_late_in_the_job_leaves_the_earlier_outputs_alone(data, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    earlier = {name: f"an earlier run's {name}".encode() for name in (RECORD, *FILES.values())}
+    for name, payload in earlier.items():
+        (out / name).write_bytes(payload)
+
+    def fails(*args, **kwargs):
+        raise KdflowError("the latency measurement failed")
+
+    # The last step fails, once both ONNX files are written and checked.
+    monkeypatch.setattr(job.lat, "measure", fails)
+    with pytest.raises(KdflowError, match="the latency measurement failed"):
+        _export(data, "lightnn", out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == earlier
+
+
+def test_without_int8_only_the_fp32_file_and_record_are_written(data, tmp_path):
+    out = tmp_path / "out"
+    (out).mkdir()
+    (out / FILES["int8"]).write_bytes(b"an earlier run's file")
+    record = _export(data, "lightnn", out, int8=False)
+    assert record["int8"] is None and set(record["files"]) == {"fp32"}
+    assert sorted(p.name for p in out.iterdir()) == sorted([RECORD, FILES["fp32"]])
+
+
+def test_bad_latency_settings_are_a_clear_error(data, tmp_path):
+    with pytest.raises(KdflowError, match="latency must be"):
+        _export(data, "lightnn", tmp_path / "out", latency={"batch": 4})
