@@ -17,6 +17,7 @@ from kdflow.workflow.config import load_schema
 
 SCHEMA = load_schema()
 TRAINING = SCHEMA["$defs"]["training"]["properties"]
+from kdflow.workflow.config import TEACHER_ONLY  # noqa: E402
 KD = SCHEMA["properties"]["kd"]["properties"]
 
 # (object, the schema properties its parameters or fields are keys of,
@@ -33,7 +34,8 @@ CONFIG_FACING = [
     # arm is the job's plan record (kdflow.distill.study), made from validated sections.
     (train.train, SCHEMA["properties"], {"arm", "dataset", "split", "out_model",
                                          "out_history", "seed", "threads",
-                                         "teacher", "teacher_logits"}),
+                                         "teacher", "teacher_logits", "init",
+                                         "init_record"}),
     (train.save_teacher_logits, SCHEMA["properties"], {"teacher", "dataset", "split", "out",
                                                        "threads"}),
     # The losses' knobs are kd keys; logits, targets and DKD's fixed label
@@ -98,7 +100,9 @@ def test_every_default_in_the_code_is_the_schemas(obj, keys, inputs):
 def test_train_config_has_every_key_of_a_training_section():
     """A key added to the schema's training section reaches the engine."""
     fields = {f.name for f in dataclasses.fields(engine.TrainConfig)}
-    assert fields == set(TRAINING) | {"engine"}
+    # The teacher-only keys say where a teacher's weights come from, not how
+    # to train: the workflow's rules read them (kdflow.workflow.config).
+    assert fields == set(TRAINING) - set(TEACHER_ONLY) | {"engine"}
     assert {f.name for f in dataclasses.fields(engine.Augment)} == \
         set(TRAINING["augment"]["properties"])
     assert {f.name for f in dataclasses.fields(engine.EngineOptions)} == \
