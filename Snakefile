@@ -37,6 +37,7 @@ include: "rules/data.smk"
 include: "rules/train.smk"
 include: "rules/study.smk"
 include: "rules/evaluate.smk"
+include: "rules/export.smk"
 include: "rules/report.smk"
 
 

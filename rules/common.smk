@@ -146,6 +146,12 @@ MODEL_PATTERNS = {
     "checkpoints": "results/seed{seed}/{arm}/model.pt",
     "train_benchmarks": "results/benchmarks/seed{seed}/{arm}/train.tsv",
     "eval_benchmarks": "results/benchmarks/seed{seed}/{arm}/evaluate.tsv",
+    # The deployment record (rules/export.smk), unless export is off.
+    **(
+        {"exports": "results/seed{seed}/{arm}/export.json"}
+        if config["export"]["enabled"]
+        else {}
+    ),
 }
 
 
@@ -170,6 +176,11 @@ SHARED_TEACHER_FILES = (
         "checkpoints": TEACHER,
         "train_benchmarks": [] if IMPORTED else "results/benchmarks/teacher/train.tsv",
         "eval_benchmarks": "results/benchmarks/teacher/evaluate.tsv",
+        **(
+            {"exports": "results/teacher/export.json"}
+            if config["export"]["enabled"]
+            else {}
+        ),
     }
     if SHARED_TEACHER
     else {}

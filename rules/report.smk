@@ -3,7 +3,12 @@
 
 # The report rule has one output per figure of kdflow.analysis.figures.FIGURES, named
 # as the figure (results/figures/<name>.png, caption report/<name>.rst).
-from kdflow.analysis.figures import FIGURES
+from kdflow.analysis.figures import shown as shown_figures
+
+# The figures this run has something to show in (kdflow.analysis.figures).
+SHOWN_FIGURES = shown_figures(
+    len(study.settings(config)), config["export"]["enabled"]
+)
 
 
 localrules:
@@ -42,6 +47,10 @@ rule aggregate:
             caption="../report/study_table.rst",
             category="Tables",
         ),
+        exports="results/summary/exports.csv",
+        ship=report(
+            "results/summary/ship.csv", caption="../report/ship_table.rst", category="Tables"
+        ),
         headline="results/summary/headline.json",
     log:
         "results/logs/aggregate.log",
@@ -57,7 +66,7 @@ rule report:
     input:
         **rules.aggregate.output,
     output:
-        **{name: figure(name) for name in FIGURES},
+        **{name: figure(name) for name in SHOWN_FIGURES},
         html=report(
             "results/report.html", caption="../report/html.rst", category="Report"
         ),

@@ -7,7 +7,7 @@ run_step(
     snakemake.log[0],
     lambda: aggregate(
         files={
-            k: list(snakemake.input[k]) + list(snakemake.input[f"confirmed_{k}"])
+            k: list(snakemake.input.get(k, [])) + list(snakemake.input.get(f"confirmed_{k}", []))
             for k in MODEL_FILES
         },
         out=dict(snakemake.output.items()),

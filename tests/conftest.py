@@ -162,8 +162,15 @@ def base_config(archive: Path, md5: str) -> dict:
         # Speed is measured for real, on few images: at the default batch of
         # 1,000 a teacher's speed test costs more than its training here.
         "speed": {"batch": 16, "latency_runs": 3, "throughput_runs": 1},
+        # Export costs seconds per model: on in the shared workflow_run (its
+        # tests check it), off in the other runs, which test other points.
+        "export": {"enabled": False, **EXPORT_SMALL},
         "report": {"title": "kdflow test report"},
     }
+
+
+# Export settings for tiny data: few calibration images and timed runs.
+EXPORT_SMALL = {"calibration_images": 64, "batch": 8, "warmup": 1, "runs": 3}
 
 
 def deep_update(base: dict, change: dict) -> dict:
@@ -212,6 +219,6 @@ def planned_jobs(workdir: Path, config: dict, env: dict | None = None,
 def workflow_run(tmp_path_factory, tiny_archive) -> tuple[Path, dict]:
     """The whole test experiment, run once for real; returns (workdir, config)."""
     workdir = tmp_path_factory.mktemp("workflow")
-    config = base_config(*tiny_archive)
+    config = deep_update(base_config(*tiny_archive), {"export": {"enabled": True}})
     snakemake(workdir, config)
     return workdir, config

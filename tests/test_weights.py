@@ -52,7 +52,8 @@ def test_a_kdflow_checkpoint_loads_as_its_teacher(tmp_path):
     original = build_model("lightnn", 5, 64)
     path = save_kdflow(tmp_path / "t.pt", original, "lightnn", 5, 64)
     teacher, info = load_teacher(path, model="lightnn", num_classes=5, image_size=64)
-    assert info == {"kind": "kdflow", "model": "lightnn", "num_classes": 5, "image_size": 64}
+    assert info == {"kind": "kdflow", "model": "lightnn", "num_classes": 5, "image_size": 64,
+                    "classes": None}
     assert not teacher.training and next(teacher.parameters()).device.type == "cpu"
     assert same_outputs(teacher, original, 64)
     assert read_state(path)["format"] == checkpoint.FORMAT  # returned as it is

@@ -30,11 +30,11 @@ def test_run_produces_every_output(workflow_run):
     assert (res / "report.html").is_file()
     # Every figure the report lists is an output, with its caption for
     # `snakemake --report`, and no other PNG is written.
-    from kdflow.analysis.figures import FIGURES
-    for name in FIGURES:
+    from kdflow.analysis.figures import shown
+    for name in shown(1, True):
         assert (res / "figures" / f"{name}.png").stat().st_size > 1000
         assert (REPO / "report" / f"{name}.rst").is_file(), f"no caption for {name}"
-    assert sorted(p.stem for p in (res / "figures").glob("*.png")) == sorted(FIGURES)
+    assert sorted(p.stem for p in (res / "figures").glob("*.png")) == sorted(shown(1, True))
     assert not list(res.rglob("*.part*")), "temporary files left behind"
 
 
@@ -179,9 +179,10 @@ def test_summary_table_is_tidy(workflow_run):
 # ---------------------------------------------------------------------------
 
 STUDENT_JOBS = {"train_student_baseline": 2, "train_student_kd": 2, "evaluate": 4,
-                "aggregate": 1, "report": 1, "all": 1}
+                "export": 4, "aggregate": 1, "report": 1, "all": 1}
 # A new temperature is a new setting: its own jobs, the shared logits reused.
-NEW_SETTING = {"train_student_kd": 2, "evaluate": 2, "aggregate": 1, "report": 1, "all": 1}
+NEW_SETTING = {"train_student_kd": 2, "evaluate": 2, "export": 2, "aggregate": 1, "report": 1,
+               "all": 1}
 
 
 @pytest.mark.parametrize("change,expected", [
@@ -193,12 +194,18 @@ NEW_SETTING = {"train_student_kd": 2, "evaluate": 2, "aggregate": 1, "report": 1
     pytest.param({"kd": {"dkd": {"beta": 2.0}}}, {"report": 1, "all": 1},
                  id="unused-method-setting"),
     pytest.param({"teacher": {"epochs": 2}},
-                 {"train_teacher": 2, "teacher_logits": 2, **STUDENT_JOBS, "evaluate": 6},
+                 {"train_teacher": 2, "teacher_logits": 2, **STUDENT_JOBS, "evaluate": 6, "export": 6},
                  id="teacher-setting"),
     pytest.param({"seeds": [0, 1, 2]},
                  {"train_teacher": 1, "teacher_logits": 1, "train_student_baseline": 1,
-                  "train_student_kd": 1, "evaluate": 3, "aggregate": 1, "report": 1, "all": 1},
+                  "train_student_kd": 1, "evaluate": 3, "export": 3, "aggregate": 1, "report": 1,
+                  "all": 1},
                  id="added-seed"),
+    # Deployment settings: the exports, aggregate and report; never training.
+    pytest.param({"export": {"runs": 4, "calibration_images": 32}},
+                 {"export": 6, "aggregate": 1, "report": 1, "all": 1}, id="export-setting"),
+    pytest.param({"export": {"formats": ["fp32"]}},
+                 {"export": 6, "aggregate": 1, "report": 1, "all": 1}, id="export-no-int8"),
     pytest.param({"report": {"title": "Another title"}}, {"report": 1, "all": 1},
                  id="report-setting"),
 ])
@@ -267,3 +274,75 @@ def test_snakemake_report_works(workflow_run):
     proc = snakemake(workdir, config, "--report", str(workdir / "snakemake-report.zip"),
                      name="report.yaml")
     assert (workdir / "snakemake-report.zip").stat().st_size > 10_000, proc.stderr
+
+
+# ---------------------------------------------------------------------------
+# Deployment: every model exported, checked and quantised (kdflow.deploy).
+# ---------------------------------------------------------------------------
+
+def test_every_model_is_exported_and_its_onnx_files_give_the_recorded_results(workflow_run):
+    import numpy as np
+    import onnxruntime as ort
+
+    from kdflow.data.arrays import channel_stats
+    from kdflow.deploy.onnx_export import MAX_DIFF_RELATIVE, pytorch_logits
+    from kdflow.models import checkpoint
+
+    workdir, config = workflow_run
+    res = workdir / "results"
+    with np.load(res / "data/cifar10.npz") as d:
+        x, y = d["x_test"], d["y_test"]
+        mean, std = channel_stats(d)
+    with np.load(res / "data/split.npz") as s:
+        train_idx, val_idx = set(s["train_idx"].tolist()), set(s["val_idx"].tolist())
+    for seed in config["seeds"]:
+        for arm in ARMS:
+            where = res / f"seed{seed}" / arm
+            record = json.loads((where / "export.json").read_text())
+            model, _ = checkpoint.load_model(where / "model.pt")
+            reference = pytorch_logits(model, x, mean, std)
+
+            def run(name):
+                session = ort.InferenceSession(str(where / name),
+                                               providers=["CPUExecutionProvider"])
+                return session.run(None, {session.get_inputs()[0].name: x.astype(np.float32)})[0]
+
+            fp32, int8 = run("model.onnx"), run("model.int8.onnx")
+            scale = float(np.abs(reference).max())
+            assert float(np.abs(fp32 - reference).max()) <= MAX_DIFF_RELATIVE * scale
+            assert record["check"]["onnxruntime"]["correct"] == int((fp32.argmax(1) == y).sum())
+            assert record["int8"]["accuracy"]["correct"] == int((int8.argmax(1) == y).sum())
+            calibration = set(record["int8"]["calibration"]["indices"])
+            assert calibration <= train_idx and not calibration & val_idx
+            assert record["onnx"]["opset"] >= 17
+
+
+def test_the_report_ends_with_what_you_would_ship(workflow_run):
+    workdir, _ = workflow_run
+    html = (workdir / "results/report.html").read_text()
+    ship = pd.read_csv(workdir / "results/summary/ship.csv")
+    assert list(ship["role"].unique()) == ["teacher", "student_baseline", "student_kd"]
+    assert set(zip(ship["runtime"], ship["precision"])) == {
+        ("pytorch", "fp32"), ("onnxruntime", "fp32"), ("onnxruntime", "int8")}
+    assert ship["frontier"].any()
+    assert 'id="ship-verdict"' in html and (workdir / "results/figures/ship.png").stat().st_size
+    head = json.loads((workdir / "results/summary/headline.json").read_text())
+    # Two seeds: the gain is untested, so distillation changed nothing to ship.
+    assert head["ship"]["changed"] is False
+    assert "Distillation did not change what you would ship" in html
+    # The section comes after every model's table, before the appendix.
+    assert html.index('id="models"') < html.index('id="ship"') < html.index('id="config"')
+
+
+def test_with_one_setting_the_study_is_one_line(workflow_run):
+    workdir, _ = workflow_run
+    html = (workdir / "results/report.html").read_text()
+    assert 'id="one-setting"' in html
+    assert 'id="study-table"' not in html and 'id="ranking"' not in html
+    assert not (workdir / "results/figures/heatmap.png").exists()
+
+
+def test_export_off_plans_no_export_and_no_ship_figure(workflow_run, tmp_path):
+    _, config = workflow_run
+    jobs = planned_jobs(tmp_path, deep_update(config, {"export": {"enabled": False}}))
+    assert "export" not in jobs and jobs["evaluate"] == 6

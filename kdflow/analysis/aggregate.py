@@ -53,7 +53,9 @@ def describe_arm(plan: dict) -> dict:
 
 # Per-model inputs, parallel lists in this order of keys.
 MODEL_FILES = ("metrics", "speed", "histories", "checkpoints", "train_benchmarks",
-               "eval_benchmarks")
+               "eval_benchmarks", "exports")
+# Files a run may lack for every model: exports, with export.enabled false.
+OPTIONAL_FILES = ("exports",)
 
 
 def _benchmark(path: str) -> dict:
@@ -75,10 +77,11 @@ def _models(files: dict[str, list[str]], teacher: Optional[dict]):
     then a shared teacher's one set of files once for every seed they cover,
     its seed replaced by theirs (its history and training benchmark are
     None for an imported teacher)."""
-    lists = [files[k] for k in MODEL_FILES]
+    keys = [k for k in MODEL_FILES if k not in OPTIONAL_FILES or files.get(k)]
+    lists = [files[k] for k in keys]
     if len({len(v) for v in lists}) != 1:
         raise KdflowError("aggregate needs the same number of files of each kind per model")
-    rows = [(dict(zip(MODEL_FILES, paths)), None) for paths in zip(*lists)]
+    rows = [(dict(zip(keys, paths)), None) for paths in zip(*lists)]
     if not teacher:
         return rows
     seeds = list(dict.fromkeys(_read_json(p)["seed"] for p in files["metrics"]))
@@ -99,9 +102,11 @@ def collect(files: dict[str, list[str]], confirm_seeds: tuple[int, ...] = (),
     `confirm_seeds`, else selection.
     """
     models, curves, per_class, confusion, calib, jobs, prov = [], [], [], [], [], [], []
+    exports = []
     listed = set()
     for paths, seed in _models(files, teacher):
-        m_path, s_path, h_path, c_path, tb_path, eb_path = (paths[k] for k in MODEL_FILES)
+        m_path, s_path, h_path, c_path, tb_path, eb_path, x_path = (
+            paths.get(k) for k in MODEL_FILES)
         named = [p for p in (m_path, s_path, h_path, c_path) if p]
         if len({Path(p).parent for p in named}) != 1:
             raise KdflowError(f"{', '.join(named)} belong to different models")
@@ -146,6 +151,8 @@ def collect(files: dict[str, list[str]], confirm_seeds: tuple[int, ...] = (),
                       for i, row in enumerate(m["confusion_matrix"]) for j, n in enumerate(row)]
         calib += [{**key, "bin": b, **row, "source": str(m_path)}
                   for b, row in enumerate(m["calibration"]["bins"])]
+        if x_path:
+            exports += export_rows(key, _read_json(x_path), os.path.getsize(c_path), x_path)
         if c_path in listed:    # a shared teacher: one set of jobs, one provenance
             continue
         listed.add(c_path)
@@ -168,7 +175,121 @@ def collect(files: dict[str, list[str]], confirm_seeds: tuple[int, ...] = (),
     history = pd.concat(curves, ignore_index=True)
     return {"metrics": frame(models), "history": frame(history), "per_class": frame(per_class),
             "confusion": frame(confusion), "calibration": frame(calib), "jobs": frame(jobs),
-            "provenance": frame(prov)}
+            "provenance": frame(prov),
+            "exports": frame(exports) if exports else pd.DataFrame(columns=EXPORT_COLUMNS)}
+
+
+EXPORT_COLUMNS = ["seed", "arm", "stage", "runtime", "precision", "batch", "threads",
+                  "median_ms", "accuracy", "correct", "test_images", "bytes", "large_drop",
+                  "agreement", "opset", "cpu", "source"]
+# The deployment variants of a model, in the order the report lists them.
+VARIANTS = [("pytorch", "fp32"), ("onnxruntime", "fp32"), ("onnxruntime", "int8")]
+
+
+def export_rows(key: dict, e: dict, checkpoint_bytes: int, source: str) -> list[dict]:
+    """One row per latency measurement of a model's export.json (runtime,
+    precision, batch, threads), with that variant's test accuracy, file
+    size and (int8) agreement with fp32 and large-drop flag."""
+    check, q = e["check"], e["int8"]
+    about = {
+        ("pytorch", "fp32"): {**check["pytorch"], "bytes": checkpoint_bytes,
+                              "large_drop": False, "agreement": 1.0},
+        ("onnxruntime", "fp32"): {**check["onnxruntime"], "bytes": e["files"]["fp32"]["bytes"],
+                                  "large_drop": False,
+                                  "agreement": check["agreement"]["fraction"]},
+    }
+    if q:
+        about[("onnxruntime", "int8")] = {**q["accuracy"], "bytes": e["files"]["int8"]["bytes"],
+                                          "large_drop": bool(q["large_drop"]),
+                                          "agreement": q["agreement_with_fp32"]["fraction"]}
+    rows = []
+    for r in e["latency"]["rows"]:
+        variant = (r["runtime"], r["precision"])
+        if variant not in about:
+            continue
+        a = about[variant]
+        rows.append({**key, "runtime": r["runtime"], "precision": r["precision"],
+                     "batch": r["batch"], "threads": r["threads"], "median_ms": r["median_ms"],
+                     "accuracy": a["accuracy"], "correct": a["correct"],
+                     "test_images": a["images"], "bytes": a["bytes"],
+                     "large_drop": a["large_drop"], "agreement": a["agreement"],
+                     "opset": e["onnx"]["opset"], "cpu": e["cpu"]["name"],
+                     "source": str(source)})
+    return rows
+
+
+def ship_table(exports: pd.DataFrame, chosen: dict[str, str], stage: str) -> pd.DataFrame:
+    """What you would ship: for the headline's teacher, plain and distilled
+    student, each deployment variant's test accuracy, size and latency
+    (means over the stage's seeds; batch 1 and the large batch, one thread
+    and all threads), its speed-up over the teacher's ONNX fp32 model at
+    the same batch and threads, and whether it is on the accuracy/latency
+    frontier (no other variant both faster at batch 1 and more accurate)."""
+    view = headline_view(exports, chosen, stage)
+    if view.empty:
+        return pd.DataFrame(columns=["role", "model", "runtime", "precision", "accuracy"])
+    big, most = int(view["batch"].max()), int(view["threads"].max())
+    rows = []
+    for (role, runtime, precision), g in view.groupby(["arm", "runtime", "precision"],
+                                                     observed=True, sort=False):
+        lat = g.groupby(["batch", "threads"])["median_ms"].mean()
+        one = g[(g["batch"] == 1) & (g["threads"] == 1)]
+        rows.append({
+            "role": str(role), "model": chosen[str(role)], "runtime": runtime,
+            "precision": precision, "n": one["seed"].nunique(),
+            "accuracy": one["accuracy"].mean(), "accuracy_sd": one["accuracy"].std(),
+            "bytes": one["bytes"].mean(), "agreement": one["agreement"].mean(),
+            "large_drop": bool(one["large_drop"].any()),
+            "latency_ms_batch1": lat.get((1, 1)), "latency_ms_batch": lat.get((big, 1)),
+            "latency_ms_batch1_all_threads": lat.get((1, most)),
+            "latency_ms_batch_all_threads": lat.get((big, most)),
+            "batch": big, "threads": most, "cpu": one["cpu"].iloc[0],
+            "source": "; ".join(sorted(set(g["source"])))})
+    out = pd.DataFrame(rows)
+    order = {v: i for i, v in enumerate(VARIANTS)}
+    out["_o"] = [(ARM_ORDER.index(r), order[(rt, p)])
+                 for r, rt, p in zip(out["role"], out["runtime"], out["precision"])]
+    out = out.sort_values("_o").drop(columns="_o").reset_index(drop=True)
+    ref = out[(out["role"] == "teacher") & (out["runtime"] == "onnxruntime")
+              & (out["precision"] == "fp32")]
+    for col in ("latency_ms_batch1", "latency_ms_batch"):
+        out[f"speedup_{col.removeprefix('latency_ms_')}"] = (
+            float(ref[col].iloc[0]) / out[col] if len(ref) else np.nan)
+    out["frontier"] = [
+        not ((out["latency_ms_batch1"] <= r.latency_ms_batch1) & (out["accuracy"] >= r.accuracy)
+             & ((out["latency_ms_batch1"] < r.latency_ms_batch1)
+                | (out["accuracy"] > r.accuracy))).any()
+        for r in out.itertuples()]
+    return out
+
+
+def ship_verdict(ship: pd.DataFrame, verdict: dict) -> Optional[dict]:
+    """The report's last sentence, from the ship table and the headline's
+    verdict: the distilled student's int8 (else fp32) ONNX model against
+    the teacher's ONNX fp32, or that distillation did not change what you
+    would ship (its gain not beyond seed noise)."""
+    if ship.empty:
+        return None
+
+    def pick(role):
+        rows = ship[(ship["role"] == role) & (ship["runtime"] == "onnxruntime")]
+        best = rows[rows["precision"] == "int8"]
+        return (best if len(best) else rows[rows["precision"] == "fp32"]).iloc[0]
+
+    teacher = ship[(ship["role"] == "teacher") & (ship["runtime"] == "onnxruntime")
+                   & (ship["precision"] == "fp32")].iloc[0]
+    kd, ce = pick("student_kd"), pick("student_baseline")
+
+    def keeps(r):
+        return {"precision": r["precision"], "accuracy": float(r["accuracy"]),
+                "retained": float(r["accuracy"] / teacher["accuracy"]),
+                "speedup": float(r["speedup_batch1"]), "bytes": float(r["bytes"])}
+
+    return {"changed": verdict.get("kind") == "beyond", "verdict": verdict.get("kind"),
+            "teacher_accuracy": float(teacher["accuracy"]),
+            "teacher_latency_ms": float(teacher["latency_ms_batch1"]),
+            "student_kd": keeps(kd), "student_baseline": keeps(ce),
+            "cpu": teacher["cpu"]}
 
 
 def summarize_arms(table: pd.DataFrame) -> pd.DataFrame:
@@ -418,6 +539,7 @@ def aggregate(files: dict[str, list[str]], out: dict[str, str], *,
         stage = CONFIRMATION
     view = headline_view(tables["metrics"], chosen, stage)
     tables["gain"] = kd_gain(view)
+    tables["ship"] = ship_table(tables["exports"], chosen, stage)
     # Each seed's flags (a model at chance level, or its teacher) beside its gain.
     per_seed = view[view["flag"] != ""].groupby("seed")["flag"].agg(
         lambda f: "; ".join(dict.fromkeys(f)))
@@ -439,6 +561,7 @@ def aggregate(files: dict[str, list[str]], out: dict[str, str], *,
     head = headline(tables["gain"], chosen, len(tables["study"]), stage=stage,
                     selection_seeds=selection_seeds, flags=flags, family=family)
     head["teacher"] = teacher_record(teacher, tables["metrics"], files["checkpoints"])
+    head["ship"] = ship_verdict(tables["ship"], head["verdict"])
     atomic.write_json(out["headline"], head)
     log.info("%d models over %d seeds; %d distilled settings, chosen on validation: %s, "
              "gain %+.2f points (mean)", len(tables["metrics"]), head["n_seeds"],

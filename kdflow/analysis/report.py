@@ -27,8 +27,9 @@ import yaml  # noqa: E402
 from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from kdflow import KdflowError  # noqa: E402
 from kdflow.core import atomic  # noqa: E402
-from kdflow.analysis.figures import FIGURES  # noqa: E402
+from kdflow.analysis.figures import shown  # noqa: E402
 from kdflow.analysis.aggregate import ARM_LABELS, ARM_ORDER, headline_view  # noqa: E402
 from kdflow.distill.methods import METHODS  # noqa: E402
 from kdflow.distill.study import fmt  # noqa: E402
@@ -210,6 +211,32 @@ def fig_efficiency(metrics: pd.DataFrame) -> bytes:
     return _png(fig)
 
 
+VARIANT_LABELS = {("pytorch", "fp32"): "PyTorch fp32", ("onnxruntime", "fp32"): "ONNX fp32",
+                  ("onnxruntime", "int8"): "ONNX int8"}
+VARIANT_MARKERS = {"PyTorch fp32": "s", "ONNX fp32": "o", "ONNX int8": "^"}
+
+
+def fig_ship(ship: pd.DataFrame) -> bytes:
+    """Test accuracy against single-image latency (one thread) of every
+    deployment variant of the headline's models; the frontier joined."""
+    df = ship.assign(
+        label=pd.Categorical(ship["role"].map(ARM_LABELS), LABEL_ORDER, ordered=True),
+        variant=[VARIANT_LABELS[(r, p)] for r, p in zip(ship["runtime"], ship["precision"])],
+        acc=100 * ship["accuracy"])
+    fig, ax = plt.subplots(figsize=(6.2, 4.0))
+    front = df[df["frontier"]].sort_values("latency_ms_batch1")
+    ax.plot(front["latency_ms_batch1"], front["acc"], color="#bbbbbb", lw=1.5, zorder=1,
+            drawstyle="steps-post", label="frontier")
+    sns.scatterplot(data=df, x="latency_ms_batch1", y="acc", hue="label", hue_order=LABEL_ORDER,
+                    palette=PALETTE, style="variant", markers=VARIANT_MARKERS, s=80, ax=ax,
+                    zorder=3)
+    ax.set_xscale("log")
+    ax.set(xlabel="latency, batch 1, one thread (ms, log scale)", ylabel="test accuracy (%)",
+           title="What you would ship: accuracy against latency on the CPU")
+    ax.legend(title="", fontsize="small")
+    return _png(fig)
+
+
 def fig_study(study: pd.DataFrame, arms: pd.DataFrame) -> bytes:
     """Every distilled setting's test accuracy (mean ± sd over seeds), per
     student, against that student's baseline and the teacher; the setting
@@ -329,20 +356,28 @@ def render_report(tables: dict[str, str], out: str, title: str, experiment: dict
             for k in ("metrics", "history", "per_class", "confusion", "calibration", "arms")}
     arms = _labelled(view["arms"])
     figure_paths = figures or {}
-    figures = {
-        "accuracy": fig_accuracy(view["metrics"]),
-        "paired": fig_paired(t["gain"]),
-        "curves": fig_curves(view["history"]),
-        "agreement": fig_agreement(view["history"]),
-        "per_class": fig_per_class(view["per_class"]),
-        "confusion": fig_confusion(view["confusion"]),
-        "reliability": fig_reliability(view["calibration"], arms),
-        "efficiency": fig_efficiency(view["metrics"]),
-        "study": fig_study(t["study"], t["arms"][t["arms"]["stage"] == "selection"]),
-        "heatmap": fig_heatmap(t["study"]),
+    ship = t["ship"]
+    settings_per_student = int(t["study"].groupby("student").size().max())
+    draw = {
+        "accuracy": lambda: fig_accuracy(view["metrics"]),
+        "paired": lambda: fig_paired(t["gain"]),
+        "curves": lambda: fig_curves(view["history"]),
+        "agreement": lambda: fig_agreement(view["history"]),
+        "per_class": lambda: fig_per_class(view["per_class"]),
+        "confusion": lambda: fig_confusion(view["confusion"]),
+        "reliability": lambda: fig_reliability(view["calibration"], arms),
+        "efficiency": lambda: fig_efficiency(view["metrics"]),
+        "study": lambda: fig_study(t["study"], t["arms"][t["arms"]["stage"] == "selection"]),
+        "heatmap": lambda: fig_heatmap(t["study"]),
+        "ship": lambda: fig_ship(ship),
     }
-    if set(figures) != set(FIGURES):  # the workflow's outputs are FIGURES
-        raise AssertionError(f"rendered {sorted(figures)}, kdflow.analysis.figures lists {FIGURES}")
+    # Only figures with something to show (kdflow.analysis.figures.shown),
+    # the same list the workflow declares as the report's outputs.
+    names = shown(settings_per_student, not ship.empty)
+    if figure_paths and set(figure_paths) != set(names):
+        raise KdflowError(f"the workflow asks for figures {sorted(figure_paths)}, the results "
+                          f"have something to show in {sorted(names)}; rerun the aggregate")
+    figures = {name: draw[name]() for name in names}
     for name, path in figure_paths.items():
         atomic.write_bytes(path, figures[name])
     jobs = t["jobs"]
@@ -379,6 +414,9 @@ def render_report(tables: dict[str, str], out: str, title: str, experiment: dict
         provenance=_provenance(t["provenance"], experiment),
         commits=commits(t["provenance"]),
         sources=tables,
+        settings_per_student=settings_per_student,
+        ship=ship.to_dict("records"),
+        shipped=head.get("ship"),
         methods_used=[{"name": m.name, "label": m.label, "reference": m.reference,
                        "knobs": [k.key for k in m.knobs]}
                       for m in METHODS.values() if m.name in set(study["method"])],

@@ -88,7 +88,17 @@ def export_model(model_path: str | os.PathLike, dataset: str | os.PathLike,
     scoring_threads = lat.thread_counts(threads)[-1]
     where = str(model_path)
     # Drawn first: a count the split cannot give fails before minutes of work.
-    idx = calibration_indices(split, calibration_images, seed) if int8 else None
+    # A training split smaller than the count (a tiny first look) is used
+    # whole: all of it is training data, and export.json records the count.
+    if int8:
+        with np.load(split) as s:
+            available = len(s["train_idx"])
+        if calibration_images > available:
+            log.info("calibrating on all %d training images (export.calibration_images is %d)",
+                     available, calibration_images)
+        idx = calibration_indices(split, min(calibration_images, available), seed)
+    else:
+        idx = None
     model, ckpt = checkpoint.load_model(model_path)
     with np.load(dataset) as d:
         x_test, y_test = d["x_test"], d["y_test"]

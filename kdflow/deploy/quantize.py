@@ -51,7 +51,7 @@ def calibration_indices(split: str | os.PathLike, count: int, seed: int) -> np.n
         train_idx = s["train_idx"]
     if not 1 <= count <= len(train_idx):
         raise KdflowError(f"calibration needs between 1 and {len(train_idx)} images (the training "
-                          f"split's size), not {count}; change the calibration image count")
+                          f"split's size), not {count}; change export.calibration_images")
     rng = np.random.default_rng(seed)
     return np.sort(rng.choice(train_idx, size=count, replace=False))
 
