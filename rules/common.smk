@@ -32,9 +32,7 @@ DISTILLED = study.distilled_arms(config)
 # checkpoint has written CHOICE.
 CONFIRM_SEEDS = config["confirm_seeds"]
 CONFIRM_FIXED = [
-    a.path
-    for a in study.confirmation_fixed_arms(config)
-    if a.path in SEED_ARMS
+    a.path for a in study.confirmation_fixed_arms(config) if a.path in SEED_ARMS
 ]
 CHOICE = "results/study/choice.json"
 
@@ -210,3 +208,17 @@ def confirmed_models(pattern):
         return expand(pattern, seed=CONFIRM_SEEDS, arm=chosen)
 
     return inputs
+
+
+# Deployment (rules/export.smk): the files of one model's export.
+EXPORT = config["export"]
+INT8 = "int8" in EXPORT["formats"]
+
+
+def export_outputs(where):
+    """The files of one model's export under results/<where>."""
+    return {
+        "record": f"results/{where}/export.json",
+        "onnx": f"results/{where}/model.onnx",
+        **({"int8": f"results/{where}/model.int8.onnx"} if INT8 else {}),
+    }

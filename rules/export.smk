@@ -3,18 +3,6 @@
 # model's training; only the export section is their params, so changing it
 # reruns these jobs, the aggregate and the report, never training.
 
-EXPORT = config["export"]
-INT8 = "int8" in EXPORT["formats"]
-
-
-def export_outputs(where):
-    """The files of one model's export under results/<where>."""
-    return {
-        "record": f"results/{where}/export.json",
-        "onnx": f"results/{where}/model.onnx",
-        **({"int8": f"results/{where}/model.int8.onnx"} if INT8 else {}),
-    }
-
 
 rule export:
     input:

@@ -6,9 +6,7 @@
 from kdflow.analysis.figures import shown as shown_figures
 
 # The figures this run has something to show in (kdflow.analysis.figures).
-SHOWN_FIGURES = shown_figures(
-    len(study.settings(config)), config["export"]["enabled"]
-)
+SHOWN_FIGURES = shown_figures(len(study.settings(config)), config["export"]["enabled"])
 
 
 localrules:
@@ -23,9 +21,9 @@ rule aggregate:
             f"confirmed_{key}": confirmed_models(pattern)
             for key, pattern in MODEL_PATTERNS.items()
         },
+        **{f"teacher_{key}": path for key, path in SHARED_TEACHER_FILES.items()},
         choice=CHOICE if CONFIRM_SEEDS else [],
         # A shared teacher's files, once (rules/common.smk).
-        **{f"teacher_{key}": path for key, path in SHARED_TEACHER_FILES.items()},
     output:
         metrics="results/summary/metrics.csv",
         history="results/summary/history.csv",
@@ -49,7 +47,9 @@ rule aggregate:
         ),
         exports="results/summary/exports.csv",
         ship=report(
-            "results/summary/ship.csv", caption="../report/ship_table.rst", category="Tables"
+            "results/summary/ship.csv",
+            caption="../report/ship_table.rst",
+            category="Tables",
         ),
         headline="results/summary/headline.json",
     log:

@@ -26,7 +26,12 @@ checkpoint choose:
         # (seed, arm, student, plan index) of each checkpoint, in the same
         # order; the plan index breaks ties (kdflow.distill.study.choose).
         runs=[
-            {"seed": seed, "arm": a.path, "student": a.model, "order": ARMS.index(a.path)}
+            {
+                "seed": seed,
+                "arm": a.path,
+                "student": a.model,
+                "order": ARMS.index(a.path),
+            }
             for seed in SEEDS
             for a in DISTILLED
         ],
