@@ -233,7 +233,8 @@ def fig_ship(ship: pd.DataFrame) -> bytes:
     ax.set_xscale("log")
     ax.set(xlabel="latency, batch 1, one thread (ms, log scale)", ylabel="test accuracy (%)",
            title="What you would ship: accuracy against latency on the CPU")
-    ax.legend(title="", fontsize="small")
+    # Outside the axes: the models cluster in the corners a legend would take.
+    ax.legend(title="", fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0))
     return _png(fig)
 
 
