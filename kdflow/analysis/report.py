@@ -375,9 +375,10 @@ def render_report(tables: dict[str, str], out: str, title: str, experiment: dict
     # Only figures with something to show (kdflow.analysis.figures.shown),
     # the same list the workflow declares as the report's outputs.
     names = shown(settings_per_student, not ship.empty)
-    if figure_paths and set(figure_paths) != set(names):
-        raise KdflowError(f"the workflow asks for figures {sorted(figure_paths)}, the results "
-                          f"have something to show in {sorted(names)}; rerun the aggregate")
+    if set(figure_paths) - set(names):
+        raise KdflowError(f"figures {sorted(set(figure_paths) - set(names))} were asked for, "
+                          f"but these results have something to show only in {sorted(names)}; "
+                          "rerun the aggregate")
     figures = {name: draw[name]() for name in names}
     for name, path in figure_paths.items():
         atomic.write_bytes(path, figures[name])
