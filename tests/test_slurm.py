@@ -53,7 +53,9 @@ def test_workflow_runs_through_sbatch_with_gpus(slurm, workflow_run, tmp_path):
     # (SLURM chose the GPUs); auto still means the CPU here, so the metrics
     # equal the local run's.
     record = tmp_path / "slots.jsonl"
-    snakemake(tmp_path, deep_update(config, {"device": "auto"}),
+    # Without export: its CPU jobs would join the groups checked below
+    # (profiles/slurm puts them there), which this test sizes for training.
+    snakemake(tmp_path, deep_update(config, {"device": "auto", "export": {"enabled": False}}),
               "--workflow-profile", str(REPO / "profiles/slurm"),
               "--slurm-status-command", "squeue", "--jobs", "4", "--latency-wait", "5",
               # poll every few seconds, not the plugin's 40+ (a test cluster
