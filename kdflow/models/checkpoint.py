@@ -7,6 +7,7 @@ with `torch.load(..., weights_only=True)`, which cannot execute code.
 from __future__ import annotations
 
 import os
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
@@ -19,10 +20,31 @@ FORMAT = "kdflow-checkpoint-1"
 
 
 def save(path: str | os.PathLike, *, state_dict: dict, model: str, num_classes: int,
-         image_size: int, **record) -> None:
-    """Write atomically: a crash mid-write never leaves a truncated model.pt."""
+         image_size: int, classes: Optional[Sequence[str]] = None,
+         normalisation: Optional[dict] = None, **record) -> None:
+    """Write atomically: a crash mid-write never leaves a truncated model.pt.
+
+    What the weights only make sense with goes with them: the class names in
+    the order of the logits (`classes`), the image size, and the
+    `normalisation` the model's inputs had ({"mean": [r, g, b], "std": [r,
+    g, b]} on the 0..1 pixel scale, see normalisation()). Importing or
+    fine-tuning from the file compares them with the data
+    (kdflow.models.weights); a file without them can only be said to be
+    unchecked there. Every checkpoint kdflow trains or imports has both."""
+    extra = {}
+    if classes is not None:
+        extra["classes"] = [str(c) for c in classes]
+    if normalisation is not None:
+        extra["normalisation"] = normalisation
     atomic.save_torch(path, {"format": FORMAT, "model": model, "num_classes": num_classes,
-                             "image_size": image_size, "state_dict": state_dict, **record})
+                             "image_size": image_size, **extra, "state_dict": state_dict,
+                             **record})
+
+
+def normalisation(mean: Sequence[float], std: Sequence[float]) -> dict:
+    """The checkpoint's record of the per-channel statistics its inputs
+    were normalised with (kdflow.data.arrays.channel_stats, 0..1 scale)."""
+    return {"mean": [float(v) for v in mean], "std": [float(v) for v in std]}
 
 
 def load(path: str | os.PathLike) -> dict:

@@ -1,10 +1,23 @@
-"""Weights from outside kdflow: a teacher to distil from, or a start to fine-tune."""
+"""Weights from outside kdflow: a teacher to distil from, or a start to fine-tune.
+
+A file is loaded as weights only and checked against what it will be used
+with: the architecture (its keys and shapes), the class count, and, where
+the file records them, the class names in the order of the logits, the
+image size and the normalisation of the inputs. Every check made and every
+one that could not be made (a plain state dict records no class names and
+no normalisation; a globally pooled net's weights fit any image size) is
+returned as two lists of short strings, `checked` and `unchecked`, which
+the teacher's `source` or `init` record keeps and the report shows.
+"""
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 import pickle
 import re
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -13,16 +26,36 @@ from kdflow import KdflowError
 from kdflow.models import checkpoint
 from kdflow.models.zoo import build_model, model_name, state_module
 
+log = logging.getLogger(__name__)
+
 # Where RepDistiller, mdistiller and most training scripts put the weights
 # in the dict they save ({"model": state_dict, "epoch": ..., ...}).
 WRAPPER_KEYS = ("state_dict", "model")
 
+# What wrappers put before every key of the model they hold:
+# nn.DataParallel and DistributedDataParallel "module.", torch.compile
+# "_orig_mod.", a Lightning module that keeps the net as self.model
+# "model.". They nest (a compiled model in DDP saves "module._orig_mod.").
+WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.")
+
+# Per-channel statistics (0..1 scale) closer than this are the same
+# normalisation: statistics published to four decimals (CIFAR-10's 0.4914)
+# beside the six kdflow computes differ by up to 5e-5, float32 round trips
+# by far less, while those of two different datasets (CIFAR-10 and -100, or
+# ImageNet) differ by 5e-3 and more.
+NORMALISATION_TOLERANCE = 1e-4
+
 SAVE_WEIGHTS = "save model.state_dict() with torch.save instead"
+OLDER = "an older kdflow checkpoint records none"
+PLAIN = "a plain state dict"
 
 
 def read_state(path: str | os.PathLike) -> dict:
     """A kdflow checkpoint as it is, or the plain state dict the file holds
-    (unwrapped from "state_dict" or "model"); never runs code from the file."""
+    (unwrapped from "state_dict" or "model", keys without WRAPPER_PREFIXES);
+    never runs code from the file. Weights with NaN or inf are refused here:
+    a model trained into NaN would otherwise pass every check and fail
+    only far downstream (its export, checked against PyTorch)."""
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -40,25 +73,38 @@ def read_state(path: str | os.PathLike) -> dict:
         raise KdflowError(f"cannot read {path}: it is no file torch.save wrote, or a truncated "
                           f"one ({type(e).__name__}); {SAVE_WEIGHTS}") from None
     if _is_checkpoint(obj):
+        _refuse_non_finite(obj.get("state_dict"), path)
         return obj
     state = _state_dict(obj)
     if state is None:
         raise KdflowError(f"{path} holds {_describe(obj)}, not weights: kdflow reads a kdflow "
                           "checkpoint, a state dict (a dict of tensors) or a dict holding one "
                           f"under {' or '.join(map(repr, WRAPPER_KEYS))}; {SAVE_WEIGHTS}")
-    if all(k.startswith("module.") for k in state):
-        # nn.DataParallel and DistributedDataParallel save their module's keys under "module.".
-        state = {k[len("module."):]: v for k, v in state.items()}
+    state = _unprefixed(state)
+    _refuse_non_finite(state, path)
     return state
 
 
-def load_teacher(path: str | os.PathLike, *, model: str, num_classes: int,
-                 image_size: int) -> tuple[nn.Module, dict]:
-    """The file's weights as architecture `model` for `num_classes` classes
-    and image_size x image_size images, in eval mode on the CPU, and what
-    was loaded: {"kind": "kdflow" or "state_dict"}, with a kdflow
-    checkpoint's model, num_classes, image_size and class names."""
+def load_teacher(path: str | os.PathLike, *, model: str, classes: Sequence[str],
+                 image_size: int, normalisation: dict) -> tuple[nn.Module, dict]:
+    """The file's weights as architecture `model` for the data's `classes`
+    (their names, in label order), image_size x image_size images and
+    `normalisation` ({"mean", "std"}, see checkpoint.normalisation), in
+    eval mode on the CPU, and what was loaded: {"kind": "kdflow" or
+    "state_dict", a kdflow checkpoint's model, num_classes and image_size;
+    "checked", "unchecked"}.
+
+    An imported teacher is used as it is, so every recorded fact must match
+    and each misfit is one KdflowError: another architecture, class count
+    or image size; other class names or order (its logits would name other
+    classes); another normalisation (beyond NORMALISATION_TOLERANCE): a
+    teacher trained with other per-channel statistics sees every input
+    shifted and scaled and would teach from a distribution it never saw,
+    with nothing but a lower accuracy to show for it, so it is refused, not
+    warned about (fine-tuning from it, teacher.init, adapts it instead)."""
+    classes = [str(c) for c in classes]
     state = read_state(path)
+    checked, unchecked = ["architecture", "class count"], []
     if _is_checkpoint(state):
         ckpt = state
         size = ckpt.get("image_size", 32)  # older kdflow trained on 32x32 only
@@ -66,59 +112,130 @@ def load_teacher(path: str | os.PathLike, *, model: str, num_classes: int,
             raise KdflowError(f"{path} is a kdflow checkpoint of {ckpt['model']}, but the teacher "
                               f"is configured as {model}: set teacher.model to {ckpt['model']}, "
                               f"or name a {model} checkpoint")
-        if ckpt["num_classes"] != num_classes:
+        if ckpt["num_classes"] != len(classes):
             raise KdflowError(f"{path} was trained for {ckpt['num_classes']} classes, the dataset "
-                              f"has {num_classes}: name a teacher trained on this dataset's classes")
+                              f"has {len(classes)}: name a teacher trained on this dataset's "
+                              "classes")
         if size != image_size:
             raise KdflowError(f"{path} was trained on {size}x{size} images, the dataset's are "
                               f"{image_size}x{image_size}: set data.image_size to {size}, or name "
                               f"a teacher trained on {image_size}x{image_size} images")
+        theirs, norm = _recorded(ckpt, path)
+        if theirs is None:
+            unchecked.append(f"class names and order ({OLDER})")
+        elif theirs != classes:
+            raise KdflowError(
+                f"{path} was trained on other classes than this dataset's (same count, "
+                f"{len(classes)}): {_class_difference(theirs, classes)}; its logits would "
+                "mean other classes: name a teacher trained on this dataset's classes, or "
+                "fine-tune from it instead (teacher.init: its head then starts fresh)")
+        else:
+            checked.append("class names")
+        checked.append("image size")
+        if norm is None:
+            unchecked.append(f"normalisation ({OLDER})")
+        elif not _same_normalisation(norm, normalisation):
+            raise KdflowError(
+                f"{path} was trained on inputs normalised with {_stats(norm)}, this dataset's "
+                f"are normalised with {_stats(normalisation)}: it would see every image "
+                "shifted; name a teacher trained on this dataset's training images, or "
+                "fine-tune from it instead (teacher.init)")
+        else:
+            checked.append("normalisation")
         info = {"kind": "kdflow", "model": ckpt["model"], "num_classes": ckpt["num_classes"],
-                "image_size": size, "classes": ckpt.get("classes")}
+                "image_size": size}
         state = ckpt["state_dict"]
     else:
         info = {"kind": "state_dict"}
-    net = build_model(model, num_classes, image_size)
+        unchecked.append(f"class names and order ({PLAIN} has none)")
+    net = build_model(model, len(classes), image_size)
     _load(net, state, path, name=model, image_size=image_size, replace_head=False)
-    return net.to(memory_format=torch.channels_last).eval(), info
+    if info["kind"] == "state_dict":
+        _size_check(net, model, checked, unchecked)
+        unchecked.append(f"normalisation ({PLAIN} records none)")
+    return (net.to(memory_format=torch.channels_last).eval(),
+            {**info, "checked": checked, "unchecked": unchecked})
 
 
-def init_from(model: nn.Module, path: str | os.PathLike, *, num_classes: int) -> dict:
+def init_from(model: nn.Module, path: str | os.PathLike, *, classes: Sequence[str],
+              image_size: int, normalisation: dict) -> dict:
     """Load the file's weights into the freshly built `model` (a zoo model
-    for `num_classes` classes) to fine-tune it. A classifier head for
-    another class count is left as built (random) and everything else
-    loaded; the result says so: {"kind", "head_replaced", and when
+    for the data's `classes`, image_size x image_size images normalised
+    with `normalisation`) to fine-tune it.
+
+    Fine-tuning adapts the weights to the data, so only what cannot be
+    adapted is refused (another architecture, another layer shape). A
+    classifier head for another class count, or, in a kdflow checkpoint,
+    for the same count of other class names or order, is left as built
+    (random) and everything else loaded. Another image size or
+    normalisation than the data's is loaded as it is and noted (in
+    `notes` and the log): the first epochs then adapt the weights to
+    the new inputs. The result: {"kind", "head_replaced", and when
     replaced "head", "from_classes", "to_classes"; a kdflow checkpoint's
-    model, num_classes and image_size}."""
+    model, num_classes and image_size; "checked", "unchecked", "notes"}."""
+    classes = [str(c) for c in classes]
     name = model_name(model)
     _, head = _head(model)
-    if head.out_features != num_classes:
-        raise ValueError(f"{name} was built for {head.out_features} classes, not {num_classes}")
+    if head.out_features != len(classes):
+        raise ValueError(f"{name} was built for {head.out_features} classes, not {len(classes)}")
     state = read_state(path)
+    checked, unchecked, notes = ["architecture", "class count"], [], []
+    fresh_head = False
     if _is_checkpoint(state):
-        if state["model"] != name:
-            raise KdflowError(f"{path} is a kdflow checkpoint of {state['model']}, not of {name}: "
-                              f"name a {name} checkpoint, or set the model to {state['model']}")
-        info = {"kind": "kdflow", "model": state["model"], "num_classes": state["num_classes"],
-                "image_size": state.get("image_size", 32)}
-        state = state["state_dict"]
+        ckpt = state
+        if ckpt["model"] != name:
+            raise KdflowError(f"{path} is a kdflow checkpoint of {ckpt['model']}, not of {name}: "
+                              f"name a {name} checkpoint, or set the model to {ckpt['model']}")
+        size = ckpt.get("image_size", 32)
+        theirs, norm = _recorded(ckpt, path)
+        if theirs is None:
+            unchecked.append(f"class names and order ({OLDER})")
+        else:
+            checked.append("class names")
+            if ckpt["num_classes"] == len(classes) and theirs != classes:
+                # Its head's rows are other classes' than the data's labels.
+                fresh_head = True
+                notes.append(f"class names: {_class_difference(theirs, classes)}")
+        checked.append("image size")
+        if size != image_size:
+            notes.append(f"image size: {size}x{size} there, {image_size}x{image_size} here")
+        if norm is None:
+            unchecked.append(f"normalisation ({OLDER})")
+        else:
+            checked.append("normalisation")
+            if not _same_normalisation(norm, normalisation):
+                notes.append(f"normalisation: {_stats(norm)} there, {_stats(normalisation)} here")
+        info = {"kind": "kdflow", "model": ckpt["model"], "num_classes": ckpt["num_classes"],
+                "image_size": size}
+        state = ckpt["state_dict"]
     else:
         info = {"kind": "state_dict"}
-    return {**info, **_load(model, state, path, name=name, image_size=None, replace_head=True)}
+        unchecked.append(f"class names and order ({PLAIN} has none)")
+    loaded = _load(model, state, path, name=name, image_size=image_size, replace_head=True,
+                   fresh_head=fresh_head)
+    if info["kind"] == "state_dict":
+        _size_check(model, name, checked, unchecked)
+        unchecked.append(f"normalisation ({PLAIN} records none)")
+    for note in notes:
+        log.info("fine-tuning from %s: the file differs from the data in %s", path, note)
+    return {**info, **loaded, "checked": checked, "unchecked": unchecked, "notes": notes}
 
 
 def _load(net: nn.Module, state: dict, path, *, name: str, image_size: int | None,
-          replace_head: bool) -> dict:
+          replace_head: bool, fresh_head: bool = False) -> dict:
     """Load `state` into `net`, or into its state_module (a plain torchvision
     file), after checking that it fits; each misfit is one KdflowError.
     `image_size` (the data's) only words the message of a flattened-map
-    classifier built for another size."""
+    classifier built for another size. `fresh_head`: leave the head as
+    built even where its shape fits (it was trained for other classes)."""
     target = net if state.keys() == net.state_dict().keys() else state_module(net)
     own = target.state_dict()
     # BatchNorm files from before PyTorch 0.4.1 lack the batch counter (used
     # only with momentum=None, which no zoo model has); loading fills it in.
-    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in state if k not in own]
+    # Counters are left out of both lists alike: counted on one side only,
+    # they made the two counts of one misfit incomparable.
+    missing = [k for k in own if k not in state and not _counter(k)]
+    unexpected = [k for k in state if k not in own and not _counter(k)]
     fix = f"name weights saved from a {name}, or set the model to the architecture they come from"
     if missing or unexpected:
         parts = [_few(what, keys) for what, keys in (("missing", missing),
@@ -138,11 +255,18 @@ def _load(net: nn.Module, state: dict, path, *, name: str, image_size: int | Non
                 f"classifier layer takes {got} inputs, {want} at {size}x{size}): set "
                 f"data.image_size to {built_for}, or name weights for {size}x{size} images")
 
+    # Batch counters the net has no place for (left out of `unexpected`
+    # above) carry nothing the net uses.
+    state = {k: v for k, v in state.items() if k in own}
     prefix, head = _head(target)
     head_keys = [k for k in (f"{prefix}.weight", f"{prefix}.bias") if k in own]
     result = {"head_replaced": False}
     file_head = state[head_keys[0]].shape
-    if head_keys[0] in wrong and file_head[1:] == head.weight.shape[1:]:
+    if fresh_head and head_keys[0] not in wrong:
+        state = {k: v for k, v in state.items() if k not in head_keys}
+        result = {"head_replaced": True, "head": prefix, "from_classes": file_head[0],
+                  "to_classes": head.out_features}
+    elif head_keys[0] in wrong and file_head[1:] == head.weight.shape[1:]:
         if not replace_head:
             raise KdflowError(f"{path}'s classifier head ({prefix}) gives {file_head[0]} classes, "
                               f"the dataset has {head.out_features}: name weights trained for "
@@ -161,6 +285,96 @@ def _load(net: nn.Module, state: dict, path, *, name: str, image_size: int | Non
     left = [k for k in loaded.missing_keys if not k.endswith("num_batches_tracked")]
     assert not loaded.unexpected_keys and left == (head_keys if result["head_replaced"] else [])
     return result
+
+
+def _counter(key: str) -> bool:
+    return key.endswith("num_batches_tracked")
+
+
+def _unprefixed(state: dict) -> dict:
+    """`state` without the WRAPPER_PREFIXES that every one of its keys has,
+    however nested."""
+    while True:
+        prefix = next((p for p in WRAPPER_PREFIXES
+                       if all(k.startswith(p) and len(k) > len(p) for k in state)), None)
+        if prefix is None:
+            return state
+        state = {k[len(prefix):]: v for k, v in state.items()}
+
+
+def _refuse_non_finite(state, path) -> None:
+    if not isinstance(state, dict):
+        return
+    bad = [k for k, v in state.items() if isinstance(v, torch.Tensor)
+           and (v.is_floating_point() or v.is_complex()) and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise KdflowError(
+            f"{path} holds weights that are not finite: {len(bad)} of its {len(state)} "
+            f"tensors {'has' if len(bad) == 1 else 'have'} NaN or inf values (the first: "
+            f"{bad[0]}); the training that saved them diverged: name weights saved before "
+            "it did")
+
+
+def _recorded(ckpt: dict, path) -> tuple[list[str] | None, dict | None]:
+    """The class names and the normalisation a kdflow checkpoint records;
+    None for each one an older kdflow did not record."""
+    classes, norm = ckpt.get("classes"), ckpt.get("normalisation")
+    if classes is not None:
+        if not isinstance(classes, (list, tuple)):
+            raise KdflowError(f"{path} records its classes as {_describe(classes)}, not a list "
+                              "of names: it is no checkpoint kdflow wrote; re-save it")
+        classes = [str(c) for c in classes]
+    if norm is not None and not _is_normalisation(norm):
+        raise KdflowError(f"{path} records its normalisation as {_describe(norm)}, not "
+                          "{mean: [...], std: [...]}: it is no checkpoint kdflow wrote; re-save it")
+    return classes, norm
+
+
+def _is_normalisation(norm) -> bool:
+    return isinstance(norm, dict) and all(
+        isinstance(norm.get(k), (list, tuple)) and len(norm[k]) == 3
+        and all(isinstance(v, (int, float)) and math.isfinite(v) for v in norm[k])
+        for k in ("mean", "std"))
+
+
+def _same_normalisation(a: dict, b: dict) -> bool:
+    return all(abs(x - y) <= NORMALISATION_TOLERANCE
+               for k in ("mean", "std") for x, y in zip(a[k], b[k], strict=True))
+
+
+def _stats(norm: dict) -> str:
+    def fmt(values):
+        return "(" + ", ".join(f"{v:.6g}" for v in values) + ")"
+    return f"mean {fmt(norm['mean'])} std {fmt(norm['std'])}"
+
+
+def _class_difference(theirs: list[str], ours: list[str]) -> str:
+    """How two lists of class names of one length differ, in a few words."""
+    only_there = [c for c in theirs if c not in ours]
+    only_here = [c for c in ours if c not in theirs]
+    if not only_there and not only_here:
+        i = next(i for i, (a, b) in enumerate(zip(theirs, ours)) if a != b)
+        return (f"the same names in another order (class {i} is {theirs[i]!r} there, "
+                f"{ours[i]!r} here)")
+    parts = [f"{where}: {_names(names)}" for where, names in
+             (("only in the file", only_there), ("only in the data", only_here)) if names]
+    return "; ".join(parts)
+
+
+def _names(names: list[str], shown: int = 3) -> str:
+    more = f" (and {len(names) - shown} more)" if len(names) > shown else ""
+    return ", ".join(map(repr, names[:shown])) + more
+
+
+def _size_check(net: nn.Module, name: str, checked: list, unchecked: list) -> None:
+    """What loading a plain state dict told of the image size it was
+    trained on: a flattened-map classifier's first layer fits one size up
+    to 3 pixels; every other zoo net pools globally and fits any size."""
+    if hasattr(type(net), "image_size_for"):
+        low = type(net).image_size_for(net.classifier[0].in_features)
+        checked.append(f"image size ({name}'s weights fit {low} to {low + 3} alike)")
+    else:
+        unchecked.append(f"image size ({name}'s weights fit any size)")
 
 
 def _is_checkpoint(obj) -> bool:

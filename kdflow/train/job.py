@@ -101,11 +101,14 @@ def train(
         if role != "teacher":
             raise KdflowError("only a teacher starts from given weights (teacher.init)")
         started_from = {**(init_record or {}), **weights.init_from(
-            model, init, num_classes=data.num_classes)}
+            model, init, classes=data.classes, image_size=image_size,
+            normalisation=checkpoint.normalisation(data.mean, data.std))}
         if started_from.get("head_replaced"):
             log.info("fine-tuning from %s: classifier head %s replaced (%d classes there, "
-                     "%d here), all else loaded", init, started_from["head"],
-                     started_from["from_classes"], started_from["to_classes"])
+                     "%d here%s), all else loaded", init, started_from["head"],
+                     started_from["from_classes"], started_from["to_classes"],
+                     ", other names" if started_from["from_classes"] ==
+                     started_from["to_classes"] else "")
         else:
             log.info("fine-tuning from %s: every weight loaded", init)
 
@@ -149,6 +152,7 @@ def train(
         num_classes=data.num_classes,
         image_size=image_size,
         classes=data.classes,
+        normalisation=checkpoint.normalisation(data.mean, data.std),
         role=role,
         seed=seed,
         # The plan record: the training section, method and values it was

@@ -2,12 +2,15 @@
 
 The imported file (teacher.checkpoint, fetched and md5-verified by the
 workflow) is loaded as weights only and checked against this config's
-architecture, the dataset's classes and its image size
-(kdflow.models.weights), then measured on this run's validation split, as a
-trained teacher's best epoch is, and written as an ordinary kdflow
-checkpoint. Everything downstream (its logits, the students, evaluation,
-the report) then treats it like a teacher trained here; the checkpoint's
-`source` record says where it came from.
+architecture and the dataset's class count, and, as far as the file
+records them, its class names, image size and normalisation
+(kdflow.models.weights.load_teacher: a misfit is refused); then measured
+on this run's validation split, as a trained teacher's best epoch is, and
+written as an ordinary kdflow checkpoint. Everything downstream (its
+logits, the students, evaluation, the report) then treats it like a
+teacher trained here. The checkpoint's `source` record says where it came
+from and what was `checked` and what could not be (`unchecked`, each with
+its reason: a plain state dict records no class names, for one).
 """
 
 from __future__ import annotations
@@ -31,26 +34,26 @@ def import_teacher(arm: dict, *, source: str, source_record: dict, dataset: str,
                    threads: Optional[int] = None) -> dict:
     """Check the file at `source` and write it to `out_model` as the teacher.
 
-    arm: the teacher's plan record; source_record: its teacher.checkpoint
-    section ({url, md5}), kept in the checkpoint. Returns the validation
-    accuracy it measured."""
+    arm: the teacher's plan record, kept in the checkpoint (of its training
+    section only `model` is used: the workflow passes no other key, so the
+    training keys an import does not use rerun nothing); source_record: its
+    teacher.checkpoint section ({url, md5}), kept in the checkpoint's
+    `source` with the checks made. Returns the validation counts it
+    measured."""
     name = arm["training"]["model"]
     dev, options = setup(device, engine, threads)
     data = Splits(dataset, split, dev)
     image_size = int(data.train_x.shape[-1])
+    normalisation = checkpoint.normalisation(data.mean, data.std)
     try:
-        model, loaded = weights.load_teacher(source, model=name, num_classes=data.num_classes,
-                                             image_size=image_size)
+        model, loaded = weights.load_teacher(source, model=name, classes=data.classes,
+                                             image_size=image_size,
+                                             normalisation=normalisation)
     except KdflowError as e:
         # Named by the config's url: the downloaded copy's path means little.
         raise KdflowError(f"teacher.checkpoint {source_record['url']}: {e}") from None
-    theirs = loaded.get("classes")
-    if theirs is not None and [str(c) for c in theirs] != [str(c) for c in data.classes]:
-        raise KdflowError(
-            f"teacher.checkpoint {source_record['url']}: its classes "
-            f"{list(theirs)[:5]}... are not this dataset's {list(data.classes)[:5]}... "
-            "(same count, other names or order): a teacher's logits would mean other "
-            "classes; use a teacher trained on this dataset")
+    for what in loaded["unchecked"]:
+        log.info("imported teacher: not checked: %s", what)
     model.to(dev).to(memory_format=torch.channels_last).eval()
     normalize = Normalizer(dev, data.mean, data.std)
     logits = predict_logits(model, data.val_x, normalize,
@@ -67,6 +70,7 @@ def import_teacher(arm: dict, *, source: str, source_record: dict, dataset: str,
         num_classes=data.num_classes,
         image_size=image_size,
         classes=data.classes,
+        normalisation=normalisation,
         role="teacher",
         seed=None,
         plan=dict(arm),
@@ -80,8 +84,9 @@ def import_teacher(arm: dict, *, source: str, source_record: dict, dataset: str,
         last_val_accuracy=correct / images,
         train_seconds=0.0,
         teacher=None,
-        source={"url": source_record["url"], "md5": source_record["md5"].lower(),
-                **{k: v for k, v in loaded.items() if k != "classes"}},
+        # {url, md5, kind, (a kdflow file's model, num_classes, image_size),
+        # checked, unchecked}.
+        source={"url": source_record["url"], "md5": source_record["md5"].lower(), **loaded},
         provenance=provenance.collect(dev),
     )
     return {"val_correct": correct, "val_images": images}
