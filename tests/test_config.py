@@ -128,3 +128,69 @@ def test_setting_names_round_trip_exactly():
     # 1 and 1.0 are one value: listed twice, refused.
     with pytest.raises(KdflowError, match="kd.temperature"):
         validate({"kd": {"temperature": [1, 1.0]}})
+
+
+# A teacher's weights file ({url, md5}): JSON Schema's anyOf [null, {url, md5}]
+# said of every mistake "is not of type 'null'"; each is named instead.
+MD5 = "0123456789abcdef0123456789abcdef"
+
+
+@pytest.mark.parametrize("key", ["checkpoint", "init"])
+@pytest.mark.parametrize("value,says", [
+    ({"url": "/t.pt"},
+     "teacher.{key}: md5 is missing: give {{url: ..., md5: <32 hex digits>}} "
+     "(get it with `md5sum FILE`)"),
+    ("/t.pt",
+     "teacher.{key} must be {{url, md5}}, not a string: write {{url: '/t.pt', md5: "
+     "<32 hex digits>}}"),
+    ({"url": "/t.pt", "md5": "<its md5>"},
+     "teacher.{key}.md5 '<its md5>' is not 32 hex digits; get it with `md5sum FILE`"),
+    ({"url": "/t.pt", "md5": MD5[:31]},
+     f"teacher.{{key}}.md5 '{MD5[:31]}' is not 32 hex digits"),
+    # YAML reads an md5 of digits only as a number.
+    ({"url": "/t.pt", "md5": 12345678901234567890123456789012},
+     "teacher.{key}.md5 12345678901234567890123456789012 is not 32 hex digits (YAML read "
+     "it as a number: quote it)"),
+    ({"url": "/t.pt", "md5": MD5, "sha256": "ab"},
+     "teacher.{key}: unknown key 'sha256' (a typo?): it takes url and md5 only"),
+    ({"path": "/t.pt", "md5": MD5},
+     "teacher.{key}: unknown key 'path' (a typo?)"),
+    ({"md5": MD5}, "teacher.{key}: url is missing"),
+    ({"url": "", "md5": MD5}, "teacher.{key}.url '' is not a URL or path"),
+    (7, "teacher.{key} must be {{url, md5}} or null, not a number 7"),
+], ids=["no-md5", "string", "placeholder", "short-md5", "md5-as-number", "unknown-key",
+        "path-for-url", "no-url", "empty-url", "number"])
+def test_a_wrong_weights_file_names_the_real_problem(key, value, says):
+    with pytest.raises(KdflowError, match="invalid config") as e:
+        validate({"teacher": {"model": "deepnn", key: value}})
+    message = str(e.value)
+    assert says.format(key=key) in message, message
+    assert "is not of type" not in message
+
+
+def test_every_problem_of_one_weights_file_is_named():
+    with pytest.raises(KdflowError) as e:
+        validate({"teacher": {"model": "deepnn", "checkpoint": {"uri": "/t.pt"}}})
+    lines = str(e.value).splitlines()[1:]
+    assert [ln.strip().split(":")[0] for ln in lines] == ["teacher.checkpoint"] * 3
+    assert any("unknown key 'uri'" in ln for ln in lines)
+    assert any("url is missing" in ln for ln in lines)
+    assert any("md5 is missing" in ln for ln in lines)
+
+
+def test_a_student_weights_file_is_a_teacher_key_whatever_its_form():
+    for value in ("/t.pt", {"url": "/t.pt"}, {"url": "/t.pt", "md5": MD5}):
+        with pytest.raises(KdflowError, match="student.init is a teacher key") as e:
+            validate({"student": {"model": "lightnn", "init": value}})
+        assert "is not of type" not in str(e.value)
+
+
+def test_md5s_are_normalised_to_lower_case():
+    # The rules' params hold them as given: in capitals the same md5 would
+    # refetch the file and rerun everything after it.
+    upper = MD5.upper()
+    c = validate({"data": {"url": "/m/cifar-10-python.tar.gz", "md5": upper},
+                  "teacher": {"model": "deepnn", "init": {"url": "/t.pt", "md5": upper}}})
+    assert c["data"]["md5"] == MD5 and c["teacher"]["init"]["md5"] == MD5
+    c = validate({"teacher": {"model": "deepnn", "checkpoint": {"url": "/t.pt", "md5": upper}}})
+    assert c["teacher"]["checkpoint"] == {"url": "/t.pt", "md5": MD5}

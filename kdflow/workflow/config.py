@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 from pathlib import Path
 
 import jsonschema
@@ -86,8 +87,77 @@ def _message(error: jsonschema.ValidationError) -> str:
         named = [e for e in error.context if e.validator == "enum"]
         # The deepest one names the offending list item, not the whole list.
         named.sort(key=lambda e: len(e.path), reverse=True)
-        return (named[0] if named else jsonschema.exceptions.best_match(error.context)).message
+        # "null or a form": that the value is not null tells nothing.
+        reasons = [e for e in error.context
+                   if not (e.validator == "type" and e.validator_value == "null")]
+        return (named[0] if named else
+                jsonschema.exceptions.best_match(reasons or error.context)).message
     return error.message
+
+
+# The teacher's keys that name a file of weights ({url, md5},
+# $defs.weights_file). A student has none (STUDENT_HAS_NONE).
+WEIGHTS_FILES = ("checkpoint", "init")
+WEIGHTS_KEYS = ("url", "md5")
+MD5 = re.compile(r"[0-9a-fA-F]{32}")
+GET_MD5 = "get it with `md5sum FILE`"
+
+
+def _weights_file_problems(where: str, value) -> list[str]:
+    """What is wrong with the {url, md5} of a weights file at `where` (e.g.
+    teacher.checkpoint), one line each. JSON Schema can only say of any
+    mistake that the value "is not of type 'null'" (the other form)."""
+    form = f"give {{url: ..., md5: <32 hex digits>}} ({GET_MD5})"
+    if not isinstance(value, dict):
+        if isinstance(value, str):
+            return [f"{where} must be {{url, md5}}, not a string: write "
+                    f"{{url: {value!r}, md5: <32 hex digits>}} (get the md5 with "
+                    "`md5sum FILE`), or null"]
+        return [f"{where} must be {{url, md5}} or null, not {_kind(value)} {value!r}: {form}"]
+    problems = []
+    unknown = [k for k in value if k not in WEIGHTS_KEYS]
+    if unknown:
+        problems.append(f"{where}: unknown key{'s' if len(unknown) > 1 else ''} "
+                        f"{', '.join(map(repr, unknown))} (a typo?): it takes url and md5 only")
+    url = value.get("url")
+    if "url" not in value:
+        problems.append(f"{where}: url is missing: give {{url: <an http(s):// or file:// URL, "
+                        "or a path>, md5: ...}")
+    elif not isinstance(url, str) or not url:
+        problems.append(f"{where}.url {url!r} is not a URL or path: give an http(s):// or "
+                        "file:// URL, or a path, as a string")
+    md5 = value.get("md5")
+    if "md5" not in value:
+        problems.append(f"{where}: md5 is missing: {form}")
+    elif not isinstance(md5, str):
+        # YAML reads an md5 of digits only as a number (and 1e5... as a float).
+        problems.append(f"{where}.md5 {md5!r} is not 32 hex digits (YAML read it as "
+                        f"{_kind(md5)}: quote it); {GET_MD5}")
+    elif not MD5.fullmatch(md5):
+        problems.append(f"{where}.md5 {md5!r} is not 32 hex digits; {GET_MD5}")
+    return problems
+
+
+def _kind(value) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, list):
+        return "a list"
+    return f"a {type(value).__name__}"
+
+
+def _lower_md5s(config: dict) -> None:
+    """md5s in lower case, in place: the digest is the same in either case,
+    but a job's params are compared as written, and an md5 in capitals
+    would refetch and rerun everything after it."""
+    if isinstance(config["data"].get("md5"), str):
+        config["data"]["md5"] = config["data"]["md5"].lower()
+    for key in WEIGHTS_FILES:
+        ref = config["teacher"].get(key)
+        if isinstance(ref, dict) and isinstance(ref.get("md5"), str):
+            ref["md5"] = ref["md5"].lower()
 
 
 def _where(error: jsonschema.ValidationError) -> str:
@@ -108,8 +178,22 @@ def validate(config: dict, schema: dict | None = None) -> dict:
                           "list each method in both, in the same order")
     problems: list[str] = []
     config = _complete(schema, copy.deepcopy(dict(config)), schema, "", problems)
+    # Said here, not by the schema's "is not of type 'null'" (see
+    # _weights_file_problems); their schema errors are left out below.
+    told = set()
+    for section in ("teacher", "student"):
+        part = config.get(section)
+        for key in WEIGHTS_FILES:
+            if not isinstance(part, dict) or part.get(key) is None:
+                continue
+            found = (_weights_file_problems(f"{section}.{key}", part[key])
+                     if section == "teacher" else [STUDENT_HAS_NONE.format(key=key)])
+            problems += [f"  {line}" for line in found]
+            told |= {(section, key)} if found else set()
     validator = jsonschema.Draft202012Validator(schema)
-    errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
+    errors = sorted((e for e in validator.iter_errors(config)
+                     if tuple(e.absolute_path)[:2] not in told),
+                    key=lambda e: list(e.absolute_path))
     if errors or problems:
         lines = list(problems)
         for e in errors:
@@ -132,10 +216,14 @@ def validate(config: dict, schema: dict | None = None) -> dict:
     # The source defaults to the dataset's official archive (kdflow.data.datasets).
     complete_config(config["data"])
     _check_subset(config["data"])
+    _lower_md5s(config)
     return config
 
 
 TEACHER_ONLY = ("checkpoint", "init", "shared")
+STUDENT_HAS_NONE = (
+    "student.{key} is a teacher key; students are always trained here (both from the "
+    "same initial weights): remove it, or move it under teacher")
 
 
 def _check_teacher(config: dict) -> None:
@@ -144,10 +232,7 @@ def _check_teacher(config: dict) -> None:
     student = config["student"]
     given = [k for k in TEACHER_ONLY if student.get(k) not in (None, False)]
     if given:
-        raise KdflowError(
-            f"invalid config: student.{given[0]} is a teacher key; students are always "
-            "trained here (both from the same initial weights): remove it, or move it "
-            "under teacher")
+        raise KdflowError("invalid config: " + STUDENT_HAS_NONE.format(key=given[0]))
     teacher = config["teacher"]
     if teacher["checkpoint"] is not None and teacher["init"] is not None:
         raise KdflowError(
