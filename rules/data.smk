@@ -90,8 +90,9 @@ rule split:
 # Weights from outside (teacher.checkpoint or teacher.init): fetched and
 # md5-verified as a dataset's archive is; a new md5 fetches again, which
 # reruns what uses the file (the import or the teacher's training) and,
-# through the teacher, every student, but nothing upstream. Local rules,
-# like the dataset's download.
+# through the teacher, every student, but nothing upstream (md5s arrive in
+# lower case, kdflow.workflow.config: one written in capitals is the same
+# md5 and reruns nothing). Local rules, like the dataset's download.
 if IMPORTED:
 
     localrules:

@@ -37,10 +37,19 @@ if not IMPORTED:
 
 if IMPORTED:
 
+    def imported_teacher_record():
+        """The teacher's plan record with the one training key an import
+        uses, its model: the rest (epochs, optimiser, ...) trains nothing
+        here, and as params it would rerun the import and all after it."""
+        record = PLAN["teacher"].record()
+        return {**record, "training": {"model": record["training"]["model"]}}
+
     rule import_teacher:
         # A trained teacher from outside (teacher.checkpoint), checked against
-        # this config's architecture, classes and image size, measured on the
-        # validation split, and written as this run's teacher checkpoint.
+        # this config's architecture and the dataset (kdflow.models.weights:
+        # what could not be checked is listed in its source record),
+        # measured on the validation split, and written as this run's teacher
+        # checkpoint.
         input:
             source=TEACHER_SOURCE,
             dataset=DATASET,
@@ -55,7 +64,8 @@ if IMPORTED:
         resources:
             gpu=1,
         params:
-            arm=PLAN["teacher"].record(),
+            arm=imported_teacher_record(),
+            # {url, md5}, its md5 in lower case (kdflow.workflow.config).
             source=TEACHER_CFG["checkpoint"],
             device=config["device"],
             engine=config["engine"],
