@@ -90,6 +90,12 @@ def test_a_teacher_trained_by_one_run_is_imported_by_another(imported_run, workf
     assert sorted(t["seed"]) == [0, 1, 2] and t["accuracy"].nunique() == 1
 
 
+def stats_of(converted) -> dict:
+    """A converted .npz's normalisation as a checkpoint records it."""
+    mean, std = channel_stats(converted)
+    return {"mean": list(mean), "std": list(std)}
+
+
 def first_run_teacher(workflow_run) -> Path:
     return workflow_run[0] / "results/seed0/teacher/model.pt"
 
@@ -214,7 +220,7 @@ def test_a_fine_tuned_teacher_replaces_the_head_and_starts_elsewhere(tmp_path, w
     assert tuned["init"]["unchecked"] == ["class names and order (a plain state dict has none)",
                                           "normalisation (a plain state dict records none)"]
     with np.load(dataset) as d:
-        assert tuned["normalisation"] == checkpoint.normalisation(*channel_stats(d))
+        assert tuned["normalisation"] == stats_of(d)
     scratch, scratch_hist = run("scratch")
     assert scratch["init"] is None
     first = lambda h: h.splitlines()[1].split(",")
@@ -240,7 +246,7 @@ def small_data(tmp_path_factory):
                   xt.reshape(-1, 3, 32, 32), np.array(yt, np.int64), CLASSES)
     write_split(dataset, split, val_size=50, seed=0)
     with np.load(dataset) as d:
-        norm = checkpoint.normalisation(*channel_stats(d))
+        norm = stats_of(d)
     training = validate({"teacher": {"model": "deepnn", "epochs": 1, "batch_size": 32}})
     arm = {"path": "teacher", "role": "teacher", "model": "deepnn",
            "training": training["teacher"], "method": None, "setting": None, "values": {}}
@@ -300,7 +306,7 @@ def test_an_imported_teacher_says_what_was_and_was_not_checked(tmp_path, small_d
      r"'tiger'; only in the data: 'truck'; its logits would mean other classes"),
     ({"classes": CLASSES[1:] + CLASSES[:1]},
      r"the same names in another order \(class 0 is 'automobile' there, 'airplane' here\)"),
-    ({"normalisation": checkpoint.normalisation((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))},
+    ({"normalisation": {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}},
      r"trained on inputs normalised with mean \(0.485, 0.456, 0.406\) std \(0.229, 0.224, "
      r"0.225\), this dataset's are normalised with mean \(.*: it would see every image "
      r"shifted"),
@@ -330,7 +336,7 @@ def test_a_nan_teacher_is_refused_before_it_is_measured(tmp_path, small_data):
 def test_fine_tuning_from_other_class_names_starts_a_fresh_head(tmp_path, small_data, caplog):
     dataset, split, norm, arm = small_data
     src = kdflow_file(tmp_path / "t.pt", classes=CLASSES[:9] + ["tiger"],
-                      normalisation=checkpoint.normalisation((0.5, 0.5, 0.5), (0.25, 0.25, 0.25)))
+                      normalisation={"mean": [0.5] * 3, "std": [0.25] * 3})
     out = tmp_path / "tuned"
     with caplog.at_level(logging.INFO, logger="kdflow"):
         train(arm, dataset=dataset, split=split, out_model=str(out / "model.pt"),
@@ -366,17 +372,6 @@ def plain_import_run(tmp_path_factory, tiny_archive):
 
 def test_teacher_keys_an_import_does_not_use_and_md5_case_rerun_nothing(plain_import_run):
     workdir, config = plain_import_run
-    teacher = checkpoint.load(workdir / "results/teacher/model.pt")
-    assert teacher["plan"]["training"] == {"model": "deepnn"}
-    assert teacher["source"]["checked"] == ["architecture", "class count",
-                                            "image size (deepnn's weights fit 32 to 35 alike)"]
-    assert teacher["source"]["unchecked"] == [
-        "class names and order (a plain state dict has none)",
-        "normalisation (a plain state dict records none)"]
-    # The aggregate read the teacher's row from that plan record.
-    import pandas as pd
-    arms = pd.read_csv(workdir / "results/summary/metrics.csv")
-    assert list(arms.loc[arms["arm"] == "teacher", "role"]) == ["teacher"]
     ref = config["teacher"]["checkpoint"]
     changed = deep_update(config, {
         "teacher": {"epochs": 7, "batch_size": 64, "lr": 0.05, "optimizer": "sgd",
@@ -390,3 +385,14 @@ def test_teacher_keys_an_import_does_not_use_and_md5_case_rerun_nothing(plain_im
     # What the import does use reruns it, and everything after it.
     other = planned_jobs(workdir, deep_update(config, {"teacher": {"model": "resnet8"}}))
     assert other["import_teacher"] == 1 and other["train_student_kd"] == 1
+    teacher = checkpoint.load(workdir / "results/teacher/model.pt")
+    assert teacher["plan"]["training"] == {"model": "deepnn"}
+    assert teacher["source"]["checked"] == ["architecture", "class count",
+                                            "image size (deepnn's weights fit 32 to 35 alike)"]
+    assert teacher["source"]["unchecked"] == [
+        "class names and order (a plain state dict has none)",
+        "normalisation (a plain state dict records none)"]
+    # The aggregate read the teacher's row from that plan record.
+    import pandas as pd
+    metrics = pd.read_csv(workdir / "results/summary/metrics.csv")
+    assert list(metrics.loc[metrics["arm"] == "teacher", "role"]) == ["teacher"]
