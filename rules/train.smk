@@ -37,13 +37,6 @@ if not IMPORTED:
 
 if IMPORTED:
 
-    def imported_teacher_record():
-        """The teacher's plan record with the one training key an import
-        uses, its model: the rest (epochs, optimiser, ...) trains nothing
-        here, and as params it would rerun the import and all after it."""
-        record = PLAN["teacher"].record()
-        return {**record, "training": {"model": record["training"]["model"]}}
-
     rule import_teacher:
         # A trained teacher from outside (teacher.checkpoint), checked against
         # this config's architecture and the dataset (kdflow.models.weights:
@@ -64,7 +57,13 @@ if IMPORTED:
         resources:
             gpu=1,
         params:
-            arm=imported_teacher_record(),
+            # The plan record with the one training key an import uses, its
+            # model: the rest (epochs, optimiser, ...) trains nothing here,
+            # and as params would rerun the import and all after it.
+            arm={
+                **PLAN["teacher"].record(),
+                "training": {"model": TEACHER_CFG["model"]},
+            },
             # {url, md5}, its md5 in lower case (kdflow.workflow.config).
             source=TEACHER_CFG["checkpoint"],
             device=config["device"],
