@@ -39,6 +39,7 @@ include: "rules/study.smk"
 include: "rules/evaluate.smk"
 include: "rules/export.smk"
 include: "rules/report.smk"
+include: "rules/ship.smk"
 
 
 rule all:

@@ -4,6 +4,8 @@
 import os
 import sys
 
+from snakemake.logging import logger
+
 sys.path.insert(0, workflow.basedir)
 
 from kdflow import KdflowError
@@ -23,6 +25,8 @@ SEEDS = config["seeds"]
 # record up here by path; nothing is read back from a path's name.
 PLAN = {a.path: a for a in study.plan(config)}
 ARMS = list(PLAN)
+for _warning in study.warnings(PLAN.values()):
+    logger.warning(f"kdflow: {_warning}")
 # The models evaluated per seed: all but a shared teacher, which is evaluated
 # once (results/teacher/) and stands for the teacher of every seed.
 SEED_ARMS = [a for a in ARMS if not (a == "teacher" and config["teacher"]["shared"])]

@@ -1,7 +1,10 @@
-# Deployment: each model exported to ONNX, checked against PyTorch, quantised
-# to int8 and timed in ONNX Runtime (kdflow.deploy). CPU jobs after the
-# model's training; only the export section is their params, so changing it
-# reruns these jobs, the aggregate and the report, never training.
+# Deployment: each model exported to ONNX, checked against PyTorch and
+# quantised to int8 (kdflow.deploy), one CPU job per model after its
+# training; then the models the report compares timed together in one job
+# that runs alone, and the choice of what to ship (kdflow.analysis.ship).
+# Only the export keys a job uses are its params: the format and
+# calibration settings rerun the exports, the timing settings only the
+# timing job, the ship step and the report; nothing here reruns training.
 
 
 rule export:
@@ -19,7 +22,7 @@ rule export:
         "../envs/kdflow.yaml"
     threads: 2
     params:
-        export=EXPORT,
+        export={k: EXPORT[k] for k in ("formats", "calibration_images")},
         # Calibration images are drawn with the split's seed: the same for
         # every model, so int8 accuracies compare like with like.
         seed=config["data"]["split_seed"],
@@ -40,3 +43,4 @@ if SHARED_TEACHER:
             "results/logs/teacher/export.log",
         benchmark:
             "results/benchmarks/teacher/export.tsv"
+

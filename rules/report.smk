@@ -46,11 +46,6 @@ rule aggregate:
             category="Tables",
         ),
         exports="results/summary/exports.csv",
-        ship=report(
-            "results/summary/ship.csv",
-            caption="../report/ship_table.rst",
-            category="Tables",
-        ),
         headline="results/summary/headline.json",
     log:
         "results/logs/aggregate.log",
@@ -65,6 +60,16 @@ rule aggregate:
 rule report:
     input:
         **rules.aggregate.output,
+        # What you would ship and the timings it rests on (rules/export.smk).
+        **(
+            {
+                "ship": "results/summary/ship.csv",
+                "ship_verdict": "results/summary/ship.json",
+                "latency": "results/summary/latency.csv",
+            }
+            if EXPORT["enabled"]
+            else {}
+        ),
     output:
         **{name: figure(name) for name in SHOWN_FIGURES},
         html=report(
@@ -81,17 +86,30 @@ rule report:
         # Shown in the report; every one of these also reruns the jobs it
         # affects, so the report is rebuilt with them anyway.
         experiment={
-            k: config[k]
-            for k in (
-                "data",
-                "seeds",
-                "confirm_seeds",
-                "device",
-                "engine",
-                "teacher",
-                "student",
-                "kd",
-            )
+            **{
+                k: config[k]
+                for k in (
+                    "data",
+                    "seeds",
+                    "confirm_seeds",
+                    "device",
+                    "engine",
+                    "teacher",
+                    "student",
+                    "kd",
+                )
+            },
+            # An imported teacher uses none of the training keys: editing
+            # them changes nothing the report could show.
+            **(
+                {
+                    "teacher": {
+                        k: TEACHER_CFG[k] for k in ("model", "checkpoint", "shared")
+                    }
+                }
+                if IMPORTED
+                else {}
+            ),
         },
     script:
         "../scripts/report.py"

@@ -12,8 +12,7 @@ run_step(
         snakemake.output.record.rsplit("/", 1)[0],
         calibration_images=settings["calibration_images"],
         seed=snakemake.params.seed,
-        latency={k: settings[k] for k in ("batch", "warmup", "runs")},
         int8="int8" in settings["formats"],
-        threads=settings["threads"] or snakemake.threads,
+        threads=snakemake.threads,
     ),
 )

@@ -170,7 +170,7 @@ def base_config(archive: Path, md5: str) -> dict:
 
 
 # Export settings for tiny data: few calibration images and timed runs.
-EXPORT_SMALL = {"calibration_images": 64, "batch": 8, "warmup": 1, "runs": 3}
+EXPORT_SMALL = {"calibration_images": 64, "batch": 8, "warmup": 1, "runs": 3, "rounds": 3}
 
 
 def deep_update(base: dict, change: dict) -> dict:
@@ -222,3 +222,14 @@ def workflow_run(tmp_path_factory, tiny_archive) -> tuple[Path, dict]:
     config = deep_update(base_config(*tiny_archive), {"export": {"enabled": True}})
     snakemake(workdir, config)
     return workdir, config
+
+
+def report_tables(summary: Path) -> dict[str, str]:
+    """The report's inputs by the names rules/report.smk gives them, from a
+    finished run's results/summary/."""
+    tables = {p.stem: str(p) for p in summary.glob("*.csv") if p.stem != "latency_samples"}
+    tables["gain"] = tables.pop("kd_gain")
+    tables["headline"] = str(summary / "headline.json")
+    if (summary / "ship.json").exists():
+        tables["ship_verdict"] = str(summary / "ship.json")
+    return tables

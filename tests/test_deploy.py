@@ -1,8 +1,10 @@
 """The deployed model: ONNX export checked against PyTorch, int8 calibrated on
-training images only, latency recorded, clear failures and no partial outputs.
+training images only, validation scores for the choice of what to ship, the
+models timed together round by round (kdflow.deploy.timing), clear failures
+and no partial outputs.
 
 Tiny: random-weight models on a synthetic dataset of 200 training and 40 test
-images, 32 calibration images, latency from single runs of batches 1 and 4.
+images, 32 calibration images, timing from a few calls at batches 1 and 4.
 """
 
 import json
@@ -15,7 +17,7 @@ from torch import nn
 
 from kdflow import KdflowError
 from kdflow.data.arrays import channel_stats, write_dataset, write_split
-from kdflow.deploy import job, latency, quantize
+from kdflow.deploy import job, quantize, timing
 from kdflow.deploy.job import FILES, RECORD, export_model
 from kdflow.deploy.onnx_export import (MAX_DIFF_RELATIVE, MIN_AGREEMENT, check_against_pytorch,
                                        export_onnx, onnx_logits, open_session, pytorch_logits)
@@ -24,7 +26,7 @@ from kdflow.models.zoo import build_model
 from tests.conftest import CLASSES, synthetic_images
 
 CALIBRATION = 32
-LATENCY = {"batch": 4, "warmup": 0, "runs": 1}
+TIMING = {"batch": 4, "warmup": 0, "runs": 4, "rounds": 2}
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +50,7 @@ def _checkpoint(root, name, seed=0):
 
 
 def _export(data, name, out, **overrides):
-    kwargs = dict(calibration_images=CALIBRATION, seed=0, latency=LATENCY, int8=True, threads=0)
+    kwargs = dict(calibration_images=CALIBRATION, seed=0, int8=True, threads=0)
     return export_model(_checkpoint(data, name), data / "data.npz", data / "split.npz", out,
                         **{**kwargs, **overrides})
 
@@ -135,17 +137,77 @@ def test_calibration_uses_training_images_only(exported, data):
     assert np.array_equal(again, idx) and not np.array_equal(other, idx)
 
 
-def test_latency_table_covers_every_case_and_names_the_cpu(exported):
-    _, _, record = exported
-    table = record["latency"]
-    cases = {(r["runtime"], r["precision"], r["batch"], r["threads"]) for r in table["rows"]}
-    assert cases == {(rt, p, b, t) for rt, p in (("pytorch", "fp32"), ("onnxruntime", "fp32"),
-                                                 ("onnxruntime", "int8"))
-                     for b in (1, LATENCY["batch"]) for t in latency.thread_counts(0)}
-    assert all(r["median_ms"] > 0 for r in table["rows"])
-    cpu = record["cpu"]
+def test_every_variant_is_scored_on_the_validation_split(exported, data):
+    _, out, record = exported
+    with np.load(data / "data.npz") as d, np.load(data / "split.npz") as sp:
+        x, y = d["x_train"][sp["val_idx"]], d["y_train"][sp["val_idx"]]
+    val = record["validation"]
+    assert set(val) == {"pytorch", "onnxruntime", "int8"}
+    for variant, name in (("onnxruntime", FILES["fp32"]), ("int8", FILES["int8"])):
+        logits = onnx_logits(open_session(out / name), x)
+        assert val[variant] == {"correct": int((logits.argmax(1) == y).sum()),
+                                "images": len(y),
+                                "accuracy": float((logits.argmax(1) == y).mean())}
+    drop = val["onnxruntime"]["accuracy"] - val["int8"]["accuracy"]
+    assert record["int8"]["validation_accuracy_drop"] == pytest.approx(drop)
+    assert record["int8"]["validation_large_drop"] == (drop > quantize.LARGE_DROP)
+    assert "latency" not in record, "export jobs must not time: they run beside other jobs"
+
+
+def _subjects(exported_dirs):
+    return [timing.subject_from_export(str(d / RECORD), d / RECORD) for d in exported_dirs]
+
+
+def test_timing_covers_every_case_with_its_spread(data):
+    dirs = [data / "export-lightnn", data / "export-deepnn"]
+    for d, name in zip(dirs, ("lightnn", "deepnn")):
+        if not (d / RECORD).exists():
+            _export(data, name, d)
+    summary, samples = timing.time_models(_subjects(dirs), threads=0, **TIMING)
+    cases = {(r["key"], r["runtime"], r["precision"], r["batch"], r["threads"]) for r in summary}
+    assert cases == {(str(d / RECORD), rt, p, b, t) for d in dirs
+                     for rt, p in (("pytorch", "fp32"), ("onnxruntime", "fp32"),
+                                   ("onnxruntime", "int8"))
+                     for b in (1, TIMING["batch"]) for t in timing.thread_counts(0)}
+    for r in summary:
+        # runs spread evenly over the rounds: every case has all its calls.
+        assert r["n"] == TIMING["runs"]
+        assert 0 < r["min_ms"] <= r["p10_ms"] <= r["median_ms"] <= r["p90_ms"] <= r["max_ms"]
+    assert len(samples) == len(summary) * TIMING["runs"]
+    assert {s["round"] for s in samples} == set(range(TIMING["rounds"]))
+
+
+def test_timing_goes_round_by_round_across_models_with_the_order_rotated(data):
+    dirs = [data / "export-lightnn"]
+    if not (dirs[0] / RECORD).exists():
+        _export(data, "lightnn", dirs[0])
+    subjects = _subjects(dirs) + [timing.Subject("twin", *_twin(dirs[0]))]
+    ticks = iter(range(10**6))
+    _, samples = timing.time_models(subjects, batch=1, warmup=0, runs=3, rounds=3, threads=1,
+                                    clock=lambda: next(ticks))
+    order = [(s["round"], s["key"], s["runtime"], s["precision"]) for s in samples]
+    rounds = [[o[1:] for o in order if o[0] == r] for r in range(3)]
+    # Every round times every case once (runs / rounds = 1 call each) ...
+    assert all(sorted(r) == sorted(rounds[0]) and len(r) == 5 for r in rounds)
+    # ... and each round starts one case later than the one before.
+    assert rounds[1] == rounds[0][1:] + rounds[0][:1]
+    assert rounds[2] == rounds[0][2:] + rounds[0][:2]
+
+
+def _twin(export_dir):
+    record = json.loads((export_dir / RECORD).read_text())
+    model, _ = checkpoint.load_model(record["model"]["file"])
+    norm = record["onnx"]["normalisation"]
+    return model, {"fp32": export_dir / FILES["fp32"]}, norm["mean"], norm["std"], (3, 32, 32)
+
+
+def test_timing_names_the_cpu(data):
+    cpu = timing.cpu_info()
     assert cpu["name"] and cpu["cores"] >= 1
-    assert all(cpu[f] in (True, False, None) for f in (*latency.FLAGS, "amx"))
+    with open("/proc/cpuinfo") as f:
+        flags = next(line for line in f if line.startswith("flags")).split()
+    for flag in timing.FLAGS:
+        assert cpu[flag] == (flag in flags)
 
 
 def test_torch_threads_are_restored_after_timing(data, tmp_path):
@@ -153,11 +215,12 @@ def test_torch_threads_are_restored_after_timing(data, tmp_path):
     export_onnx(model, tmp_path / "m.onnx", (0.5,) * 3, (0.25,) * 3, (3, 32, 32), "m.pt")
     original = torch.get_num_threads()
     # A count that timing never uses (it stops at the available cores).
-    torch.set_num_threads(latency.available_cores() + 1)
+    torch.set_num_threads(timing.available_cores() + 1)
     try:
-        latency.measure(model, {"fp32": tmp_path / "m.onnx"}, (0.5,) * 3, (0.25,) * 3,
-                        (3, 32, 32), batches=[1], threads=0, warmup=0, runs=1)
-        assert torch.get_num_threads() == latency.available_cores() + 1
+        subject = timing.Subject("m", model, {"fp32": tmp_path / "m.onnx"}, (0.5,) * 3,
+                                 (0.25,) * 3, (3, 32, 32))
+        timing.time_models([subject], batch=1, threads=0, warmup=0, runs=1, rounds=1)
+        assert torch.get_num_threads() == timing.available_cores() + 1
     finally:
         torch.set_num_threads(original)
 
@@ -232,11 +295,11 @@ def test_a_failure_late_in_the_job_leaves_the_earlier_outputs_alone(data, tmp_pa
         (out / name).write_bytes(payload)
 
     def fails(*args, **kwargs):
-        raise KdflowError("the latency measurement failed")
+        raise KdflowError("reading the CPU failed")
 
     # The last step fails, once both ONNX files are written and checked.
-    monkeypatch.setattr(job.lat, "measure", fails)
-    with pytest.raises(KdflowError, match="the latency measurement failed"):
+    monkeypatch.setattr(job.timing, "cpu_info", fails)
+    with pytest.raises(KdflowError, match="reading the CPU failed"):
         _export(data, "lightnn", out)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == earlier
 
@@ -250,6 +313,8 @@ def test_without_int8_only_the_fp32_file_and_record_are_written(data, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == sorted([RECORD, FILES["fp32"]])
 
 
-def test_bad_latency_settings_are_a_clear_error(data, tmp_path):
-    with pytest.raises(KdflowError, match="latency must be"):
-        _export(data, "lightnn", tmp_path / "out", latency={"batch": 4})
+@pytest.mark.parametrize("settings", [{"batch": 4}, {**TIMING, "rounds": 0},
+                                      {**TIMING, "runs": 2.5}, {**TIMING, "warmup": True}])
+def test_bad_timing_settings_are_a_clear_error(settings):
+    with pytest.raises(KdflowError, match="latency settings must be"):
+        timing.check_settings(settings)

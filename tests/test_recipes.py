@@ -13,7 +13,7 @@ from kdflow.distill import methods, study
 from kdflow.distill.losses import (Step, cosine_loss, hint_loss, kd_loss, soft_target_loss,
                                    standardize_logits)
 from kdflow.workflow.config import validate
-from tests.conftest import REPO
+from tests.conftest import REPO, report_tables
 
 PRESETS = REPO / "config" / "presets"
 
@@ -171,9 +171,7 @@ def test_report_shows_published_beside_measured(workflow_run, tmp_path):
 
     workdir, config = workflow_run
     summary = workdir / "results/summary"
-    tables = {p.stem: str(p) for p in summary.glob("*.csv")}
-    tables["gain"] = str(summary / "kd_gain.csv")
-    tables["headline"] = str(summary / "headline.json")
+    tables = report_tables(summary)
     published = validate({"report": {"published": {
         "student_kd": 76.62, "source": "Sun et al. 2024"}}})["report"]["published"]
     out = tmp_path / "report.html"

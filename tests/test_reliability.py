@@ -19,7 +19,7 @@ from kdflow.distill import study
 from kdflow.workflow.config import validate
 from kdflow.train.engine import EngineOptions
 from kdflow.train.job import job_identity, train
-from tests.conftest import REPO, local_env
+from tests.conftest import REPO, local_env, report_tables
 
 # ---------------------------------------------------------------------------
 # Disk full: every kind of output fails cleanly
@@ -98,9 +98,7 @@ def test_a_full_disk_fails_clearly_and_leaves_no_debris(kind, tmp_path, workflow
                                                         tiny_archive):
     workdir, _ = workflow_run
     target, code = WRITERS[kind]
-    tables = {p.stem: str(p) for p in summary.glob("*.csv")}
-    tables["gain"] = str(summary / "kd_gain.csv")
-    tables["headline"] = str(summary / "headline.json")
+    tables = report_tables(summary)
     proc = write_under_limit(code.format(archive=str(tiny_archive[0]), tables=tables,
                                          dataset=str(workdir / "results/data/cifar10.npz")),
                              tmp_path)

@@ -12,7 +12,7 @@ from kdflow.distill import methods
 from kdflow.core import streams
 from kdflow.workflow.config import validate
 from kdflow.models.zoo import build_model
-from tests.conftest import base_config, deep_update, planned_jobs, snakemake
+from tests.conftest import base_config, deep_update, planned_jobs, report_tables, snakemake
 
 # ---------------------------------------------------------------------------
 # Two-stage studies
@@ -235,9 +235,7 @@ def test_report_lists_every_commit_and_warns_on_more_than_one(chance_run, tmp_pa
 
     workdir, config = chance_run
     summary = workdir / "results/summary"
-    tables = {p.stem: str(p) for p in summary.glob("*.csv")}
-    tables["gain"] = str(summary / "kd_gain.csv")
-    tables["headline"] = str(summary / "headline.json")
+    tables = report_tables(summary)
     one = tmp_path / "one.html"
     render_report(tables, str(one), "t", validate(config))
     assert 'id="commits-warning"' not in one.read_text()

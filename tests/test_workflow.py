@@ -179,11 +179,12 @@ def test_summary_table_is_tidy(workflow_run):
 # Only stale steps rerun: dry runs after the real run, one per change.
 # ---------------------------------------------------------------------------
 
+# After the aggregate, with export on: the timing job, the ship step, the report.
+AFTER_AGGREGATE = {"aggregate": 1, "time_models": 1, "ship": 1, "report": 1, "all": 1}
 STUDENT_JOBS = {"train_student_baseline": 2, "train_student_kd": 2, "evaluate": 4,
-                "export": 4, "aggregate": 1, "report": 1, "all": 1}
+                "export": 4, **AFTER_AGGREGATE}
 # A new temperature is a new setting: its own jobs, the shared logits reused.
-NEW_SETTING = {"train_student_kd": 2, "evaluate": 2, "export": 2, "aggregate": 1, "report": 1,
-               "all": 1}
+NEW_SETTING = {"train_student_kd": 2, "evaluate": 2, "export": 2, **AFTER_AGGREGATE}
 
 
 @pytest.mark.parametrize("change,expected", [
@@ -199,14 +200,16 @@ NEW_SETTING = {"train_student_kd": 2, "evaluate": 2, "export": 2, "aggregate": 1
                  id="teacher-setting"),
     pytest.param({"seeds": [0, 1, 2]},
                  {"train_teacher": 1, "teacher_logits": 1, "train_student_baseline": 1,
-                  "train_student_kd": 1, "evaluate": 3, "export": 3, "aggregate": 1, "report": 1,
-                  "all": 1},
+                  "train_student_kd": 1, "evaluate": 3, "export": 3, **AFTER_AGGREGATE},
                  id="added-seed"),
-    # Deployment settings: the exports, aggregate and report; never training.
-    pytest.param({"export": {"runs": 4, "calibration_images": 32}},
-                 {"export": 6, "aggregate": 1, "report": 1, "all": 1}, id="export-setting"),
-    pytest.param({"export": {"formats": ["fp32"]}},
-                 {"export": 6, "aggregate": 1, "report": 1, "all": 1}, id="export-no-int8"),
+    # Deployment settings: the exports and what follows; never training.
+    pytest.param({"export": {"calibration_images": 32}}, {"export": 6, **AFTER_AGGREGATE},
+                 id="export-setting"),
+    pytest.param({"export": {"formats": ["fp32"]}}, {"export": 6, **AFTER_AGGREGATE},
+                 id="export-no-int8"),
+    # Timing settings: only the timing job and what reads it.
+    pytest.param({"export": {"runs": 4, "rounds": 2, "batch": 4, "threads": 1}},
+                 {"time_models": 1, "ship": 1, "report": 1, "all": 1}, id="timing-setting"),
     pytest.param({"report": {"title": "Another title"}}, {"report": 1, "all": 1},
                  id="report-setting"),
 ])
@@ -319,7 +322,7 @@ def test_every_model_is_exported_and_its_onnx_files_give_the_recorded_results(wo
 
 
 def test_the_report_ends_with_what_you_would_ship(workflow_run):
-    workdir, _ = workflow_run
+    workdir, config = workflow_run
     html = (workdir / "results/report.html").read_text()
     ship = pd.read_csv(workdir / "results/summary/ship.csv")
     assert list(ship["role"].unique()) == ["teacher", "student_baseline", "student_kd"]
@@ -327,12 +330,73 @@ def test_the_report_ends_with_what_you_would_ship(workflow_run):
         ("pytorch", "fp32"), ("onnxruntime", "fp32"), ("onnxruntime", "int8")}
     assert ship["frontier"].any()
     assert 'id="ship-verdict"' in html and (workdir / "results/figures/ship.png").stat().st_size
-    head = json.loads((workdir / "results/summary/headline.json").read_text())
-    # Two seeds: the gain is untested, so distillation changed nothing to ship.
-    assert head["ship"]["changed"] is False
+    verdict = json.loads((workdir / "results/summary/ship.json").read_text())
+    # The rule: per student, the fastest at batch 1 of the variants within
+    # the drop threshold on validation.
+    for role in ("student_baseline", "student_kd"):
+        rows = ship[ship["role"] == role]
+        eligible = rows[rows["eligible"]]
+        assert rows["shipped"].sum() == 1
+        assert rows.loc[rows["shipped"], "latency_ms_batch1"].iloc[0] == \
+            eligible["latency_ms_batch1"].min()
+        shipped = rows[rows["shipped"]].iloc[0]
+        assert verdict[role]["runtime"] == shipped["runtime"]
+        assert verdict[role]["precision"] == shipped["precision"]
+    # Two seeds: the gain is untested, so the plain student is shipped.
+    assert verdict["verdict"]["kind"] == "untested" and verdict["changed"] is False
+    assert verdict["ship"] == "student_baseline"
     assert "Distillation did not change what you would ship" in html
+    assert f"Ship the plain student as {verdict['student_baseline']['variant']}" in html
+    # The as-shipped comparison is of those files' test counts, by seed.
+    exports = pd.read_csv(workdir / "results/summary/exports.csv")
+    for role, arm in (("student_kd", KD), ("student_baseline", BASELINE)):
+        v = verdict[role]
+        rows = exports[(exports["arm"] == arm) & (exports["runtime"] == v["runtime"])
+                       & (exports["precision"] == v["precision"])].sort_values("seed")
+        verdict[role]["counts"] = rows["correct"].tolist()
+    assert verdict["test"]["gain_images"] == [
+        k - b for k, b in zip(verdict["student_kd"]["counts"],
+                              verdict["student_baseline"]["counts"])]
     # The section comes after every model's table, before the appendix.
     assert html.index('id="models"') < html.index('id="ship"') < html.index('id="config"')
+
+
+def test_the_compared_models_are_timed_together_in_one_job_with_their_spread(workflow_run):
+    workdir, config = workflow_run
+    res = workdir / "results"
+    latency = pd.read_csv(res / "summary/latency.csv")
+    samples = pd.read_csv(res / "summary/latency_samples.csv")
+    # One timing job for the whole comparison, none inside the exports.
+    assert (res / "benchmarks/time_models.tsv").is_file()
+    for seed in config["seeds"]:
+        for arm in ARMS:
+            assert "latency" not in json.loads((res / f"seed{seed}/{arm}/export.json").read_text())
+    timed = {f"results/seed{s}/{a}/export.json" for s in config["seeds"] for a in ARMS}
+    assert set(latency["key"]) == timed
+    runs, rounds = config["export"]["runs"], config["export"]["rounds"]
+    assert (latency["n"] == rounds * -(-runs // rounds)).all()
+    assert (latency["min_ms"] <= latency["p10_ms"]).all()
+    assert (latency["p10_ms"] <= latency["median_ms"]).all()
+    assert (latency["median_ms"] <= latency["p90_ms"]).all()
+    # Every summary number is the median of its own timed calls.
+    case = ["key", "runtime", "precision", "batch", "threads"]
+    medians = samples.groupby(case)["ms"].median()
+    assert latency.set_index(case)["median_ms"].to_dict() == pytest.approx(medians.to_dict())
+    # Speed-ups in ship.csv are ratios of that job's medians.
+    ship = pd.read_csv(res / "summary/ship.csv")
+    teacher = ship[(ship["role"] == "teacher") & (ship["runtime"] == "onnxruntime")
+                   & (ship["precision"] == "fp32")].iloc[0]
+    assert ship["speedup_batch1"].tolist() == pytest.approx(
+        (teacher["latency_ms_batch1"] / ship["latency_ms_batch1"]).tolist())
+    one = latency[(latency["batch"] == 1) & (latency["threads"] == 1)
+                  & (latency["key"] == "results/seed0/teacher/export.json")
+                  & (latency["runtime"] == "onnxruntime") & (latency["precision"] == "fp32")]
+    seeds_teachers = latency[(latency["batch"] == 1) & (latency["threads"] == 1)
+                             & latency["key"].str.contains("/teacher/")
+                             & (latency["runtime"] == "onnxruntime")
+                             & (latency["precision"] == "fp32")]
+    assert teacher["latency_ms_batch1"] == pytest.approx(seeds_teachers["median_ms"].mean())
+    assert len(one) == 1
 
 
 def test_with_one_setting_the_study_is_one_line(workflow_run):

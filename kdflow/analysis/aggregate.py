@@ -19,18 +19,12 @@ from kdflow.core import atomic
 from kdflow.models import checkpoint
 from kdflow.distill import study
 from kdflow.distill.methods import METHODS
-from kdflow.analysis.stats import PairedComparison, holm, mean_ci, paired_comparison
+from kdflow.analysis.roles import ARM_LABELS, ARM_ORDER, headline_view  # noqa: F401 (re-exported)
+from kdflow.analysis.ship import EXPORT_COLUMNS, export_rows
+from kdflow.analysis.stats import holm, mean_ci, paired_comparison, verdict
 
 log = logging.getLogger(__name__)
 
-# The three roles of the headline comparison: the teacher, a plain student
-# and the distilled setting chosen on validation accuracy.
-ARM_ORDER = ["teacher", "student_baseline", "student_kd"]
-ARM_LABELS = {
-    "teacher": "Teacher",
-    "student_baseline": "Student (CE only)",
-    "student_kd": "Student (distilled)",
-}
 # Columns that describe an arm, in every per-model table: these, then one
 # column per knob (by its config key, e.g. temperature, dkd.beta) of the
 # methods present, in the method table's order (kdflow.distill.methods).
@@ -179,131 +173,23 @@ def collect(files: dict[str, list[str]], confirm_seeds: tuple[int, ...] = (),
             "exports": frame(exports) if exports else pd.DataFrame(columns=EXPORT_COLUMNS)}
 
 
-EXPORT_COLUMNS = ["seed", "arm", "stage", "runtime", "precision", "batch", "threads",
-                  "median_ms", "accuracy", "correct", "test_images", "bytes", "large_drop",
-                  "agreement", "opset", "cpu", "source"]
-# The deployment variants of a model, in the order the report lists them.
-VARIANTS = [("pytorch", "fp32"), ("onnxruntime", "fp32"), ("onnxruntime", "int8")]
-
-
-def export_rows(key: dict, e: dict, checkpoint_bytes: int, source: str) -> list[dict]:
-    """One row per latency measurement of a model's export.json (runtime,
-    precision, batch, threads), with that variant's test accuracy, file
-    size and (int8) agreement with fp32 and large-drop flag."""
-    check, q = e["check"], e["int8"]
-    about = {
-        ("pytorch", "fp32"): {**check["pytorch"], "bytes": checkpoint_bytes,
-                              "large_drop": False, "agreement": 1.0},
-        ("onnxruntime", "fp32"): {**check["onnxruntime"], "bytes": e["files"]["fp32"]["bytes"],
-                                  "large_drop": False,
-                                  "agreement": check["agreement"]["fraction"]},
-    }
-    if q:
-        about[("onnxruntime", "int8")] = {**q["accuracy"], "bytes": e["files"]["int8"]["bytes"],
-                                          "large_drop": bool(q["large_drop"]),
-                                          "agreement": q["agreement_with_fp32"]["fraction"]}
-    rows = []
-    for r in e["latency"]["rows"]:
-        variant = (r["runtime"], r["precision"])
-        if variant not in about:
-            continue
-        a = about[variant]
-        rows.append({**key, "runtime": r["runtime"], "precision": r["precision"],
-                     "batch": r["batch"], "threads": r["threads"], "median_ms": r["median_ms"],
-                     "accuracy": a["accuracy"], "correct": a["correct"],
-                     "test_images": a["images"], "bytes": a["bytes"],
-                     "large_drop": a["large_drop"], "agreement": a["agreement"],
-                     "opset": e["onnx"]["opset"], "cpu": e["cpu"]["name"],
-                     "source": str(source)})
-    return rows
-
-
-def ship_table(exports: pd.DataFrame, chosen: dict[str, str], stage: str) -> pd.DataFrame:
-    """What you would ship: for the headline's teacher, plain and distilled
-    student, each deployment variant's test accuracy, size and latency
-    (means over the stage's seeds; batch 1 and the large batch, one thread
-    and all threads), its speed-up over the teacher's ONNX fp32 model at
-    the same batch and threads, and whether it is on the accuracy/latency
-    frontier (no other variant both faster at batch 1 and more accurate)."""
-    view = headline_view(exports, chosen, stage)
-    if view.empty:
-        return pd.DataFrame(columns=["role", "model", "runtime", "precision", "accuracy"])
-    big, most = int(view["batch"].max()), int(view["threads"].max())
-    rows = []
-    for (role, runtime, precision), g in view.groupby(["arm", "runtime", "precision"],
-                                                     observed=True, sort=False):
-        lat = g.groupby(["batch", "threads"])["median_ms"].mean()
-        one = g[(g["batch"] == 1) & (g["threads"] == 1)]
-        rows.append({
-            "role": str(role), "model": chosen[str(role)], "runtime": runtime,
-            "precision": precision, "n": one["seed"].nunique(),
-            "accuracy": one["accuracy"].mean(), "accuracy_sd": one["accuracy"].std(),
-            "bytes": one["bytes"].mean(), "agreement": one["agreement"].mean(),
-            "large_drop": bool(one["large_drop"].any()),
-            "latency_ms_batch1": lat.get((1, 1)), "latency_ms_batch": lat.get((big, 1)),
-            "latency_ms_batch1_all_threads": lat.get((1, most)),
-            "latency_ms_batch_all_threads": lat.get((big, most)),
-            "batch": big, "threads": most, "cpu": one["cpu"].iloc[0],
-            "source": "; ".join(sorted(set(g["source"])))})
-    out = pd.DataFrame(rows)
-    order = {v: i for i, v in enumerate(VARIANTS)}
-    out["_o"] = [(ARM_ORDER.index(r), order[(rt, p)])
-                 for r, rt, p in zip(out["role"], out["runtime"], out["precision"])]
-    out = out.sort_values("_o").drop(columns="_o").reset_index(drop=True)
-    ref = out[(out["role"] == "teacher") & (out["runtime"] == "onnxruntime")
-              & (out["precision"] == "fp32")]
-    for col in ("latency_ms_batch1", "latency_ms_batch"):
-        out[f"speedup_{col.removeprefix('latency_ms_')}"] = (
-            float(ref[col].iloc[0]) / out[col] if len(ref) else np.nan)
-    out["frontier"] = [
-        not ((out["latency_ms_batch1"] <= r.latency_ms_batch1) & (out["accuracy"] >= r.accuracy)
-             & ((out["latency_ms_batch1"] < r.latency_ms_batch1)
-                | (out["accuracy"] > r.accuracy))).any()
-        for r in out.itertuples()]
-    return out
-
-
-def ship_verdict(ship: pd.DataFrame, verdict: dict) -> Optional[dict]:
-    """The report's last sentence, from the ship table and the headline's
-    verdict: the distilled student's int8 (else fp32) ONNX model against
-    the teacher's ONNX fp32, or that distillation did not change what you
-    would ship (its gain not beyond seed noise)."""
-    if ship.empty:
-        return None
-
-    def pick(role):
-        rows = ship[(ship["role"] == role) & (ship["runtime"] == "onnxruntime")]
-        best = rows[rows["precision"] == "int8"]
-        return (best if len(best) else rows[rows["precision"] == "fp32"]).iloc[0]
-
-    teacher = ship[(ship["role"] == "teacher") & (ship["runtime"] == "onnxruntime")
-                   & (ship["precision"] == "fp32")].iloc[0]
-    kd, ce = pick("student_kd"), pick("student_baseline")
-
-    def keeps(r):
-        return {"precision": r["precision"], "accuracy": float(r["accuracy"]),
-                "retained": float(r["accuracy"] / teacher["accuracy"]),
-                "speedup": float(r["speedup_batch1"]), "bytes": float(r["bytes"])}
-
-    return {"changed": verdict.get("kind") == "beyond", "verdict": verdict.get("kind"),
-            "teacher_accuracy": float(teacher["accuracy"]),
-            "teacher_latency_ms": float(teacher["latency_ms_batch1"]),
-            "student_kd": keeps(kd), "student_baseline": keeps(ce),
-            "cpu": teacher["cpu"]}
-
-
 def summarize_arms(table: pd.DataFrame) -> pd.DataFrame:
     """Mean, sample sd, n and 95% t-interval of each arm's results over the
-    seeds of each stage."""
+    models of each stage: one per seed, but one in all for a teacher shared
+    by every seed (its rows repeat one file, a single measurement: no sd,
+    no interval)."""
     rows = []
     for (arm, stage), g in table.groupby(["arm", "stage"], observed=True, sort=False):
+        seeds_shown = g
+        g = g.drop_duplicates("source")
         mean, lo, hi = mean_ci(g["accuracy"])
-        flagged = g.loc[g["flag"] != "", "seed"].tolist()
+        flagged = seeds_shown.loc[seeds_shown["flag"] != "", "seed"].tolist()
         rows.append({
             "arm": arm, "stage": stage, **{c: g[c].iloc[0] for c in arm_columns(g)},
             "flag": (f"{g.loc[g['flag'] != '', 'flag'].iloc[0]} (seed "
                      f"{', '.join(map(str, flagged))})") if flagged else "",
-            "model": g["model"].iloc[0], "n": g["seed"].nunique(),
+            "model": g["model"].iloc[0], "n": len(g), "seeds": seeds_shown["seed"].nunique(),
+            "shared": len(g) == 1 and seeds_shown["seed"].nunique() > 1,
             "parameters": g["parameters"].iloc[0], "macs_per_image": g["macs_per_image"].iloc[0],
             "checkpoint_bytes": g["checkpoint_bytes"].iloc[0],
             "accuracy_mean": mean, "accuracy_sd": g["accuracy"].std(),
@@ -391,17 +277,6 @@ def chosen_arms(study_df: pd.DataFrame) -> dict[str, str]:
     kd = study_df.loc[study_df["chosen"]].iloc[0]
     return {"teacher": "teacher", "student_baseline": f"{kd['student']}/ce",
             "student_kd": str(kd["arm"])}
-
-
-def headline_view(df: pd.DataFrame, chosen: dict[str, str], stage: str) -> pd.DataFrame:
-    """The rows of the three chosen arms in the headline's stage, relabelled
-    by role (teacher, student_baseline, student_kd), for the headline tables
-    and figures."""
-    by_path = {path: role for role, path in chosen.items()}
-    out = df[df["arm"].astype(str).isin(by_path) & (df["stage"] == stage)].copy()
-    out["arm"] = pd.Categorical(out["arm"].astype(str).map(by_path), ARM_ORDER, ordered=True)
-    return out.sort_values(["arm"] + (["seed"] if "seed" in out else []),
-                           kind="stable").reset_index(drop=True)
 
 
 def kd_gain(table: pd.DataFrame) -> pd.DataFrame:
@@ -508,7 +383,10 @@ def teacher_record(teacher: Optional[dict], metrics: pd.DataFrame,
     ckpt = checkpoint.load(teacher["checkpoints"])
     source = ckpt.get("source")
     return {"shared": True, "trained_seed": ckpt.get("seed"),
-            "source": {"url": source["url"], "md5": source["md5"]} if source else None,
+            # What the import could and could not check (kdflow.models.weights).
+            "source": {"url": source["url"], "md5": source["md5"],
+                       "checked": source.get("checked") or [],
+                       "unchecked": source.get("unchecked") or []} if source else None,
             "init": ckpt.get("init"),
             "file": str(teacher["checkpoints"]),
             "seeds": int(metrics["seed"].nunique())}
@@ -539,7 +417,6 @@ def aggregate(files: dict[str, list[str]], out: dict[str, str], *,
         stage = CONFIRMATION
     view = headline_view(tables["metrics"], chosen, stage)
     tables["gain"] = kd_gain(view)
-    tables["ship"] = ship_table(tables["exports"], chosen, stage)
     # Each seed's flags (a model at chance level, or its teacher) beside its gain.
     per_seed = view[view["flag"] != ""].groupby("seed")["flag"].agg(
         lambda f: "; ".join(dict.fromkeys(f)))
@@ -561,7 +438,13 @@ def aggregate(files: dict[str, list[str]], out: dict[str, str], *,
     head = headline(tables["gain"], chosen, len(tables["study"]), stage=stage,
                     selection_seeds=selection_seeds, flags=flags, family=family)
     head["teacher"] = teacher_record(teacher, tables["metrics"], files["checkpoints"])
-    head["ship"] = ship_verdict(tables["ship"], head["verdict"])
+    # Settings that will not do what their names suggest (study.warnings),
+    # from the plan records the models were trained with.
+    plans = {}
+    for p in files["metrics"]:
+        record = _read_json(p)["plan"]
+        plans.setdefault(record["path"], study.Arm.from_record(record))
+    head["warnings"] = study.warnings(plans.values())
     atomic.write_json(out["headline"], head)
     log.info("%d models over %d seeds; %d distilled settings, chosen on validation: %s, "
              "gain %+.2f points (mean)", len(tables["metrics"]), head["n_seeds"],
@@ -579,48 +462,3 @@ def _test_images(df: pd.DataFrame) -> int:
 
 def _or_none(x) -> Optional[float]:
     return None if x is None or pd.isna(x) else float(x)
-
-
-ALPHA = 0.05
-
-
-def verdict(test: PairedComparison, family: Optional[dict] = None) -> dict:
-    """Whether the headline's gain is beyond seed noise, decided on the
-    evidence that fits how the setting was chosen.
-
-    `family` is None when the headline's setting was not chosen on these
-    seeds (one setting, or confirmation seeds that took no part in the
-    choice): its own p-values decide. Otherwise it holds the setting's
-    p-values adjusted (Holm) over every setting it was chosen among
-    ({size, p_value, perm_p_value}); those decide, and a p-value the family
-    lacks means the verdict says "not tested". With equal gains the t-test
-    is undefined and the sign-flip test decides.
-
-    kind: untested, equal (every seed gained the same; `significant` says
-    whether the sign-flip test calls that beyond chance), beyond, hurts or
-    noise.
-    """
-    adjusted = family is not None
-    out = {"kind": "untested", "significant": False, "alpha": ALPHA, "adjusted": adjusted,
-           "family_size": family["size"] if adjusted else 1, "test": None,
-           "p_value": None, "perm_p_value": None, "reason": test.reason}
-    if test.n < 3 or test.perm_p_value is None:
-        return out
-    if test.equal_gains:
-        p = family["perm_p_value"] if adjusted else test.perm_p_value
-        out.update(test="sign-flip", p_value=p, perm_p_value=p)
-        if p is None:
-            out["reason"] = "no adjusted sign-flip p-value over the settings it was chosen among"
-            return out
-        out.update(kind="equal", significant=bool(p < ALPHA and test.mean_gain != 0))
-        return out
-    p = family["p_value"] if adjusted else test.p_value
-    out.update(test="paired t", p_value=p,
-               perm_p_value=family["perm_p_value"] if adjusted else test.perm_p_value)
-    if p is None:
-        out["reason"] = "no adjusted t-test p-value over the settings it was chosen among"
-        return out
-    significant = bool(p < ALPHA)
-    kind = "noise" if not significant else ("beyond" if test.mean_gain > 0 else "hurts")
-    out.update(kind=kind, significant=significant)
-    return out

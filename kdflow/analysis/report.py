@@ -30,7 +30,8 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from kdflow import KdflowError  # noqa: E402
 from kdflow.core import atomic  # noqa: E402
 from kdflow.analysis.figures import shown  # noqa: E402
-from kdflow.analysis.aggregate import ARM_LABELS, ARM_ORDER, headline_view  # noqa: E402
+from kdflow.analysis.ship import VARIANT_LABELS  # noqa: E402
+from kdflow.analysis.roles import ARM_LABELS, ARM_ORDER, headline_view  # noqa: E402
 from kdflow.distill.methods import METHODS  # noqa: E402
 from kdflow.distill.study import fmt  # noqa: E402
 from kdflow.core.provenance import config_hash  # noqa: E402
@@ -76,7 +77,9 @@ def _integer_epochs(axes) -> None:
 
 
 def fig_accuracy(metrics: pd.DataFrame) -> bytes:
-    """Test accuracy of each arm: one dot per seed, mean ± sd beside it."""
+    """Test accuracy of each arm: one dot per model, mean ± sd beside it
+    (a teacher shared by every seed is one model: one dot)."""
+    metrics = metrics.drop_duplicates(["arm", "source"])
     df = _labelled(metrics).assign(acc=100 * metrics["accuracy"])
     fig, ax = plt.subplots(figsize=(6, 3.6))
     sns.stripplot(data=df, x="label", y="acc", hue="label", order=LABEL_ORDER,
@@ -211,8 +214,6 @@ def fig_efficiency(metrics: pd.DataFrame) -> bytes:
     return _png(fig)
 
 
-VARIANT_LABELS = {("pytorch", "fp32"): "PyTorch fp32", ("onnxruntime", "fp32"): "ONNX fp32",
-                  ("onnxruntime", "int8"): "ONNX int8"}
 VARIANT_MARKERS = {"PyTorch fp32": "s", "ONNX fp32": "o", "ONNX int8": "^"}
 
 
@@ -341,14 +342,67 @@ def _subset(experiment: dict) -> dict | None:
     return {"dataset": data.get("dataset", "the dataset"), **subset}
 
 
+# The aggregate's and ship step's JSON records among the report's inputs.
+JSON_TABLES = ("headline", "ship_verdict")
+
+
+def _environment() -> Environment:
+    env = Environment(loader=PackageLoader("kdflow.analysis", "templates"),
+                      autoescape=select_autoescape(["html", "j2"]),
+                      undefined=StrictUndefined)
+    env.filters.update(pct=pct, signed_pct=signed_pct, num=num)
+    return env
+
+
+def render_macro(name: str, *args) -> str:
+    """One macro of templates/sentences.html.j2 rendered on its own (the
+    report's deciding sentences), e.g. render_macro("ship_sentence", ship)."""
+    return getattr(_environment().get_template("sentences.html.j2").module, name)(*args)
+
+
+def protocol_differences(published: dict, experiment: dict, head: dict) -> list[str]:
+    """How this run's protocol differs from the one behind the published
+    numbers (report.published.protocol), one sentence each: training
+    images, what picks the kept epoch, and the teacher."""
+    proto = published.get("protocol") or {}
+    out = []
+    data = experiment.get("data", {})
+    val = data.get("val_size")
+    if proto.get("train_images") and val:
+        out.append(f"Training images: the published numbers train on {proto['train_images']:,}; "
+                   f"here {val:,} of the training images are held out as the validation split "
+                   "(data.val_size) that picks each model's kept epoch, so models train on "
+                   f"{val:,} fewer.")
+    if proto.get("selected_on") == "test":
+        out.append("Selection: the published numbers report the best test accuracy over the "
+                   "epochs, which flatters every number; here the kept epoch is the best on "
+                   "validation and the test set is scored once.")
+    elif proto.get("selected_on") == "last":
+        out.append("Selection: the published numbers are the last epoch's; here the kept "
+                   "epoch is the best on validation.")
+    tr = head.get("teacher") or {}
+    if proto.get("teacher") == "released":
+        mine = ("one teacher imported from outside" if tr.get("source") else
+                "one teacher trained here and shared by every seed" if tr.get("shared") else
+                "a teacher of its own per seed, trained here")
+        out.append(f"Teacher: the published students distil from one released teacher; "
+                   f"here {mine}.")
+    elif proto.get("teacher") == "per_seed" and tr.get("shared"):
+        out.append("Teacher: the published numbers train a teacher per seed; here one teacher "
+                   "is shared by every seed.")
+    return out
+
+
 def render_report(tables: dict[str, str], out: str, title: str, experiment: dict,
                   figures: dict[str, str] | None = None, published: dict | None = None) -> None:
     """tables: paths of the aggregate step's CSV files and headline JSON.
     figures: where to also write figures as PNG files, by name (see FIGURES).
     published: config report.published, the accuracies (%) by role that a
     preset reproduces, shown beside the measured ones."""
-    t = {k: pd.read_csv(v) for k, v in tables.items() if k != "headline"}
+    t = {k: pd.read_csv(v) for k, v in tables.items() if k not in JSON_TABLES}
     head = json.loads(Path(tables["headline"]).read_text())
+    shipped = (json.loads(Path(tables["ship_verdict"]).read_text())
+               if tables.get("ship_verdict") else None)
     sns.set_theme(style="whitegrid", context="notebook")
     # The headline figures compare three arms: teacher, a plain student and
     # the distilled setting chosen on validation (head["arms"]).
@@ -357,7 +411,7 @@ def render_report(tables: dict[str, str], out: str, title: str, experiment: dict
             for k in ("metrics", "history", "per_class", "confusion", "calibration", "arms")}
     arms = _labelled(view["arms"])
     figure_paths = figures or {}
-    ship = t["ship"]
+    ship = t.get("ship", pd.DataFrame())
     settings_per_student = int(t["study"].groupby("student").size().max())
     draw = {
         "accuracy": lambda: fig_accuracy(view["metrics"]),
@@ -389,11 +443,7 @@ def render_report(tables: dict[str, str], out: str, title: str, experiment: dict
     ranking = study[study["best_of_method"]].sort_values("method_rank")
     chosen = study[study["chosen"]].iloc[0].to_dict()
 
-    env = Environment(loader=PackageLoader("kdflow.analysis", "templates"),
-                      autoescape=select_autoescape(["html", "j2"]),
-                      undefined=StrictUndefined)
-    env.filters.update(pct=pct, signed_pct=signed_pct, num=num)
-    html = env.get_template("report.html.j2").render(
+    html = _environment().get_template("report.html.j2").render(
         title=title,
         generated=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         head=head,
@@ -418,7 +468,8 @@ def render_report(tables: dict[str, str], out: str, title: str, experiment: dict
         sources=tables,
         settings_per_student=settings_per_student,
         ship=ship.to_dict("records"),
-        shipped=head.get("ship"),
+        shipped=shipped,
+        differences=protocol_differences(published or {}, experiment, head),
         methods_used=[{"name": m.name, "label": m.label, "reference": m.reference,
                        "knobs": [k.key for k in m.knobs]}
                       for m in METHODS.values() if m.name in set(study["method"])],

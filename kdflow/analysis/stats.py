@@ -236,3 +236,50 @@ def calibration(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> dict:
         rows.append({"low": float(edges[b]), "high": float(edges[b + 1]), "count": count,
                      "accuracy": acc, "confidence": mean_conf})
     return {"ece": float(ece), "bins": rows}
+
+
+ALPHA = 0.05
+
+
+def verdict(test: PairedComparison, family: Optional[dict] = None) -> dict:
+    """Whether the headline's gain is beyond seed noise, decided on the
+    evidence that fits how the setting was chosen.
+
+    `family` is None when the headline's setting was not chosen on these
+    seeds (one setting, or confirmation seeds that took no part in the
+    choice): its own p-values decide. Otherwise it holds the setting's
+    p-values adjusted (Holm) over every setting it was chosen among
+    ({size, p_value, perm_p_value}); those decide, and a p-value the family
+    lacks means the verdict says "not tested". With equal gains the t-test
+    is undefined and the sign-flip test decides.
+
+    kind: untested, equal (every seed gained the same; `significant` says
+    whether the sign-flip test calls that beyond chance), beyond, hurts or
+    noise.
+    """
+    adjusted = family is not None
+    out = {"kind": "untested", "significant": False, "alpha": ALPHA, "adjusted": adjusted,
+           # How the family's p-values were adjusted (Holm unless it says otherwise).
+           "adjustment": family.get("method", "Holm") if adjusted else None,
+           "family_size": family["size"] if adjusted else 1, "test": None,
+           "p_value": None, "perm_p_value": None, "reason": test.reason}
+    if test.n < 3 or test.perm_p_value is None:
+        return out
+    if test.equal_gains:
+        p = family["perm_p_value"] if adjusted else test.perm_p_value
+        out.update(test="sign-flip", p_value=p, perm_p_value=p)
+        if p is None:
+            out["reason"] = "no adjusted sign-flip p-value over the settings it was chosen among"
+            return out
+        out.update(kind="equal", significant=bool(p < ALPHA and test.mean_gain != 0))
+        return out
+    p = family["p_value"] if adjusted else test.p_value
+    out.update(test="paired t", p_value=p,
+               perm_p_value=family["perm_p_value"] if adjusted else test.perm_p_value)
+    if p is None:
+        out["reason"] = "no adjusted t-test p-value over the settings it was chosen among"
+        return out
+    significant = bool(p < ALPHA)
+    kind = "noise" if not significant else ("beyond" if test.mean_gain > 0 else "hurts")
+    out.update(kind=kind, significant=significant)
+    return out

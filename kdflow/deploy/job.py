@@ -8,16 +8,23 @@ export.json (FORMAT), each number measured in this job:
   check       the fp32 file against PyTorch on every test image: tolerance,
               logit_scale, max_abs_diff, agreement {same, images, fraction},
               pytorch / onnxruntime {correct, images, accuracy}
+  validation  the same scores on the validation split, per variant
+              (pytorch, onnxruntime, and int8 with int8): what the choice
+              of the variant to ship reads (kdflow.analysis.ship), so that
+              the test set never enters it
   int8        null without int8; else file, quantization (the settings),
               calibration {images, seed, drawn_from, sha256, indices},
               accuracy, agreement_with_fp32, accuracy_drop, large_drop
+              (both on the test set), validation_accuracy_drop and
+              validation_large_drop (on the validation split)
   files       per precision: file, bytes, sha256
-  latency     batch, warmup, runs, batches, threads, rows: one per runtime,
-              precision, batch and threads with median_ms, images_per_s and
-              speedup_vs_pytorch
   cpu         name, machine, cores and the flags avx2, avx512f,
               avx512_vnni, avx_vnni, amx (null where unknown)
   provenance  kdflow.core.provenance plus the onnx packages' versions
+
+No latency is measured here: export jobs run beside other jobs, which
+would time the contention. The models the report compares are timed
+together in one job of their own (kdflow.deploy.timing).
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ import numpy as np
 from kdflow import KdflowError
 from kdflow.core import atomic, provenance
 from kdflow.data.arrays import channel_stats
-from kdflow.deploy import latency as lat
+from kdflow.deploy import timing
 from kdflow.deploy.onnx_export import (accuracy, agreement, check_against_pytorch, export_onnx,
                                        onnx_logits, open_session, pytorch_logits)
 from kdflow.deploy.quantize import (LARGE_DROP, calibration_indices, digest, quantize_int8)
@@ -45,7 +52,6 @@ log = logging.getLogger(__name__)
 FORMAT = "kdflow-export-1"
 FILES = {"fp32": "model.onnx", "int8": "model.int8.onnx"}
 RECORD = "export.json"
-LATENCY_KEYS = ("batch", "warmup", "runs")
 
 
 def _sha256(path: Path) -> str:
@@ -56,19 +62,9 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _latency_settings(latency: dict) -> dict:
-    if not isinstance(latency, dict) or set(latency) != set(LATENCY_KEYS) \
-            or not all(isinstance(latency[k], int) for k in LATENCY_KEYS) \
-            or latency["batch"] < 1 or latency["runs"] < 1 or latency["warmup"] < 0:
-        raise KdflowError(f"latency must be {{batch: >= 1, warmup: >= 0, runs: >= 1}} "
-                          f"(whole numbers), not {latency!r}")
-    return latency
-
-
 def export_model(model_path: str | os.PathLike, dataset: str | os.PathLike,
                  split: str | os.PathLike, out_dir: str | os.PathLike, *,
-                 calibration_images: int, seed: int, latency: dict, int8: bool,
-                 threads: int) -> dict:
+                 calibration_images: int, seed: int, int8: bool, threads: int) -> dict:
     """Export, check, quantise and time one checkpoint; returns the record.
 
     Writes into `out_dir`: model.onnx (fp32, normalisation baked in, see
@@ -79,13 +75,10 @@ def export_model(model_path: str | os.PathLike, dataset: str | os.PathLike,
     leaves no new output at all.
 
     calibration_images: training images (of `split`'s train_idx, drawn with
-    `seed`) that set the int8 ranges. latency: {batch: the large batch
-    measured beside batch 1, warmup, runs}. threads: the "all threads" count
-    of the latency table and of ONNX Runtime's scoring (0: every available
-    core).
+    `seed`) that set the int8 ranges. threads: ONNX Runtime's threads for
+    scoring (0: every available core).
     """
-    settings = _latency_settings(latency)
-    scoring_threads = lat.thread_counts(threads)[-1]
+    scoring_threads = timing.thread_counts(threads)[-1]
     where = str(model_path)
     # Drawn first: a count the split cannot give fails before minutes of work.
     # A training split smaller than the count (a tiny first look) is used
@@ -100,9 +93,11 @@ def export_model(model_path: str | os.PathLike, dataset: str | os.PathLike,
     else:
         idx = None
     model, ckpt = checkpoint.load_model(model_path)
-    with np.load(dataset) as d:
+    with np.load(dataset) as d, np.load(split) as s:
         x_test, y_test = d["x_test"], d["y_test"]
         mean, std = channel_stats(d)
+        val_idx = s["val_idx"]
+        x_val, y_val = d["x_train"][val_idx], d["y_train"][val_idx]
         x_train = d["x_train"] if int8 else None
     image_shape = tuple(int(n) for n in x_test.shape[1:])
     out_dir = Path(out_dir)
@@ -122,6 +117,11 @@ def export_model(model_path: str | os.PathLike, dataset: str | os.PathLike,
         record["check"] = check_against_pytorch(reference, fp32_logits, y_test, where)
         log.info("%s: ONNX matches PyTorch on %d test images (max |diff| %.2g)", where,
                  len(y_test), record["check"]["max_abs_diff"])
+        fp32_session = open_session(paths["fp32"], scoring_threads)
+        record["validation"] = {
+            "pytorch": accuracy(pytorch_logits(model, x_val, mean, std), y_val),
+            "onnxruntime": accuracy(onnx_logits(fp32_session, x_val), y_val)}
+        del fp32_session
 
         record["int8"] = None
         if int8:
@@ -130,12 +130,18 @@ def export_model(model_path: str | os.PathLike, dataset: str | os.PathLike,
             q_logits = onnx_logits(open_session(paths["int8"], scoring_threads), x_test)
             acc = accuracy(q_logits, y_test)
             drop = record["check"]["onnxruntime"]["accuracy"] - acc["accuracy"]
+            q_session = open_session(paths["int8"], scoring_threads)
+            record["validation"]["int8"] = accuracy(onnx_logits(q_session, x_val), y_val)
+            del q_session
+            val_drop = (record["validation"]["onnxruntime"]["accuracy"]
+                        - record["validation"]["int8"]["accuracy"])
             record["int8"] = {
                 "file": FILES["int8"], "quantization": quantization,
                 "calibration": {"images": len(idx), "seed": seed, "drawn_from": "train_idx",
                                 "sha256": digest(idx), "indices": idx.tolist()},
                 "accuracy": acc, "agreement_with_fp32": agreement(q_logits, fp32_logits),
                 "accuracy_drop": drop, "large_drop": drop > LARGE_DROP,
+                "validation_accuracy_drop": val_drop, "validation_large_drop": val_drop > LARGE_DROP,
                 "large_drop_threshold": LARGE_DROP}
             log.info("%s: int8 test accuracy %.2f%% (fp32 %.2f%%)%s", where,
                      100 * acc["accuracy"], 100 * record["check"]["onnxruntime"]["accuracy"],
@@ -143,13 +149,7 @@ def export_model(model_path: str | os.PathLike, dataset: str | os.PathLike,
 
         record["files"] = {p: {"file": FILES[p], "bytes": path.stat().st_size,
                                "sha256": _sha256(path)} for p, path in paths.items()}
-        record["latency"] = {
-            **settings, "batches": sorted({1, settings["batch"]}),
-            "threads": lat.thread_counts(threads),
-            "rows": lat.measure(model, paths, mean, std, image_shape,
-                                batches=sorted({1, settings["batch"]}), threads=threads,
-                                warmup=settings["warmup"], runs=settings["runs"])}
-        record["cpu"] = lat.cpu_info()
+        record["cpu"] = timing.cpu_info()
         record["provenance"] = {**provenance.collect("cpu"),
                                 **{p: _version(p) for p in ("onnx", "onnxscript", "onnxruntime")}}
 

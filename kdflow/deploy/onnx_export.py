@@ -141,11 +141,13 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, mean, std,
     return describe(path)
 
 
-def open_session(path: str | os.PathLike, threads: int | None = None) -> ort.InferenceSession:
+def open_session(path: str | os.PathLike, threads: int | None = None, *,
+                 spinning: bool = True) -> ort.InferenceSession:
     """An ONNX Runtime CPU session of the file, once onnx's checker and ORT
     have both accepted it: a truncated or damaged file is a one-line
     KdflowError, not a protobuf traceback. `threads`: intra-op threads
-    (None: ORT's default, one per physical core)."""
+    (None: ORT's default, one per physical core). `spinning` False stops
+    idle threads from busy-waiting, for sessions kept open beside others."""
     try:
         onnx.checker.check_model(str(path))
         options = ort.SessionOptions()
@@ -153,6 +155,8 @@ def open_session(path: str | os.PathLike, threads: int | None = None) -> ort.Inf
         if threads:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
+        if not spinning:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as e:
         raise KdflowError(f"{path} is not a usable ONNX model ({_reason(e)}); delete it and "

@@ -175,6 +175,24 @@ def plan(config: dict) -> list[Arm]:
     return out
 
 
+def warnings(arms) -> list[str]:
+    """What a study's settings will not do as their names suggest: a DKD
+    setting whose warm-up (dkd.warmup_epochs) outlasts its student's
+    training keeps the distillation term below full weight to the end (at
+    most epochs / warmup_epochs of it). `arms`: Arm records, each setting
+    once. Said at planning and in the report."""
+    out = []
+    for a in arms:
+        warm = a.values.get("dkd.warmup_epochs") if a.method == "dkd" else None
+        epochs = a.training.get("epochs")
+        if warm and epochs and warm > epochs:
+            out.append(f"{a.path}: dkd.warmup_epochs is {warm} but the student trains {epochs} "
+                       f"epochs, so DKD's term never reaches full weight (at most "
+                       f"{epochs / warm:.0%} of it, in the last epoch); set kd.dkd.warmup_epochs "
+                       f"to at most {epochs}")
+    return out
+
+
 def lookup(config: dict, path: str) -> Arm:
     """The planned Arm at `path`, or a clear error naming the planned ones."""
     for arm in plan(config):
