@@ -222,7 +222,7 @@ def test_default_config_plans_the_full_experiment(tmp_path):
     jobs = planned_jobs(tmp_path, {})
     assert jobs == {"download": 1, "convert": 1, "split": 1, "train_teacher": 3,
                     "teacher_logits": 3, "train_student_baseline": 3, "train_student_kd": 3, "evaluate": 9, "export": 9,
-                    "aggregate": 1, "report": 1, "all": 1}
+                    "aggregate": 1, "time_models": 1, "ship": 1, "report": 1, "all": 1}
 
 
 # ---------------------------------------------------------------------------
