@@ -308,5 +308,9 @@ def test_authors_recipe_presets_dry_run(tmp_path, preset, method, setting, value
         assert (s["optimizer"], s["momentum"], s["weight_decay"]) == ("sgd", 0.9, 5e-4)
         assert s["lr_milestones"] == [150, 180, 210] and s["augment"] == {"crop": 4, "flip": True}
     assert study.settings(c) == [(method, setting, values)]
-    shown = {k: v for k, v in c["report"]["published"].items() if k != "source" and v is not None}
+    shown = {k: v for k, v in c["report"]["published"].items()
+             if k not in ("source", "protocol") and v is not None}
     assert shown == published and c["report"]["published"]["source"]
+    # The authors' protocol, so the report can say where this run's differs.
+    assert c["report"]["published"]["protocol"] == {
+        "train_images": 50000, "selected_on": "test", "teacher": "released"}
