@@ -186,7 +186,7 @@ def check_bf16(work: Path, data, device: str, s: Sizes) -> Row:
 
 
 def check_throughput(device_name: str, s: Sizes) -> list[Row]:
-    from kdflow.train.engine import resolve_device
+    from kdflow.core.device import resolve_device
 
     device = resolve_device(device_name)
     x, y, teacher, teacher_cl = throughput.problem((s.steps + s.warmup) * s.batch, device)

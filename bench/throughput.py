@@ -44,7 +44,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from kdflow.data.arrays import CIFAR10_MEAN, CIFAR10_STD, Normalizer  # noqa: E402
 from kdflow.workflow.config import validate  # noqa: E402
-from kdflow.train.engine import TrainConfig, fit, predict_logits, setup  # noqa: E402
+from kdflow.core.device import setup  # noqa: E402
+from kdflow.models.inference import predict_logits  # noqa: E402
+from kdflow.train.engine import TrainConfig, fit  # noqa: E402
 from kdflow.distill.losses import kd_loss  # noqa: E402
 from kdflow.models.zoo import build_model  # noqa: E402
 from kdflow.train.job import teacher_signal  # noqa: E402

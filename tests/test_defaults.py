@@ -8,7 +8,8 @@ import pytest
 
 from kdflow.data import datasets, folder
 from kdflow.models import efficiency
-from kdflow.train import engine
+from kdflow.core import device
+from kdflow.train import augment, engine
 from kdflow.analysis import evaluate
 from kdflow.distill import losses
 from kdflow.train import optim
@@ -23,11 +24,11 @@ KD = SCHEMA["properties"]["kd"]["properties"]
 # (object, the schema properties its parameters or fields are keys of,
 #  names that are inputs of a job rather than config keys: they may default)
 CONFIG_FACING = [
-    (engine.EngineOptions, SCHEMA["properties"]["engine"]["properties"], set()),
-    (engine.Augment, TRAINING["augment"]["properties"], set()),
+    (device.EngineOptions, SCHEMA["properties"]["engine"]["properties"], set()),
+    (augment.Augment, TRAINING["augment"]["properties"], set()),
     (engine.TrainConfig, {**TRAINING, "engine": SCHEMA["properties"]["engine"]}, set()),
     (optim.make_optimizer, TRAINING, {"params", "cfg"}),
-    (engine.setup, SCHEMA["properties"], {"threads"}),
+    (device.setup, SCHEMA["properties"], {"threads"}),
     (engine.fit, TRAINING, {"model", "train_x", "train_y", "val_x", "val_y", "cfg", "seed",
                             "loss_fn", "teacher", "teacher_val_logits", "features", "extra",
                             "normalize", "state_path", "job", "name"}),
@@ -103,7 +104,7 @@ def test_train_config_has_every_key_of_a_training_section():
     # The teacher-only keys say where a teacher's weights come from, not how
     # to train: the workflow's rules read them (kdflow.workflow.config).
     assert fields == set(TRAINING) - set(TEACHER_ONLY) | {"engine"}
-    assert {f.name for f in dataclasses.fields(engine.Augment)} == \
+    assert {f.name for f in dataclasses.fields(augment.Augment)} == \
         set(TRAINING["augment"]["properties"])
-    assert {f.name for f in dataclasses.fields(engine.EngineOptions)} == \
+    assert {f.name for f in dataclasses.fields(device.EngineOptions)} == \
         set(SCHEMA["properties"]["engine"]["properties"])

@@ -16,7 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from kdflow.distill import methods
 from kdflow.workflow.config import validate
 from kdflow.distill.losses import Step
-from kdflow.train.engine import features_and_logits
+from kdflow.models.inference import features_and_logits
 from kdflow.distill.losses import HintRegressor, cosine_loss, hint_loss
 from kdflow.models.zoo import build_model
 from kdflow.distill import study

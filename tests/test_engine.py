@@ -12,7 +12,9 @@ from kdflow.data.arrays import Normalizer
 from kdflow import KdflowError
 from kdflow.core import streams
 from kdflow.workflow.config import validate
-from kdflow.train.engine import Augment, TrainConfig, augment_batch, fit, predict_logits
+from kdflow.models.inference import predict_logits
+from kdflow.train.augment import Augment, augment_batch
+from kdflow.train.engine import TrainConfig, fit
 from kdflow.analysis.evaluate import evaluate
 from kdflow.distill.losses import kd_loss
 from kdflow.models.zoo import build_model

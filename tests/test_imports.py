@@ -102,6 +102,20 @@ def test_every_subpackage_is_a_stage_and_every_stage_a_subpackage():
     assert loose == [], f"modules outside a stage's subpackage: {loose}"
 
 
+
+# Evaluation, export and the report read what training wrote (checkpoints,
+# metrics); inference and device set-up live below training (kdflow.models,
+# kdflow.core), so scoring a model never needs the training package.
+READERS_OF_TRAINING = ("kdflow.analysis", "kdflow.deploy")
+
+
+def test_analysis_and_deploy_do_not_import_the_training_package():
+    g = graph()
+    found = sorted(f"{a} imports {b}" for a, deps in g.items()
+                   if a.startswith(READERS_OF_TRAINING)
+                   for b in deps if b == "kdflow.train" or b.startswith("kdflow.train."))
+    assert found == []
+
 @pytest.fixture
 def tiny_library(tmp_path):
     root = tmp_path / "kdflow"

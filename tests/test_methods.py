@@ -9,7 +9,9 @@ from kdflow import KdflowError
 from kdflow.distill import methods
 from kdflow.data.arrays import Normalizer
 from kdflow.distill.losses import Step
-from kdflow.train.engine import Augment, TrainConfig, fit, predict_logits
+from kdflow.models.inference import predict_logits
+from kdflow.train.augment import Augment
+from kdflow.train.engine import TrainConfig, fit
 from kdflow.train.optim import make_optimizer
 from kdflow.models.zoo import build_model
 from kdflow.distill.study import plan
@@ -118,7 +120,7 @@ def test_shared_teacher_logits_equal_the_in_job_computation(tmp_path, tiny_archi
     from kdflow.models import checkpoint
     from kdflow.data.arrays import Splits, write_split
     from kdflow.data.datasets import convert
-    from kdflow.train.engine import predict_logits
+    from kdflow.models.inference import predict_logits
     from kdflow.train.job import load_teacher_logits, save_teacher_logits
 
     dataset, split = tmp_path / "c.npz", tmp_path / "split.npz"

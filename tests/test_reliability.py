@@ -17,7 +17,7 @@ import torch
 from kdflow.train import resume
 from kdflow.distill import study
 from kdflow.workflow.config import validate
-from kdflow.train.engine import EngineOptions
+from kdflow.core.device import EngineOptions
 from kdflow.train.job import job_identity, train
 from tests.conftest import REPO, local_env, report_tables
 

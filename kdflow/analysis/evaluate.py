@@ -18,7 +18,8 @@ from kdflow.models.efficiency import count_macs, measure_speed
 from kdflow.analysis.stats import (CHANCE_FLAG, TEACHER_CHANCE_FLAG, at_chance, calibration,
                           chance_p_value)
 from kdflow.data.arrays import Normalizer, channel_stats
-from kdflow.train.engine import set_threads, predict_logits, resolve_device
+from kdflow.core.device import resolve_device, set_threads
+from kdflow.models.inference import predict_logits
 from kdflow.distill.losses import teacher_kl
 from kdflow.models.zoo import count_parameters, parameter_bytes
 

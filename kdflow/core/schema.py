@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import copy
 import functools
+from dataclasses import fields
 from pathlib import Path
 
 import yaml
+
+from kdflow import KdflowError
 
 SCHEMA_PATH = Path(__file__).resolve().parents[2] / "config" / "schema.yaml"
 
@@ -44,3 +47,15 @@ def node(key: str, root: dict | None = None) -> dict:
 def default(key: str):
     """The schema's default of a dotted config key."""
     return copy.deepcopy(node(key)["default"])
+
+
+def fields_of(cls, section: dict, where: str) -> dict:
+    """The values of `cls`'s fields from a config section, every one required:
+    the defaults live in config/schema.yaml alone, and kdflow.workflow.config.validate
+    fills them in."""
+    names = [f.name for f in fields(cls)]
+    missing = [k for k in names if k not in section]
+    if missing:
+        raise KdflowError(f"{where} lacks {', '.join(missing)}: pass a config section "
+                          "validated by kdflow.workflow.config.validate (it fills in the defaults)")
+    return {k: section[k] for k in names}

@@ -35,7 +35,7 @@ from torch import nn
 
 from kdflow import KdflowError
 from kdflow.data.arrays import Normalizer
-from kdflow.train.engine import predict_logits
+from kdflow.models.inference import predict_logits
 
 INPUT, OUTPUT = "images", "logits"
 PIXEL_RANGE = (0.0, 255.0)

@@ -1,19 +1,20 @@
-"""Training loop (TrainConfig, TrainState, fit), batched augmentation, inference.
+"""The training loop: TrainConfig, TrainState and fit.
 
 Data never goes through PIL or DataLoader workers: a split lives in memory as
 one uint8 tensor on the training device, each epoch draws one permutation and
 batches are index slices of it; augmentation and normalisation are batched
 tensor operations (the recipe of airbench, the fastest CIFAR-10 trainers). On a 2-core machine
 DataLoader workers would fight the training threads for the cores.
+Augmentation lives in kdflow.train.augment, inference (validation scores)
+in kdflow.models.inference, device and precision in kdflow.core.device.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
@@ -21,20 +22,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdflow import KdflowError
-from kdflow.train import resume
 from kdflow.core import streams
+from kdflow.core.device import EngineOptions, autocast, autocast_dtype
+from kdflow.core.schema import fields_of
 from kdflow.data.arrays import Normalizer
+from kdflow.models.inference import features_and_logits, predict_logits
+from kdflow.train import resume
+from kdflow.train.augment import Augment, augment_batch
 from kdflow.distill.losses import LossFn, Step, teacher_kl
 from kdflow.train.optim import make_optimizer
 
 log = logging.getLogger(__name__)
 
-EVAL_BATCH = 1000
 # On CUDA the loss is checked for NaN/inf on the host every this many steps
 # (and at the end of each epoch); the first bad step is recorded on the device.
 FINITE_CHECK_EVERY = 32
-
-
 
 # teacher(batch_indices, normalised_batch) -> (logits, feature map or None) of
 # the teacher for exactly the images the student sees in this step
@@ -44,148 +46,6 @@ TeacherFn = Callable[[torch.Tensor, torch.Tensor],
 
 def cross_entropy(step: Step) -> torch.Tensor:
     return F.cross_entropy(step.logits, step.targets)
-
-
-def features_and_logits(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every kdflow model is `classify(features(x))`; feature-based losses
-    need both, from one forward pass."""
-    f = model.features(x)
-    return f, model.classify(f)
-
-
-# --------------------------------------------------------------------------
-# Device, threads, precision, determinism
-# --------------------------------------------------------------------------
-
-def set_threads(threads: Optional[int]) -> None:
-    """Use `threads` intra-op threads, never more than the cores we may run on:
-    oversubscribed cores slow PyTorch's CPU kernels down sharply."""
-    if threads:
-        available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
-            else os.cpu_count() or 1
-        torch.set_num_threads(max(1, min(threads, available)))
-
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' picks CUDA when present, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise KdflowError(
-            f"device {name!r} requested but CUDA is not available here; "
-            "set device: auto (or cpu) in the config"
-        )
-    return torch.device(name)
-
-
-def _fields_of(cls, section: dict, where: str) -> dict:
-    """The values of `cls`'s fields from a config section, every one required:
-    the defaults live in config/schema.yaml alone, and kdflow.workflow.config.validate
-    fills them in."""
-    names = [f.name for f in fields(cls)]
-    missing = [k for k in names if k not in section]
-    if missing:
-        raise KdflowError(f"{where} lacks {', '.join(missing)}: pass a config section "
-                          "validated by kdflow.workflow.config.validate (it fills in the defaults)")
-    return {k: section[k] for k in names}
-
-
-@dataclass(frozen=True)
-class EngineOptions:
-    """How to run, not what to learn (config section `engine`)."""
-
-    precision: str       # auto | fp32 | bf16
-    compile: bool        # torch.compile the training model
-    deterministic: bool  # bitwise reproducible kernels (slower on CUDA)
-
-    @classmethod
-    def from_config(cls, engine: dict) -> "EngineOptions":
-        return cls(**_fields_of(cls, engine, "the engine section"))
-
-
-def autocast_dtype(device: torch.device, precision: str) -> Optional[torch.dtype]:
-    """bf16 where it pays: on CUDA with bf16 support under 'auto'. On CPUs
-    'auto' stays fp32: bf16 autocast only helps with AVX-512 BF16 / AMX
-    hardware and there it must be shown to keep accuracy (ask for it
-    explicitly with precision: bf16)."""
-    if precision == "fp32":
-        return None
-    if precision == "bf16":
-        return torch.bfloat16
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return None
-
-
-def autocast(device: torch.device, dtype: Optional[torch.dtype]):
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def configure(device: torch.device, options: EngineOptions) -> None:
-    """Global flags for determinism or speed, process-wide: set once per
-    job, by `setup`, before any CUDA work."""
-    if options.deterministic:
-        # cuBLAS needs a fixed workspace to be deterministic; must be set
-        # before the first cuBLAS call.
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
-    elif device.type == "cuda":
-        # Fixed shapes every step: let cuDNN time its algorithms once.
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-
-
-def setup(device: str, engine: dict, threads: Optional[int]) -> tuple[torch.device, EngineOptions]:
-    """A job's process-wide settings, in one place: threads, the device and
-    the global torch flags (`configure`). Call once, at the start of a job."""
-    set_threads(threads)
-    options = EngineOptions.from_config(engine)
-    dev = resolve_device(device)
-    configure(dev, options)
-    return dev, options
-
-
-# --------------------------------------------------------------------------
-# Augmentation, batched on the device
-# --------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Augment:
-    """crop: random translation by up to ±crop pixels with zero padding (the
-    classic RandomCrop(32, padding=crop)); flip: random horizontal flips."""
-
-    crop: int
-    flip: bool
-
-    @classmethod
-    def from_config(cls, augment: dict) -> "Augment":
-        return cls(**_fields_of(cls, augment, "the augment section"))
-
-    @property
-    def enabled(self) -> bool:
-        return self.crop > 0 or self.flip
-
-
-def augment_batch(x: torch.Tensor, aug: Augment, gen: torch.Generator) -> torch.Tensor:
-    """Augment a uint8 NCHW batch; per-sample randomness drawn from `gen`."""
-    n, _, h, w = x.shape
-    dev = x.device
-    if aug.flip:
-        flip = torch.rand(n, generator=gen, device=dev) < 0.5
-        x = torch.where(flip.view(n, 1, 1, 1), x.flip(3), x)
-    if aug.crop > 0:
-        p = aug.crop
-        padded = F.pad(x, (p, p, p, p)).permute(0, 2, 3, 1)  # N, H+2p, W+2p, C
-        dy = torch.randint(0, 2 * p + 1, (n, 1), generator=gen, device=dev)
-        dx = torch.randint(0, 2 * p + 1, (n, 1), generator=gen, device=dev)
-        rows = (dy + torch.arange(h, device=dev)).view(n, h, 1)
-        cols = (dx + torch.arange(w, device=dev)).view(n, 1, w)
-        x = padded[torch.arange(n, device=dev).view(n, 1, 1), rows, cols].permute(0, 3, 1, 2)
-    return x
 
 
 @dataclass(frozen=True)
@@ -208,7 +68,7 @@ class TrainConfig:
 
     @classmethod
     def from_config(cls, training: dict, engine: dict) -> "TrainConfig":
-        v = _fields_of(cls, {**training, "engine": engine}, "the training section")
+        v = fields_of(cls, {**training, "engine": engine}, "the training section")
         return cls(**{**v, "lr_milestones": tuple(sorted(v["lr_milestones"])),
                       "augment": Augment.from_config(v["augment"]),
                       "engine": EngineOptions.from_config(engine)})
@@ -217,22 +77,6 @@ class TrainConfig:
 # --------------------------------------------------------------------------
 # Inference and training
 # --------------------------------------------------------------------------
-
-@torch.no_grad()
-def predict_logits(model: nn.Module, x: torch.Tensor, normalize: Normalizer,
-                   batch_size: int = EVAL_BATCH,
-                   amp_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """Logits (float32) for uint8 images `x`, in eval mode without gradients."""
-    was_training = model.training
-    model.eval()
-    with autocast(x.device, amp_dtype):
-        out = [model(normalize(x[i:i + batch_size])).float()
-               for i in range(0, len(x), batch_size)]
-    model.train(was_training)
-    if not out:
-        return torch.empty(0, 0, device=x.device)
-    return torch.cat(out)
-
 
 @dataclass
 class FitResult:

@@ -19,8 +19,9 @@ from kdflow.train import resume
 from kdflow.core import streams
 from kdflow.distill import study
 from kdflow.data.arrays import Normalizer, Splits
-from kdflow.train.engine import (EngineOptions, TeacherFn, TrainConfig, autocast_dtype,
-                           features_and_logits, fit, predict_logits, setup)
+from kdflow.core.device import EngineOptions, autocast_dtype, setup
+from kdflow.models.inference import features_and_logits, predict_logits
+from kdflow.train.engine import TeacherFn, TrainConfig, fit
 from kdflow.models.zoo import build_model, count_parameters
 
 log = logging.getLogger(__name__)

@@ -24,7 +24,8 @@ from kdflow import KdflowError
 from kdflow.core import provenance
 from kdflow.data.arrays import Normalizer, Splits
 from kdflow.models import checkpoint, weights
-from kdflow.train.engine import autocast_dtype, predict_logits, setup
+from kdflow.core.device import autocast_dtype, setup
+from kdflow.models.inference import predict_logits
 
 log = logging.getLogger(__name__)
 
