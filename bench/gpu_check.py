@@ -128,7 +128,7 @@ def train_and_evaluate(work: Path, arm: str, data: tuple[str, str], device: str,
     """Train and evaluate the model at `arm` (a path of the study plan:
     teacher, lightnn/ce, lightnn/kd/T2_w0.25, ...) in `work`/`arm`, as the
     workflow's jobs do; students learn from `work`/teacher."""
-    from kdflow.distill import study
+    from kdflow.study import planner
     from kdflow.workflow.config import validate
     from kdflow.analysis.evaluate import evaluate
     from kdflow.train.job import train
@@ -141,7 +141,7 @@ def train_and_evaluate(work: Path, arm: str, data: tuple[str, str], device: str,
                        "student": {"model": "lightnn", **sizes},
                        "kd": {"method": list(methods)}, "engine": engine})
     teacher = None if arm == "teacher" else str(work / "teacher" / "model.pt")
-    train(study.lookup(config, arm).record(), dataset=data[0], split=data[1],
+    train(planner.lookup(config, arm).record(), dataset=data[0], split=data[1],
           teacher=teacher, out_model=str(out / "model.pt"),
           out_history=str(out / "history.csv"), seed=0, device=device,
           engine=config["engine"])

@@ -10,7 +10,7 @@ __version__ = "0.1.0"
 # The library's subpackages in the workflow's order. A module imports only
 # from its own subpackage and from earlier ones (tests/test_imports.py), so
 # each stage can be read, tested and reused without the ones after it.
-STAGES = ("core", "data", "models", "distill", "train", "deploy", "analysis", "workflow")
+STAGES = ("core", "data", "models", "distill", "study", "train", "deploy", "analysis", "workflow")
 
 
 class KdflowError(Exception):

@@ -10,7 +10,7 @@ sys.path.insert(0, workflow.basedir)
 
 from kdflow import KdflowError
 from kdflow.distill import methods
-from kdflow.distill import study
+from kdflow.study import planner
 from kdflow.workflow.config import validate as _validate_config
 from kdflow.data.datasets import archive_name, directory_source, fingerprint
 
@@ -20,23 +20,23 @@ except KdflowError as e:
     raise WorkflowError(str(e)) from None
 
 SEEDS = config["seeds"]
-# Every model of a seed, by its path under results/seed{seed}/ (kdflow.distill.study):
+# Every model of a seed, by its path under results/seed{seed}/ (kdflow.study.planner):
 # teacher, {student}/ce, {student}/{method}/{setting}. Jobs look their
 # record up here by path; nothing is read back from a path's name.
-PLAN = {a.path: a for a in study.plan(config)}
+PLAN = {a.path: a for a in planner.plan(config)}
 ARMS = list(PLAN)
-for _warning in study.warnings(PLAN.values()):
+for _warning in planner.warnings(PLAN.values()):
     logger.warning(f"kdflow: {_warning}")
 # The models evaluated per seed: all but a shared teacher, which is evaluated
 # once (results/teacher/) and stands for the teacher of every seed.
 SEED_ARMS = [a for a in ARMS if not (a == "teacher" and config["teacher"]["shared"])]
-DISTILLED = study.distilled_arms(config)
-# Two-stage studies (kdflow.distill.study): the confirmation seeds train the teacher
+DISTILLED = planner.distilled_arms(config)
+# Two-stage studies (kdflow.study.planner): the confirmation seeds train the teacher
 # and plain students at once, and the chosen settings once the `choose`
 # checkpoint has written CHOICE.
 CONFIRM_SEEDS = config["confirm_seeds"]
 CONFIRM_FIXED = [
-    a.path for a in study.confirmation_fixed_arms(config) if a.path in SEED_ARMS
+    a.path for a in planner.confirmation_fixed_arms(config) if a.path in SEED_ARMS
 ]
 CHOICE = "results/study/choice.json"
 
@@ -208,7 +208,7 @@ def confirmed_models(pattern):
             # aggregate's own CHOICE input orders it after `choose`, whose
             # end makes Snakemake evaluate this function again.
             return []
-        chosen = study.chosen_arms_of(checkpoints.choose.get().output.choice)
+        chosen = planner.chosen_arms_of(checkpoints.choose.get().output.choice)
         return expand(pattern, seed=CONFIRM_SEEDS, arm=chosen)
 
     return inputs

@@ -6,7 +6,7 @@
 from kdflow.analysis.figures import shown as shown_figures
 
 # The figures this run has something to show in (kdflow.analysis.figures).
-SHOWN_FIGURES = shown_figures(len(study.settings(config)), config["export"]["enabled"])
+SHOWN_FIGURES = shown_figures(len(planner.settings(config)), config["export"]["enabled"])
 
 
 localrules:

@@ -24,7 +24,7 @@ checkpoint choose:
         "../envs/kdflow.yaml"
     params:
         # (seed, arm, student, plan index) of each checkpoint, in the same
-        # order; the plan index breaks ties (kdflow.distill.study.choose).
+        # order; the plan index breaks ties (kdflow.study.planner.choose).
         runs=[
             {
                 "seed": seed,

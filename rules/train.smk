@@ -1,7 +1,7 @@
 # One training job per model and seed. Each declares gpu=1, so with
 # `--resources gpu=1` one trains at a time while CPU rules run beside it.
 # params carry exactly the config a job depends on, its plan record
-# (kdflow.distill.study.plan): a student setting never reruns a teacher, and one
+# (kdflow.study.planner.plan): a student setting never reruns a teacher, and one
 # distillation setting never reruns another.
 
 
@@ -26,7 +26,7 @@ if not IMPORTED:
         resources:
             gpu=1,
         params:
-            # The plan record (kdflow.distill.study): role, training section.
+            # The plan record (kdflow.study.planner): role, training section.
             arm=PLAN["teacher"].record(),
             seed=job_seed,
             device=config["device"],

@@ -1,6 +1,6 @@
-# Records the selection stage's choice (kdflow.distill.study.write_choice).
+# Records the selection stage's choice (kdflow.study.planner.write_choice).
 from kdflow.workflow.cli import run_step
-from kdflow.distill.study import write_choice
+from kdflow.study.planner import write_choice
 
 run_step(
     snakemake.log[0],

@@ -1,5 +1,5 @@
 # Trains one model of the study: a teacher, a plain student or a distilled
-# student, as its plan record (the `arm` param, kdflow.distill.study.plan) says.
+# student, as its plan record (the `arm` param, kdflow.study.planner.plan) says.
 from kdflow.workflow.cli import run_step
 from kdflow.train.job import train
 

@@ -117,14 +117,14 @@ def test_unusable_numbers_are_refused_naming_the_key(change, key, says):
 
 
 def test_setting_names_round_trip_exactly():
-    from kdflow.distill import study
+    from kdflow.study import planner
 
     c = validate({"kd": {"temperature": [2.0000001, 2.0000002]}})
-    names = [s for _, s, _ in study.settings(c)]
+    names = [s for _, s, _ in planner.settings(c)]
     assert names == ["T2.0000001_w0.25", "T2.0000002_w0.25"]
     # Each job gets its exact value from its plan record, never from the name.
     for name, t in zip(names, [2.0000001, 2.0000002]):
-        assert study.lookup(c, f"lightnn/kd/{name}").values["temperature"] == t
+        assert planner.lookup(c, f"lightnn/kd/{name}").values["temperature"] == t
     # 1 and 1.0 are one value: listed twice, refused.
     with pytest.raises(KdflowError, match="kd.temperature"):
         validate({"kd": {"temperature": [1, 1.0]}})

@@ -32,7 +32,7 @@ CONFIG_FACING = [
     (engine.fit, TRAINING, {"model", "train_x", "train_y", "val_x", "val_y", "cfg", "seed",
                             "loss_fn", "teacher", "teacher_val_logits", "features", "extra",
                             "normalize", "state_path", "job", "name"}),
-    # arm is the job's plan record (kdflow.distill.study), made from validated sections.
+    # arm is the job's plan record (kdflow.study.planner), made from validated sections.
     (train.train, SCHEMA["properties"], {"arm", "dataset", "split", "out_model",
                                          "out_history", "seed", "threads",
                                          "teacher", "teacher_logits", "init",

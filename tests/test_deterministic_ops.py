@@ -19,7 +19,7 @@ from kdflow.distill.losses import Step
 from kdflow.models.inference import features_and_logits
 from kdflow.distill.losses import HintRegressor, cosine_loss, hint_loss
 from kdflow.models.zoo import build_model
-from kdflow.distill import study
+from kdflow.study import planner
 
 # The docstring of torch.use_deterministic_algorithms (torch 2.14), list
 # "The following normally-nondeterministic operations will throw a
@@ -150,7 +150,7 @@ def test_a_whole_distillation_step_uses_only_deterministic_cuda_ops(
     torch.manual_seed(0)
     cfg = validate({"kd": {"method": method}})
     student, teacher = build_model(student_name), build_model(teacher_name).eval()
-    arm = study.lookup(cfg, f"lightnn/{method}/w0.25")
+    arm = planner.lookup(cfg, f"lightnn/{method}/w0.25")
     m = methods.build(method, arm.values, methods.BuildContext(
         student, teacher, "cpu", torch.Generator().manual_seed(1), (3, 32, 32)))
     x = torch.randn(2, 3, 32, 32)

@@ -19,7 +19,7 @@ from kdflow.analysis.evaluate import evaluate
 from kdflow.distill.losses import kd_loss
 from kdflow.models.zoo import build_model
 from kdflow.train.job import teacher_signal, train
-from kdflow.distill import study
+from kdflow.study import planner
 
 
 NO_AUGMENT = Augment(crop=0, flip=False)
@@ -148,9 +148,9 @@ def test_deterministic_mode_gives_byte_identical_metrics_files(workflow_run, tmp
                         "engine": {"deterministic": True}})
         common = dict(dataset="results/data/cifar10.npz", split="results/data/split.npz",
                       seed=0, device="cpu", engine=cfg["engine"])
-        train(study.lookup(cfg, "teacher").record(), out_model="results/seed0/teacher/model.pt",
+        train(planner.lookup(cfg, "teacher").record(), out_model="results/seed0/teacher/model.pt",
               out_history="results/seed0/teacher/history.csv", **common)
-        train(study.lookup(cfg, KD).record(), out_model=f"results/seed0/{KD}/model.pt",
+        train(planner.lookup(cfg, KD).record(), out_model=f"results/seed0/{KD}/model.pt",
               out_history=f"results/seed0/{KD}/history.csv",
               teacher="results/seed0/teacher/model.pt", **common)
         for arm in ("teacher", KD):

@@ -1,5 +1,5 @@
 """The verdict on exact numbers: equal gains, ties on validation, and the
-family a headline setting was chosen from (kdflow.analysis.aggregate, kdflow.distill.study).
+family a headline setting was chosen from (kdflow.analysis.aggregate, kdflow.study.planner).
 
 The tables here have the columns kdflow.analysis.aggregate.collect gives them; the
 workflow runs of tests/test_verdict.py check the same end to end."""
@@ -12,7 +12,7 @@ import torch
 
 from kdflow.analysis import aggregate
 from kdflow.models import checkpoint
-from kdflow.distill import study
+from kdflow.study import planner
 
 VAL, TEST = 200, 10_000
 
@@ -56,7 +56,7 @@ def test_the_choose_step_and_the_aggregate_choose_alike_on_an_exact_tie(tmp_path
                             val_images=VAL, last_epoch=3)
             paths.append(str(p))
             runs.append({"seed": s, "arm": arm, "student": "lightnn", "order": order.index(arm)})
-    record = study.write_choice(paths, runs, str(tmp_path / "choice.json"))
+    record = planner.write_choice(paths, runs, str(tmp_path / "choice.json"))
 
     rows = model_rows("lightnn/ce", "student_baseline", "lightnn", seeds, [5000] * 3, [90] * 3)
     for arm in ("lightnn/kd/A", "lightnn/kd/B"):
@@ -74,10 +74,10 @@ def test_the_choose_step_and_the_aggregate_choose_alike_on_an_exact_tie(tmp_path
 def test_choose_does_not_depend_on_the_order_candidates_come_in():
     cands = [{"arm": a, "student": "s", "order": i, "val_correct": {"0": 50, "1": 70},
               "val_images": {"0": 100, "1": 100}} for i, a in enumerate("xyz")]
-    assert study.choose(cands)["s"]["arm"] == "x"
-    assert study.choose(cands[::-1])["s"]["arm"] == "x"
+    assert planner.choose(cands)["s"]["arm"] == "x"
+    assert planner.choose(cands[::-1])["s"]["arm"] == "x"
     cands[2]["val_correct"] = {"0": 50, "1": 71}
-    assert study.choose(cands[::-1])["s"]["arm"] == "z"
+    assert planner.choose(cands[::-1])["s"]["arm"] == "z"
 
 
 def gain_view(base, gains):

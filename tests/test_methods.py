@@ -14,7 +14,7 @@ from kdflow.train.augment import Augment
 from kdflow.train.engine import TrainConfig, fit
 from kdflow.train.optim import make_optimizer
 from kdflow.models.zoo import build_model
-from kdflow.distill.study import plan
+from kdflow.study.planner import plan
 from kdflow.workflow.config import validate
 from kdflow.train.job import teacher_signal
 

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 import yaml
 
 from kdflow import KdflowError
-from kdflow.distill import methods, study
+from kdflow.distill import methods
+from kdflow.study import planner
 from kdflow.distill.losses import (Step, cosine_loss, hint_loss, kd_loss, soft_target_loss,
                                    standardize_logits)
 from kdflow.workflow.config import validate
@@ -27,7 +28,7 @@ def logits(n=16, c=100, seed=0):
 def preset_loss(preset: str, batch) -> torch.Tensor:
     """The loss a preset's one distilled setting trains with, built as a job builds it."""
     config = validate(yaml.safe_load((PRESETS / preset).read_text()))
-    [(method, _, values)] = study.settings(config)
+    [(method, _, values)] = planner.settings(config)
     s, t, y = batch
     # Logit-only methods need nothing of the build context.
     loss = methods.build(method, values, None).loss
@@ -125,16 +126,16 @@ def test_feature_losses_without_ce_weight_are_the_convex_mix_exactly():
 def test_ce_weight_is_named_only_when_set_and_recorded_only_when_set():
     c = validate({"kd": {"method": ["kd", "dkd", "hint"], "ce_weight": [None, 0.1],
                          "soft_target_weight": [0.25, 0.5]}})
-    assert [(m, s) for m, s, _ in study.settings(c)] == [
+    assert [(m, s) for m, s, _ in planner.settings(c)] == [
         ("kd", "T2_w0.25"), ("kd", "T2_w0.25_ce0.1"), ("kd", "T2_w0.5"), ("kd", "T2_w0.5_ce0.1"),
         ("dkd", "T2"), ("hint", "w0.25"), ("hint", "w0.25_ce0.1"), ("hint", "w0.5"),
         ("hint", "w0.5_ce0.1")]
-    plain = study.lookup(c, "lightnn/kd/T2_w0.25")
-    weighted = study.lookup(c, "lightnn/kd/T2_w0.5_ce0.1")
+    plain = planner.lookup(c, "lightnn/kd/T2_w0.25")
+    weighted = planner.lookup(c, "lightnn/kd/T2_w0.5_ce0.1")
     assert "ce_weight" not in plain.record()["values"]
     assert weighted.record()["values"]["ce_weight"] == 0.1
-    assert study.Arm.from_record(plain.record()).values == plain.values
-    assert study.label(weighted) == "KD (Hinton) T=2, w=0.5, ce=0.1"
+    assert planner.Arm.from_record(plain.record()).values == plain.values
+    assert planner.label(weighted) == "KD (Hinton) T=2, w=0.5, ce=0.1"
     # A job given a record without the knob builds the default loss.
     s, t, y = logits()
     step = Step(logits=s, targets=y, epoch=1, teacher_logits=t)
@@ -159,7 +160,7 @@ def test_nonsense_weights_are_refused_clearly(kd, says):
 def test_dkd_and_dist_ignore_the_soft_target_weight():
     # dkd and dist have no soft-target weight: w = 9 without ce_weight means nothing to them.
     c = validate({"kd": {"method": ["dkd", "dist"], "soft_target_weight": 9}})
-    assert [s for _, s, _ in study.settings(c)] == ["T2", "T2"]
+    assert [s for _, s, _ in planner.settings(c)] == ["T2", "T2"]
 
 
 # ---------------------------------------------------------------------------

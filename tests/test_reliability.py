@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from kdflow.train import resume
-from kdflow.distill import study
+from kdflow.study import planner
 from kdflow.workflow.config import validate
 from kdflow.core.device import EngineOptions
 from kdflow.train.job import job_identity, train
@@ -118,7 +118,7 @@ def test_a_state_saved_on_another_device_type_is_set_aside(workflow_run, tmp_pat
     data = workdir / "results/data"
     config = validate({"teacher": {"model": "lightnn", "epochs": 2, "batch_size": 32},
                        "engine": {"deterministic": True}})
-    arm, engine = study.lookup(config, "teacher").record(), config["engine"]
+    arm, engine = planner.lookup(config, "teacher").record(), config["engine"]
     args = dict(dataset=str(data / "cifar10.npz"), split=str(data / "split.npz"))
     out = tmp_path / "seed0" / "ce"
     out.mkdir(parents=True)

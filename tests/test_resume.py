@@ -25,10 +25,10 @@ def start_job(workdir: Path, data: Path, library: Path = REPO) -> subprocess.Pop
 from kdflow.workflow.cli import run_step
 from kdflow.workflow.config import validate
 from kdflow.train.job import train
-from kdflow.distill import study
+from kdflow.study import planner
 cfg = validate({{"teacher": {{"model": "deepnn", "epochs": {EPOCHS}, "batch_size": 32}},
                 "engine": {{"deterministic": True}}}})
-arm = study.lookup(cfg, "teacher").record()
+arm = planner.lookup(cfg, "teacher").record()
 run_step({str(workdir / 'train.log')!r}, lambda: train(
     arm, dataset={str(data / 'cifar10.npz')!r}, split={str(data / 'split.npz')!r},
     out_model={str(out / 'model.pt')!r}, out_history={str(out / 'history.csv')!r},

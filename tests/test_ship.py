@@ -234,17 +234,17 @@ def test_published_numbers_state_the_protocol_differences():
 
 
 def test_a_dkd_warm_up_longer_than_training_is_warned_at_planning(tmp_path, tiny_archive):
-    from kdflow.distill import study
+    from kdflow.study import planner
     from kdflow.workflow.config import validate
 
     config = deep_update(base_config(*tiny_archive), {"kd": {"method": ["kd", "dkd"]}})
-    warnings = study.warnings(study.plan(validate(config)))
+    warnings = planner.warnings(planner.plan(validate(config)))
     assert len(warnings) == 1 and "dkd.warmup_epochs is 20" in warnings[0]
     assert "1 epochs" in warnings[0] and "at most 5%" in warnings[0]
     proc = snakemake(tmp_path, config, "-n", "--quiet", "rules")
     assert "dkd.warmup_epochs is 20" in proc.stderr + proc.stdout
     fixed = deep_update(config, {"kd": {"dkd": {"warmup_epochs": 1}}})
-    assert study.warnings(study.plan(validate(fixed))) == []
+    assert planner.warnings(planner.plan(validate(fixed))) == []
 
 
 # ---------------------------------------------------------------------------

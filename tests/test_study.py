@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from kdflow import KdflowError
-from kdflow.distill import study
+from kdflow.study import planner
 from kdflow.workflow.config import validate
 from tests.conftest import (REPO, SNAKEMAKE, base_config, deep_update, local_env, planned_jobs,
                             snakemake)
@@ -22,7 +22,7 @@ from tests.conftest import (REPO, SNAKEMAKE, base_config, deep_update, local_env
 # ---------------------------------------------------------------------------
 
 def names(c):
-    return [(m, s) for m, s, _ in study.settings(c)]
+    return [(m, s) for m, s, _ in planner.settings(c)]
 
 
 def test_settings_expand_each_method_over_the_values_it_uses():
@@ -50,12 +50,12 @@ def test_plan_records_hold_exactly_their_own_setting():
     c = validate({"student": {"model": ["lightnn", "resnet8"]},
                   "kd": {"method": ["kd", "dkd"], "temperature": [1, 4],
                          "soft_target_weight": [0.25, 0.5], "dkd": {"beta": 2.0}}})
-    arms = study.plan(c)
+    arms = planner.plan(c)
     paths = [a.path for a in arms]
     assert paths[0] == "teacher"
     assert [p for p in paths if p.endswith("/ce")] == ["lightnn/ce", "resnet8/ce"]
     assert len(paths) == 1 + 2 * (1 + 4 + 2)
-    kd = study.lookup(c, "resnet8/kd/T4_w0.5")
+    kd = planner.lookup(c, "resnet8/kd/T4_w0.5")
     assert (kd.role, kd.model, kd.method, kd.setting) == ("student_kd", "resnet8", "kd", "T4_w0.5")
     assert kd.values == {"temperature": 4.0, "soft_target_weight": 0.5, "ce_weight": None,
                          "standardize": False}
@@ -64,16 +64,16 @@ def test_plan_records_hold_exactly_their_own_setting():
     assert kd.record()["values"] == {"temperature": 4.0, "soft_target_weight": 0.5,
                                      "standardize": False}
     assert kd.training == {**c["student"], "model": "resnet8"}
-    dkd = study.lookup(c, "lightnn/dkd/T1_b2")
+    dkd = planner.lookup(c, "lightnn/dkd/T1_b2")
     assert dkd.values == {"temperature": 1.0, "dkd.alpha": 1.0, "dkd.beta": 2.0,
                           "dkd.warmup_epochs": 20, "standardize": False}
-    assert study.lookup(c, "teacher").training == c["teacher"]
+    assert planner.lookup(c, "teacher").training == c["teacher"]
     # Records are plain data: a job's parameter, stored in checkpoints.
     for arm in arms:
         record = json.loads(json.dumps(arm.record()))
-        assert study.Arm.from_record(record).record() == arm.record()
+        assert planner.Arm.from_record(record).record() == arm.record()
     with pytest.raises(KdflowError, match="not a model of this config's study"):
-        study.lookup(c, "lightnn/kd/T3_w0.25")
+        planner.lookup(c, "lightnn/kd/T3_w0.25")
 
 
 def test_no_path_is_parsed_back_into_values():
@@ -129,7 +129,7 @@ def study_run(tmp_path_factory, tiny_archive):
 
 def test_every_method_trains_and_is_evaluated(study_run):
     workdir, config = study_run
-    arms = [a.path for a in study.plan(validate(config))]
+    arms = [a.path for a in planner.plan(validate(config))]
     assert len(arms) == 1 + 1 + N_DISTILLED
     base = torch.load(workdir / "results/seed0/lightnn/ce/model.pt", weights_only=True)
     for arm in arms:
@@ -307,7 +307,7 @@ def test_authors_recipe_presets_dry_run(tmp_path, preset, method, setting, value
         assert s["model"] == model and (s["epochs"], s["batch_size"], s["lr"]) == (240, 64, 0.05)
         assert (s["optimizer"], s["momentum"], s["weight_decay"]) == ("sgd", 0.9, 5e-4)
         assert s["lr_milestones"] == [150, 180, 210] and s["augment"] == {"crop": 4, "flip": True}
-    assert study.settings(c) == [(method, setting, values)]
+    assert planner.settings(c) == [(method, setting, values)]
     shown = {k: v for k, v in c["report"]["published"].items()
              if k not in ("source", "protocol") and v is not None}
     assert shown == published and c["report"]["published"]["source"]

@@ -7,7 +7,7 @@ import torchvision
 from torch import nn
 
 from kdflow.distill import methods
-from kdflow.distill.study import plan
+from kdflow.study.planner import plan
 from kdflow.models.torchvision_zoo import TorchvisionNet
 from kdflow.models.zoo import MODELS, build_model, count_parameters, state_module
 from kdflow.train.engine import TrainConfig, fit

@@ -269,10 +269,10 @@ def test_every_seed_and_purpose_has_its_own_stream():
 
 @pytest.mark.parametrize("method", list(methods.METHODS))
 def test_building_a_method_leaves_the_global_random_state_alone(method):
-    from kdflow.distill import study
+    from kdflow.study import planner
     from kdflow.workflow.config import validate
 
-    arm = next(a for a in study.plan(validate({"kd": {"method": method}}))
+    arm = next(a for a in planner.plan(validate({"kd": {"method": method}}))
                if a.role == "student_kd")
     student, teacher = build_model("lightnn"), build_model("deepnn").eval()
     cpu = torch.get_rng_state()
@@ -318,14 +318,14 @@ def test_plain_and_distilled_twins_draw_the_same_dropout_masks(workflow_run, tmp
                     "engine": {"deterministic": True}})
     common = dict(dataset=str(data / "cifar10.npz"), split=str(data / "split.npz"), seed=0,
                   device="cpu", threads=1, teacher=teacher, engine=cfg["engine"])
-    from kdflow.distill import study
+    from kdflow.study import planner
     config = validate({"student": {"model": "lightnn", "epochs": 1, "batch_size": 32},
                        "kd": {"method": ["hint", "kd"], "soft_target_weight": 0.5}})
     for current, path in (("plain", "lightnn/ce"), ("hint", "lightnn/hint/w0.5"),
                           ("kd", "lightnn/kd/T2_w0.5")):
         out = tmp_path / current
         out.mkdir()
-        train_module.train(study.lookup(config, path).record(), out_model=str(out / "model.pt"),
+        train_module.train(planner.lookup(config, path).record(), out_model=str(out / "model.pt"),
                            out_history=str(out / "history.csv"), **common)
     assert masks["plain"] and masks["plain"][0].any()
     for twin in ("hint", "kd"):

@@ -11,7 +11,7 @@ import torch
 from tests.conftest import (REPO, SNAKEMAKE, base_config, deep_update, local_env, planned_jobs,
                             snakemake)
 
-# The test experiment's arms (kdflow.distill.study): paths under results/seed{seed}/.
+# The test experiment's arms (kdflow.study.planner): paths under results/seed{seed}/.
 TEACHER, BASELINE, KD = "teacher", "lightnn/ce", "lightnn/kd/T2_w0.25"
 ARMS = [TEACHER, BASELINE, KD]
 
@@ -65,7 +65,7 @@ def test_checkpoints_are_self_describing_and_safe_to_load(workflow_run):
 def test_students_of_a_seed_start_from_the_same_weights(workflow_run):
     """Paired comparison: same init, same batches; only the loss differs.
     With soft-target weight 0 the KD student must equal the baseline."""
-    from kdflow.distill import study
+    from kdflow.study import planner
     from kdflow.workflow.config import validate
     from kdflow.train.job import train
     workdir, config = workflow_run
@@ -79,7 +79,7 @@ def test_students_of_a_seed_start_from_the_same_weights(workflow_run):
     out = workdir / "pairing"
     out.mkdir()
     plain_kd = validate(deep_update(config, {"kd": {"soft_target_weight": 0.0}}))
-    train(study.lookup(plain_kd, "lightnn/kd/T2_w0").record(), out_model=str(out / "kd.pt"),
+    train(planner.lookup(plain_kd, "lightnn/kd/T2_w0").record(), out_model=str(out / "kd.pt"),
           out_history=str(out / "kd.csv"), **common)
     base = torch.load(res / f"seed0/{BASELINE}/model.pt", weights_only=True)
     kd = torch.load(out / "kd.pt", weights_only=True)

@@ -1,1 +1,1 @@
-"""Stage 6, analysis: evaluation of each model, the statistics, the aggregate tables and the report."""
+"""Stage 7, analysis: evaluation of each model, the statistics, the aggregate tables and the report."""

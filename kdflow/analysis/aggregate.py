@@ -17,7 +17,7 @@ import pandas as pd
 from kdflow import KdflowError
 from kdflow.core import atomic
 from kdflow.models import checkpoint
-from kdflow.distill import study
+from kdflow.study import planner
 from kdflow.distill.methods import METHODS
 from kdflow.analysis.roles import ARM_LABELS, ARM_ORDER, headline_view  # noqa: F401 (re-exported)
 from kdflow.analysis.ship import EXPORT_COLUMNS, export_rows
@@ -37,11 +37,11 @@ def arm_columns(df: pd.DataFrame) -> list[str]:
 
 
 def describe_arm(plan: dict) -> dict:
-    """The columns of one model, from its plan record (kdflow.distill.study.plan) as
+    """The columns of one model, from its plan record (kdflow.study.planner.plan) as
     stored in its metrics.json: nothing is read from the path."""
-    arm = study.Arm.from_record(plan)
+    arm = planner.Arm.from_record(plan)
     return {"role": arm.role, "student": arm.model if arm.role != "teacher" else None,
-            "method": arm.method, "setting": arm.setting, "label": study.label(arm),
+            "method": arm.method, "setting": arm.setting, "label": planner.label(arm),
             **arm.values}
 
 
@@ -218,7 +218,7 @@ def study_table(table: pd.DataFrame) -> pd.DataFrame:
     over every distilled setting of the study, the family the headline's
     setting is picked from (a setting without a p-value still counts in
     it). chosen_for_student marks each student's setting with the best mean
-    validation accuracy (kdflow.distill.study.choose, the choose step's rule);
+    validation accuracy (kdflow.study.planner.choose, the choose step's rule);
     chosen the one of those that leads (the headline's). best_of_method and
     method_rank do the same per (student, method). Test accuracy never
     enters any choice.
@@ -253,19 +253,19 @@ def study_table(table: pd.DataFrame) -> pd.DataFrame:
     for col in ("p_value", "perm_p_value"):
         adjusted = holm([None if pd.isna(p) else float(p) for p in out[col]])
         out[f"{col}_holm"] = [np.nan if p is None else p for p in adjusted]
-    # Every choice below is study.choose's exact rule: per student, and per
+    # Every choice below is planner.choose's exact rule: per student, and per
     # (student, method) for the ranking.
     by_arm = {c["arm"]: c for c in candidates}
-    choice = study.choose(candidates)
+    choice = planner.choose(candidates)
     out["chosen_for_student"] = out["arm"].astype(str).isin([c["arm"] for c in choice.values()])
-    out["chosen"] = out["arm"].astype(str) == choice[study.headline_student(choice)]["arm"]
+    out["chosen"] = out["arm"].astype(str) == choice[planner.headline_student(choice)]["arm"]
     out["best_of_method"] = False
     best_of_method = []
     for _, g in out.groupby(["student", "method"], sort=False):
-        pick = study.choose([by_arm[str(a)] for a in g["arm"]])[g["student"].iloc[0]]
+        pick = planner.choose([by_arm[str(a)] for a in g["arm"]])[g["student"].iloc[0]]
         out.loc[out["arm"].astype(str) == pick["arm"], "best_of_method"] = True
         best_of_method.append(pick)
-    ranked = sorted(best_of_method, key=lambda c: (-study.val_mean(c), c["order"]))
+    ranked = sorted(best_of_method, key=lambda c: (-planner.val_mean(c), c["order"]))
     rank = {c["arm"]: i + 1 for i, c in enumerate(ranked)}
     out["method_rank"] = out["arm"].astype(str).map(rank)
     out["method_rank"] = out["method_rank"].astype("Int64")
@@ -438,13 +438,13 @@ def aggregate(files: dict[str, list[str]], out: dict[str, str], *,
     head = headline(tables["gain"], chosen, len(tables["study"]), stage=stage,
                     selection_seeds=selection_seeds, flags=flags, family=family)
     head["teacher"] = teacher_record(teacher, tables["metrics"], files["checkpoints"])
-    # Settings that will not do what their names suggest (study.warnings),
+    # Settings that will not do what their names suggest (planner.warnings),
     # from the plan records the models were trained with.
     plans = {}
     for p in files["metrics"]:
         record = _read_json(p)["plan"]
-        plans.setdefault(record["path"], study.Arm.from_record(record))
-    head["warnings"] = study.warnings(plans.values())
+        plans.setdefault(record["path"], planner.Arm.from_record(record))
+    head["warnings"] = planner.warnings(plans.values())
     atomic.write_json(out["headline"], head)
     log.info("%d models over %d seeds; %d distilled settings, chosen on validation: %s, "
              "gain %+.2f points (mean)", len(tables["metrics"]), head["n_seeds"],

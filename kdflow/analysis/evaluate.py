@@ -88,7 +88,7 @@ def evaluate(model_path: str, dataset: str, out: str, *, arm: str, seed: Optiona
         "best_val_correct": val_correct, "val_images": val_images,
         "last_epoch": ckpt["last_epoch"],
         "last_val_accuracy": ckpt["last_val_accuracy"],
-        # What the model is (kdflow.distill.study.plan): the aggregate reads its
+        # What the model is (kdflow.study.planner.plan): the aggregate reads its
         # method and values from here, never from the path.
         "plan": ckpt["plan"],
         "engine": ckpt["engine"],

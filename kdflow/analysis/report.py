@@ -33,7 +33,7 @@ from kdflow.analysis.figures import shown  # noqa: E402
 from kdflow.analysis.ship import VARIANT_LABELS  # noqa: E402
 from kdflow.analysis.roles import ARM_LABELS, ARM_ORDER, headline_view  # noqa: E402
 from kdflow.distill.methods import METHODS  # noqa: E402
-from kdflow.distill.study import fmt  # noqa: E402
+from kdflow.study.planner import fmt  # noqa: E402
 from kdflow.core.provenance import config_hash  # noqa: E402
 
 log = logging.getLogger(__name__)

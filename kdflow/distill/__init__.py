@@ -1,1 +1,1 @@
-"""Stage 3, distillation: the loss functions, the table of methods, and the study of their settings."""
+"""Stage 3, distillation: the loss functions and the table of methods."""

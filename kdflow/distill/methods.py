@@ -10,7 +10,7 @@ plain functions in kdflow.distill.losses.
 
 Adding a method: its loss in kdflow.distill.losses, an entry here, its knobs and its
 name in config/schema.yaml (`$defs.method`), a row in the README's method
-table. The study (kdflow.distill.study), the workflow's rules, the aggregate and the
+table. The study (kdflow.study.planner), the workflow's rules, the aggregate and the
 report all read this table; tests check it against the schema and the README.
 
 This module imports no torch at import time: the workflow reads the table

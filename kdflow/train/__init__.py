@@ -1,1 +1,1 @@
-"""Stage 4, training: the loop, the optimiser, resumable state, and one training job."""
+"""Stage 5, training: the loop, the optimiser, resumable state, and one training job."""

@@ -51,7 +51,7 @@ def cross_entropy(step: Step) -> torch.Tensor:
 @dataclass(frozen=True)
 class TrainConfig:
     """What to learn and how to run: a training section of the config
-    (`teacher`, or a student's: a plan record's `training`, kdflow.distill.study)
+    (`teacher`, or a student's: a plan record's `training`, kdflow.study.planner)
     and the engine section, validated, built once per job."""
 
     model: str

@@ -17,7 +17,7 @@ from kdflow.distill import methods
 from kdflow.core import provenance
 from kdflow.train import resume
 from kdflow.core import streams
-from kdflow.distill import study
+from kdflow.study import planner
 from kdflow.data.arrays import Normalizer, Splits
 from kdflow.core.device import EngineOptions, autocast_dtype, setup
 from kdflow.models.inference import features_and_logits, predict_logits
@@ -53,7 +53,7 @@ def train(
 ) -> None:
     """Train one model and save its best-validation checkpoint and history.
 
-    arm: the model's plan record (kdflow.distill.study.Arm.record(): role, validated
+    arm: the model's plan record (kdflow.study.planner.Arm.record(): role, validated
     training section {model, epochs, batch_size, lr, optimizer, ...,
     augment}, method and values). Students get the `teacher` checkpoint of
     their seed: the baseline only to measure agreement with it, a distilled
@@ -63,8 +63,8 @@ def train(
     (teacher.init, whose {url, md5} is `init_record`): fine-tuning.
     """
     role, model_cfg = arm["role"], arm["training"]
-    if role not in study.ROLES:
-        raise KdflowError(f"role must be one of {study.ROLES}, not {role!r}")
+    if role not in planner.ROLES:
+        raise KdflowError(f"role must be one of {planner.ROLES}, not {role!r}")
     dev, options = setup(device, engine, threads)
     cfg = TrainConfig.from_config(model_cfg, engine)
     aug = cfg.augment

@@ -12,7 +12,7 @@ import jsonschema
 from kdflow import KdflowError
 from kdflow.distill import methods
 from kdflow.core import schema as _schema
-from kdflow.distill import study
+from kdflow.study import planner
 from kdflow.data.datasets import complete_config
 
 SCHEMA_PATH = _schema.SCHEMA_PATH
@@ -211,7 +211,7 @@ def validate(config: dict, schema: dict | None = None) -> dict:
             f"{config['teacher']['model']!r}; list several students under student.model"
         )
     _check_teacher(config)
-    study.settings(config)  # refuses two settings of one name
+    planner.settings(config)  # refuses two settings of one name
     _check_confirmation(config)
     # The source defaults to the dataset's official archive (kdflow.data.datasets).
     complete_config(config["data"])
@@ -262,7 +262,7 @@ def _check_confirmation(config: dict) -> None:
         raise KdflowError(
             f"invalid config: confirm_seeds and seeds share {shared}; a confirmation seed must "
             "not have taken part in the choice it confirms: give confirm_seeds seeds of their own")
-    if len(study.settings(config)) < 2:
+    if len(planner.settings(config)) < 2:
         raise KdflowError(
             "invalid config: confirm_seeds is set but there is only one distillation setting, "
             "so nothing is chosen to confirm; add these seeds to `seeds` instead (or sweep "

@@ -220,12 +220,12 @@ def choose(candidates: list[dict]) -> dict[str, dict]:
     aggregate both apply.
 
     `candidates`: one dict per arm with keys arm, student, order (the arm's
-    index in kdflow.distill.study.plan), val_correct ({seed: validation images right
+    index in kdflow.study.planner.plan), val_correct ({seed: validation images right
     at its best epoch}) and val_images ({seed: validation images}); extra
     keys are kept. The means are compared
     as exact fractions, so two steps that list seeds or arms in another
     order choose alike (float sums in different orders can break a tie
-    differently). Ties go to the arm planned first (kdflow.distill.study.plan: the
+    differently). Ties go to the arm planned first (kdflow.study.planner.plan: the
     config's order of students, methods and values); candidates may come in
     any order. Test accuracy never enters: only validation numbers are
     passed in."""
