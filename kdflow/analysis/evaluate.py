@@ -19,7 +19,7 @@ from kdflow.analysis.stats import (CHANCE_FLAG, TEACHER_CHANCE_FLAG, at_chance, 
                           chance_p_value)
 from kdflow.data.arrays import Normalizer, channel_stats
 from kdflow.core.device import resolve_device, set_threads
-from kdflow.models.inference import predict_logits
+from kdflow.models.inference import inference_batch, predict_logits
 from kdflow.distill.losses import teacher_kl
 from kdflow.models.zoo import count_parameters, parameter_bytes
 
@@ -115,7 +115,9 @@ def evaluate(model_path: str, dataset: str, out: str, *, arm: str, seed: Optiona
         speed = {"arm": arm, "seed": seed, "device": str(dev),
                  "device_name": provenance.device_name(dev),
                  **measure_speed(model, dev, image_shape=tuple(x.shape[1:]),
-                                 **speed_settings)}
+                                 **{**speed_settings, "batch": min(
+                                     speed_settings["batch"],
+                                     inference_batch(model, tuple(x.shape[1:]), dev))})}
         write_json(speed, out_speed)
         log.info("latency %.2f ms (batch 1), throughput %.0f images/s",
                  speed["latency_ms_batch1"], speed["throughput_images_per_s"])

@@ -42,6 +42,7 @@ from kdflow import KdflowError
 from kdflow.core import atomic, provenance
 from kdflow.data.arrays import channel_stats
 from kdflow.deploy import timing
+from kdflow.models.inference import inference_batch
 from kdflow.deploy.onnx_export import (accuracy, agreement, check_against_pytorch, export_onnx,
                                        onnx_logits, open_session, pytorch_logits)
 from kdflow.deploy.quantize import (LARGE_DROP, calibration_indices, digest, quantize_int8)
@@ -113,25 +114,28 @@ def export_model(model_path: str | os.PathLike, dataset: str | os.PathLike,
                           "normalisation": {"mean": list(mean), "std": list(std),
                                             "baked_in": True}}
         reference = pytorch_logits(model, x_test, mean, std)
-        fp32_logits = onnx_logits(open_session(paths["fp32"], scoring_threads), x_test)
+        # ONNX Runtime's activations are the size PyTorch's are: the same
+        # memory-sized batch.
+        batch = inference_batch(model, image_shape)
+        fp32_logits = onnx_logits(open_session(paths["fp32"], scoring_threads), x_test, batch)
         record["check"] = check_against_pytorch(reference, fp32_logits, y_test, where)
         log.info("%s: ONNX matches PyTorch on %d test images (max |diff| %.2g)", where,
                  len(y_test), record["check"]["max_abs_diff"])
         fp32_session = open_session(paths["fp32"], scoring_threads)
         record["validation"] = {
             "pytorch": accuracy(pytorch_logits(model, x_val, mean, std), y_val),
-            "onnxruntime": accuracy(onnx_logits(fp32_session, x_val), y_val)}
+            "onnxruntime": accuracy(onnx_logits(fp32_session, x_val, batch), y_val)}
         del fp32_session
 
         record["int8"] = None
         if int8:
             paths["int8"] = Path(tmp) / FILES["int8"]
             quantization = quantize_int8(paths["fp32"], paths["int8"], x_train[idx])
-            q_logits = onnx_logits(open_session(paths["int8"], scoring_threads), x_test)
+            q_logits = onnx_logits(open_session(paths["int8"], scoring_threads), x_test, batch)
             acc = accuracy(q_logits, y_test)
             drop = record["check"]["onnxruntime"]["accuracy"] - acc["accuracy"]
             q_session = open_session(paths["int8"], scoring_threads)
-            record["validation"]["int8"] = accuracy(onnx_logits(q_session, x_val), y_val)
+            record["validation"]["int8"] = accuracy(onnx_logits(q_session, x_val, batch), y_val)
             del q_session
             val_drop = (record["validation"]["onnxruntime"]["accuracy"]
                         - record["validation"]["int8"]["accuracy"])

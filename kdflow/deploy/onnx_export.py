@@ -35,7 +35,7 @@ from torch import nn
 
 from kdflow import KdflowError
 from kdflow.data.arrays import Normalizer
-from kdflow.models.inference import predict_logits
+from kdflow.models.inference import MAX_BATCH, predict_logits
 
 INPUT, OUTPUT = "images", "logits"
 PIXEL_RANGE = (0.0, 255.0)
@@ -51,7 +51,6 @@ MAX_DIFF_RELATIVE = 1e-3
 # tie; 1 in 1000 test images may be one. Fewer agreements mean a wrong file.
 MIN_AGREEMENT = 0.999
 
-EVAL_BATCH = 500  # images per ONNX Runtime call when scoring a test set
 
 
 class Normalised(nn.Module):
@@ -169,8 +168,10 @@ def open_session(path: str | os.PathLike, threads: int | None = None, *,
 
 
 def onnx_logits(session: ort.InferenceSession, x_uint8: np.ndarray,
-                batch: int = EVAL_BATCH) -> np.ndarray:
-    """Logits (float32) of uint8 NCHW images, fed as the file expects them."""
+                batch: int = MAX_BATCH) -> np.ndarray:
+    """Logits (float32) of uint8 NCHW images, fed as the file expects them,
+    `batch` images per call (the export job passes the PyTorch model's
+    memory-sized batch, kdflow.models.inference.inference_batch)."""
     out = [session.run(None, {INPUT: x_uint8[i:i + batch].astype(np.float32)})[0]
            for i in range(0, len(x_uint8), batch)]
     return np.concatenate(out) if out else np.empty((0, 0), np.float32)
