@@ -23,7 +23,7 @@ from kdflow.deploy.onnx_export import (MAX_DIFF_RELATIVE, MIN_AGREEMENT, check_a
                                        export_onnx, onnx_logits, open_session, pytorch_logits)
 from kdflow.models import checkpoint
 from kdflow.models.zoo import build_model
-from tests.conftest import CLASSES, synthetic_images
+from tests.helpers.archives import CLASSES, synthetic_images
 
 CALIBRATION = 32
 TIMING = {"batch": 4, "warmup": 0, "runs": 4, "rounds": 2}

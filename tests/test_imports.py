@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from kdflow import STAGES
-from tests.conftest import REPO
+from tests.helpers.workflow import REPO
 
 LIBRARY = REPO / "kdflow"
 

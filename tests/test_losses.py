@@ -16,6 +16,7 @@ from kdflow.distill.losses import (
     teacher_kl,
     top1_agreement,
 )
+from tests.helpers.losses import hand_ce, rows
 
 
 def hand_kd(s, t, y, T, w):
@@ -84,20 +85,8 @@ def test_fidelity_measures(batch):
 
 # --------------------------------------------------------------------------
 # Hand references: plain Python floats (float64), loops, math.exp / math.log.
+# (rows, lse and hand_ce, which tests/test_dkd.py uses too: tests.helpers.losses)
 # --------------------------------------------------------------------------
-
-
-def rows(x):
-    return [[float(v) for v in r] for r in torch.flatten(x, 1).double()]
-
-
-def lse(xs):
-    m = max(xs)
-    return m + math.log(sum(math.exp(x - m) for x in xs))
-
-
-def hand_ce(s, y):
-    return sum(lse(r) - r[int(c)] for r, c in zip(rows(s), y)) / len(y)
 
 
 def hand_adaptive_pool(v, n):

@@ -15,7 +15,7 @@ import yaml
 from kdflow.distill import methods
 from kdflow.core import schema
 from kdflow.distill.losses import dist_loss, dist_total_loss, kd_loss, standardize_logits, dkd_total_loss
-from tests.conftest import REPO, base_config, deep_update, planned_jobs, snakemake
+from tests.helpers.workflow import REPO, base_config, deep_update, planned_jobs, snakemake
 
 
 # ---------------------------------------------------------------------------

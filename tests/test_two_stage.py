@@ -12,7 +12,7 @@ from kdflow.distill import methods
 from kdflow.core import streams
 from kdflow.workflow.config import validate
 from kdflow.models.zoo import build_model
-from tests.conftest import base_config, deep_update, planned_jobs, report_tables, snakemake
+from tests.helpers.workflow import base_config, deep_update, planned_jobs, report_tables, snakemake
 
 # ---------------------------------------------------------------------------
 # Two-stage studies
