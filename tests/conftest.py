@@ -57,3 +57,15 @@ def workflow_run(tmp_path_factory, tiny_archive) -> tuple[Path, dict]:
     config = deep_update(base_config(*tiny_archive), {"export": {"enabled": True}})
     snakemake(workdir, config)
     return workdir, config
+
+
+@pytest.fixture(scope="session")
+def chance_run(tmp_path_factory, tiny_archive) -> tuple[Path, dict]:
+    """A teacher that cannot learn (Adam at lr 1e-30: its weights never move,
+    so it predicts one class) and its students, one seed, run for real once:
+    tests/test_diverged_runs.py and tests/test_provenance.py share it.
+    Returns (workdir, config)."""
+    workdir = tmp_path_factory.mktemp("chance")
+    config = deep_update(base_config(*tiny_archive), {"seeds": [0], "teacher": {"lr": 1e-30}})
+    snakemake(workdir, config)
+    return workdir, config
