@@ -14,7 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import REPO
+from tests.helpers.workflow import REPO
 
 MAX_PEAK = 512 << 20    # bytes: the peak a hostile archive may cost, imports included
 

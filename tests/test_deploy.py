@@ -7,7 +7,10 @@ Tiny: random-weight models on a synthetic dataset of 200 training and 40 test
 images, 32 calibration images, timing from a few calls at batches 1 and 4.
 """
 
+import io
 import json
+import os
+import platform
 
 import numpy as np
 import onnx
@@ -23,7 +26,7 @@ from kdflow.deploy.onnx_export import (MAX_DIFF_RELATIVE, MIN_AGREEMENT, check_a
                                        export_onnx, onnx_logits, open_session, pytorch_logits)
 from kdflow.models import checkpoint
 from kdflow.models.zoo import build_model
-from tests.conftest import CLASSES, synthetic_images
+from tests.helpers.archives import CLASSES, synthetic_images
 
 CALIBRATION = 32
 TIMING = {"batch": 4, "warmup": 0, "runs": 4, "rounds": 2}
@@ -201,13 +204,95 @@ def _twin(export_dir):
     return model, {"fp32": export_dir / FILES["fp32"]}, norm["mean"], norm["std"], (3, 32, 32)
 
 
-def test_timing_names_the_cpu(data):
+def read_cpuinfo(text):
+    """/proc/cpuinfo read here on its own: the first processor's model name
+    and flag list (x86's "flags", Arm's "Features"); None for each missing."""
+    name = flags = None
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if not sep:
+            continue
+        if key.strip() == "model name" and name is None:
+            name = value.strip()
+        if key.strip() in ("flags", "Features") and flags is None:
+            flags = value.split()
+    return name, flags
+
+
+def fake_cpuinfo(monkeypatch, text):
+    """timing reads `text` as /proc/cpuinfo, or finds no such file (None)."""
+    real = open
+
+    def fake(path, *args, **kwargs):
+        if str(path) != "/proc/cpuinfo":
+            return real(path, *args, **kwargs)
+        if text is None:
+            raise FileNotFoundError(2, "No such file or directory", str(path))
+        return io.StringIO(text)
+
+    monkeypatch.setattr(timing, "open", fake, raising=False)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/cpuinfo"), reason="no /proc/cpuinfo here")
+def test_timing_names_the_cpu():
     cpu = timing.cpu_info()
-    assert cpu["name"] and cpu["cores"] >= 1
     with open("/proc/cpuinfo") as f:
-        flags = next(line for line in f if line.startswith("flags")).split()
+        name, flags = read_cpuinfo(f.read())
+    assert cpu["name"] == (name or platform.processor() or platform.machine()) and cpu["name"]
+    assert cpu["machine"] == platform.machine()
+    if hasattr(os, "sched_getaffinity"):
+        assert cpu["cores"] == len(os.sched_getaffinity(0)) >= 1
+    if flags is None:  # a kernel that lists no flags
+        assert all(cpu[flag] is None for flag in (*timing.FLAGS, "amx"))
+        return
+    assert flags, "the flags line is empty"
     for flag in timing.FLAGS:
-        assert cpu[flag] == (flag in flags)
+        assert cpu[flag] is (flag in flags), flag
+    assert cpu["amx"] is any(f.startswith("amx") for f in flags)
+
+
+X86 = """processor\t: 0
+vendor_id\t: GenuineIntel
+model name\t: Test CPU @ 2.00GHz
+flags\t\t: fpu sse2 avx avx2 avx512f avx512bw amx_tile amx_int8
+bugs\t\t: spectre_v1
+
+processor\t: 1
+model name\t: Another CPU
+flags\t\t: fpu avx512_vnni avx_vnni
+"""
+ARM = """processor\t: 0
+BogoMIPS\t: 50.00
+Features\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics
+CPU implementer\t: 0x41
+"""
+
+
+def test_cpu_info_reads_the_first_processor_of_an_x86_listing(monkeypatch):
+    fake_cpuinfo(monkeypatch, X86)
+    cpu = timing.cpu_info()
+    assert cpu["name"] == "Test CPU @ 2.00GHz"
+    # The first processor's flags only ("avx512bw" is not "avx512_vnni").
+    assert {f: cpu[f] for f in timing.FLAGS} == {
+        "avx2": True, "avx512f": True, "avx512_vnni": False, "avx_vnni": False}
+    assert cpu["amx"] is True
+
+
+def test_cpu_info_reads_an_arm_listing(monkeypatch):
+    fake_cpuinfo(monkeypatch, ARM)
+    cpu = timing.cpu_info()
+    # No model name on Arm: the platform's name stands in.
+    assert cpu["name"] == (platform.processor() or platform.machine())
+    assert all(cpu[f] is False for f in (*timing.FLAGS, "amx"))
+
+
+def test_cpu_info_without_proc_cpuinfo_says_none(monkeypatch):
+    fake_cpuinfo(monkeypatch, None)
+    cpu = timing.cpu_info()
+    # Unknown, not False: a missing listing says nothing of the CPU.
+    assert all(cpu[f] is None for f in (*timing.FLAGS, "amx"))
+    assert cpu["name"] == (platform.processor() or platform.machine())
+    assert cpu["machine"] == platform.machine() and cpu["cores"] >= 1
 
 
 def test_torch_threads_are_restored_after_timing(data, tmp_path):

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from kdflow.distill.losses import dkd_loss, dkd_terms, dkd_total_loss, dkd_warmup
-from tests.test_losses import hand_ce, lse, rows
+from tests.helpers.losses import hand_ce, lse, rows
 
 
 def hand_kl(log_pt, log_ps):

@@ -14,7 +14,7 @@ import pytest
 
 from kdflow import KdflowError
 from kdflow.data.fetch import fetch_archive
-from tests.conftest import build_archive
+from tests.helpers.archives import build_archive
 
 
 class Handler(BaseHTTPRequestHandler):

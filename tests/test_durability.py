@@ -16,7 +16,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from tests.conftest import REPO
+from tests.helpers.workflow import REPO
 
 TRACER = '''
 import os

@@ -4,7 +4,7 @@ CPU with tiny sizes and pretend GPUs, and any failed check fails the command."""
 import subprocess
 import sys
 
-from tests.conftest import REPO
+from tests.helpers.workflow import REPO
 
 sys.path.insert(0, str(REPO / "bench"))
 

@@ -23,7 +23,8 @@ import torch
 from kdflow import KdflowError
 from kdflow.core import gpu
 from kdflow.core import provenance
-from tests.conftest import REPO, base_config, deep_update, local_env, planned_jobs, snakemake
+from tests.helpers.workflow import (REPO, base_config, deep_update, local_env, planned_jobs,
+                                    snakemake)
 
 # Variables of the machine running the tests that would change what the
 # slot logic sees (a CI job inside SLURM, a GPU runner).

@@ -1,5 +1,6 @@
 """The library's layout shows its architecture: no import circles, and no
-import from a later stage of the workflow into an earlier one.
+import from a later stage of the workflow into an earlier one; and the test
+suite's: no test module imports another (what they share is in tests/helpers/).
 
 Read from the source (every import statement, those under TYPE_CHECKING and
 inside functions included: a deferred import is still a dependency), not by
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from kdflow import STAGES
-from tests.conftest import REPO
+from tests.helpers.workflow import REPO
 
 LIBRARY = REPO / "kdflow"
 
@@ -137,3 +138,89 @@ def test_the_checks_find_a_circle_and_a_backward_import(tiny_library):
     assert g["kdflow.train.c"] == {"kdflow.data.b"}
     assert circles(g) == [["kdflow.core.a", "kdflow.data.b"]]
     assert backward(g) == ["kdflow.core.a (stage core) imports kdflow.data.b (later stage data)"]
+
+
+# ---------------------------------------------------------------------------
+# Test modules import shared code from tests/helpers/, not from each other
+# ---------------------------------------------------------------------------
+
+TESTS = REPO / "tests"
+# Left for the owner of these files to switch (the helpers they share go to
+# tests/helpers/): (importer, imported).
+NOT_YET = {("test_fuzz_archives", "test_folder_dataset")}
+
+
+def imported_test_modules(path: Path, tests: Path = TESTS) -> set[str]:
+    """The test modules of `tests` (by name: test_x) that `path` imports:
+    `import tests.test_x`, `from tests.test_x import ...`, `from tests import
+    test_x`, their relative forms, a bare `import test_x`, and
+    importlib.import_module / __import__ of such a name; deferred imports too."""
+    known = {p.stem for p in tests.glob("test_*.py")}
+    package = tests.name
+
+    def module(dotted: str) -> set[str]:
+        parts = dotted.split(".")
+        if len(parts) >= 2 and parts[0] == package:
+            return {parts[1]} & known
+        return {parts[0]} & known if len(parts) == 1 else set()
+
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                found |= module(a.name)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level == 0 and node.module:
+                found |= module(node.module)
+                base = node.module
+            elif node.level == 1:  # from within the tests package
+                found |= {node.module.split(".")[0]} & known if node.module else set()
+                base = package if node.module is None else None
+            else:
+                base = None
+            if base == package:  # from tests import test_x
+                found |= {a.name for a in node.names} & known
+        elif isinstance(node, ast.Call) and node.args \
+                and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str):
+            f = node.func
+            name = f.attr if isinstance(f, ast.Attribute) else getattr(f, "id", None)
+            if name in ("import_module", "__import__"):
+                found |= module(node.args[0].value)
+    return found - {path.stem}
+
+
+def cross_imports(tests: Path = TESTS) -> set[tuple[str, str]]:
+    return {(p.stem, m) for p in sorted(tests.glob("test_*.py"))
+            for m in imported_test_modules(p, tests)}
+
+
+def test_no_test_module_imports_another():
+    found = cross_imports()
+    assert found - NOT_YET == set(), (
+        "test modules importing other test modules (move what they share to tests/helpers/): "
+        + ", ".join(f"{a} imports {b}" for a, b in sorted(found - NOT_YET)))
+
+
+def test_the_check_finds_every_form_of_import_between_test_modules(tmp_path):
+    tests = tmp_path / "tests"
+    (tests / "helpers").mkdir(parents=True)
+    for name in ("__init__.py", "conftest.py", "helpers/__init__.py", "helpers/losses.py",
+                 "test_base.py"):
+        (tests / name).write_text("")
+    forms = {
+        "test_a.py": "from tests.test_base import rows\n",
+        "test_b.py": "import tests.test_base as base\n",
+        "test_c.py": "def f():\n    from tests import conftest, test_base\n",
+        "test_d.py": "from .test_base import rows\n",
+        "test_e.py": "from . import test_base\n",
+        "test_f.py": "import importlib\nbase = importlib.import_module('tests.test_base')\n",
+        "test_g.py": "import test_base\n",
+    }
+    for name, code in forms.items():
+        (tests / name).write_text(code)
+    fine = ("from tests.conftest import REPO\nfrom tests.helpers.losses import rows\n"
+            "from tests import helpers\nimport tests.childmem\nfrom tests.test_ok import x\n"
+            "from .helpers import losses\nimport pytest\n")
+    (tests / "test_ok.py").write_text(fine.replace("from tests.test_ok import x\n", ""))
+    (tests / "test_z.py").write_text(fine.replace("test_ok", "test_missing"))
+    assert cross_imports(tests) == {(Path(n).stem, "test_base") for n in forms}

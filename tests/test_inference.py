@@ -12,7 +12,7 @@ from kdflow.data.arrays import Normalizer
 from kdflow.models.inference import (INFERENCE_MEMORY, MAX_BATCH, image_cost, inference_batch,
                                      predict_logits)
 from kdflow.models.zoo import build_model
-from tests.conftest import REPO
+from tests.helpers.workflow import REPO
 
 NORMALIZE = Normalizer("cpu", (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
 

@@ -9,13 +9,18 @@ from torch import nn
 from kdflow.distill.losses import (
     HintRegressor,
     cosine_loss,
+    dist_loss,
+    dist_total_loss,
+    dkd_total_loss,
     hint_loss,
     kd_loss,
     match_vectors,
     soft_target_loss,
+    standardize_logits,
     teacher_kl,
     top1_agreement,
 )
+from tests.helpers.losses import hand_ce, rows
 
 
 def hand_kd(s, t, y, T, w):
@@ -84,20 +89,8 @@ def test_fidelity_measures(batch):
 
 # --------------------------------------------------------------------------
 # Hand references: plain Python floats (float64), loops, math.exp / math.log.
+# (rows, lse and hand_ce, which tests/test_dkd.py uses too: tests.helpers.losses)
 # --------------------------------------------------------------------------
-
-
-def rows(x):
-    return [[float(v) for v in r] for r in torch.flatten(x, 1).double()]
-
-
-def lse(xs):
-    m = max(xs)
-    return m + math.log(sum(math.exp(x - m) for x in xs))
-
-
-def hand_ce(s, y):
-    return sum(lse(r) - r[int(c)] for r, c in zip(rows(s), y)) / len(y)
 
 
 def hand_adaptive_pool(v, n):
@@ -303,3 +296,91 @@ def test_hint_pools_the_larger_map_when_spatial_sizes_differ():
     r = reg(x, t.shape[-2:])
     want_t = torch.tensor([hand_block_mean(m, 4, 4) for m in t.double().tolist()])
     assert hint_loss(r, t, s, y, 1.0).item() == pytest.approx(hand_mse(r, want_t), rel=1e-5)
+
+
+# --------------------------------------------------------------------------
+# Logit standardization (Sun et al. 2024), by hand
+# --------------------------------------------------------------------------
+
+
+def test_standardized_logits_by_hand():
+    z = standardize_logits(torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 3.0]]))
+    # mean 2, unbiased sd 1; mean 1, unbiased sd sqrt(3)
+    r3 = math.sqrt(3)
+    want = torch.tensor([[-1.0, 0.0, 1.0], [-1 / r3, -1 / r3, 2 / r3]])
+    assert torch.allclose(z, want, atol=1e-6)
+
+
+def test_logit_standardization_ignores_the_teachers_scale():
+    """Teacher logits 2x the student's: plain KD still pushes the student to
+    sharpen, KD with standardization sees identical shapes (soft term 0)."""
+    s, t, y = torch.tensor([[1.0, 2.0, 3.0]]), torch.tensor([[0.0, 2.0, 4.0]]), torch.tensor([0])
+    ce = F.cross_entropy(s, y).item()
+    assert kd_loss(s, t, y, 2.0, 0.25, standardize=True).item() == pytest.approx(0.75 * ce,
+                                                                                  abs=1e-6)
+    assert kd_loss(s, t, y, 2.0, 0.25, standardize=False).item() > 0.75 * ce + 1e-3
+
+
+def test_kd_with_standardization_by_hand():
+    # z_s = [-1, -1, 2] / sqrt(3), z_t = [-1, 0, 1]; KL(softmax(z_t) || softmax(z_s))
+    # = 0.0503709 at T = 1 (worked by hand: p_t = [.0900, .2447, .6652],
+    # q_s = [.1307, .1307, .7387]).
+    s, t, y = torch.tensor([[0.0, 0.0, 3.0]]), torch.tensor([[1.0, 2.0, 3.0]]), torch.tensor([2])
+    ce = F.cross_entropy(s, y).item()
+    got = kd_loss(s, t, y, 1.0, 0.5, standardize=True).item()
+    assert got == pytest.approx(0.5 * ce + 0.5 * 0.0503709, abs=1e-6)
+
+
+def test_dkd_with_standardization_uses_the_z_scores():
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(8, 10, generator=g) * 4, torch.randn(8, 10, generator=g) * 9
+    y = torch.randint(0, 10, (8,), generator=g)
+    ce = F.cross_entropy(s, y)
+    on = dkd_total_loss(s, t, y, 2.0, 1.0, 8.0, 1.0, standardize=True)
+    by_hand = dkd_total_loss(standardize_logits(s), standardize_logits(t), y, 2.0, 1.0, 8.0,
+                             1.0) - F.cross_entropy(standardize_logits(s), y) + ce
+    assert on.item() == pytest.approx(by_hand.item(), rel=1e-5)
+
+
+# --------------------------------------------------------------------------
+# DIST (Huang et al. 2022), by hand
+# --------------------------------------------------------------------------
+
+
+LN2 = math.log(2)
+# softmax rows: student [1/4, 1/4, 1/2], [1/2, 1/4, 1/4];
+#               teacher [1/5, 2/5, 2/5], [2/5, 2/5, 1/5]
+DIST_S = torch.tensor([[0.0, 0.0, LN2], [LN2, 0.0, 0.0]])
+DIST_T = torch.tensor([[0.0, LN2, LN2], [LN2, LN2, 0.0]])
+
+
+def test_dist_by_hand():
+    """Rows: centred [-1/12, -1/12, 1/6] . [-2/15, 1/15, 1/15] = 1/60 over
+    norms 1/30, so each sample's correlation is 1/2: inter = 1/2. Columns:
+    class 0 and 2 correlate perfectly (1), class 1 is constant (0 by the
+    eps convention): intra = 1 - 2/3 = 1/3."""
+    assert dist_loss(DIST_S, DIST_T, 1.0, 1.0, 0.0).item() == pytest.approx(0.5, rel=1e-5)
+    assert dist_loss(DIST_S, DIST_T, 1.0, 0.0, 1.0).item() == pytest.approx(1 / 3, rel=1e-5)
+    assert dist_loss(DIST_S, DIST_T, 1.0, 2.0, 3.0).item() == pytest.approx(2.0, rel=1e-5)
+    # T^2 scaling: the same probabilities at T = 2 from doubled logits.
+    assert dist_loss(2 * DIST_S, 2 * DIST_T, 2.0, 1.0, 1.0).item() == pytest.approx(
+        4 * (0.5 + 1 / 3), rel=1e-5)
+    y = torch.tensor([2, 0])
+    assert dist_total_loss(DIST_S, DIST_T, y, 1.0, 1.0, 1.0).item() == pytest.approx(
+        F.cross_entropy(DIST_S, y).item() + 0.5 + 1 / 3, rel=1e-5)
+
+
+def test_dist_is_zero_for_a_shifted_and_scaled_copy_and_has_gradients():
+    """Pearson correlation is invariant to shift and scale of the
+    probabilities: a student matching the teacher's relations exactly has
+    no DIST loss even where its probabilities differ (here p_s = p_t / 2 +
+    1/6 per row, so each row still sums to 1, and per column too)."""
+    p_t = torch.tensor([[0.2, 0.3, 0.5], [0.6, 0.3, 0.1], [0.25, 0.5, 0.25]])
+    p_s = 0.5 * p_t + 0.5 / 3
+    assert not torch.allclose(p_s, p_t)
+    assert dist_loss(p_s.log(), p_t.log(), 1.0, 1.0, 1.0).item() == pytest.approx(0, abs=1e-6)
+    # ...while KL, which asks for the very probabilities, is not zero.
+    assert kd_loss(p_s.log(), p_t.log(), torch.tensor([0, 1, 2]), 1.0, 1.0).item() > 1e-3
+    s = torch.randn(4, 10, requires_grad=True)
+    dist_total_loss(s, torch.randn(4, 10), torch.tensor([0, 1, 2, 3]), 4.0, 1.0, 1.0).backward()
+    assert torch.isfinite(s.grad).all() and s.grad.abs().sum() > 0

@@ -14,7 +14,7 @@ from kdflow.study import planner
 from kdflow.distill.losses import (Step, cosine_loss, hint_loss, kd_loss, soft_target_loss,
                                    standardize_logits)
 from kdflow.workflow.config import validate
-from tests.conftest import REPO, report_tables
+from tests.helpers.workflow import REPO, report_tables
 
 PRESETS = REPO / "config" / "presets"
 

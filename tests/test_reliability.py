@@ -19,7 +19,7 @@ from kdflow.study import planner
 from kdflow.workflow.config import validate
 from kdflow.core.device import EngineOptions
 from kdflow.train.job import job_identity, train
-from tests.conftest import REPO, local_env, report_tables
+from tests.helpers.workflow import REPO, local_env, report_tables
 
 # ---------------------------------------------------------------------------
 # Disk full: every kind of output fails cleanly

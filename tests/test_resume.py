@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
-from tests.conftest import REPO
+from tests.helpers.workflow import REPO
 
 EPOCHS = 5
 

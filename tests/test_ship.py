@@ -13,7 +13,7 @@ from kdflow.analysis import ship as ship_mod
 from kdflow.analysis.report import protocol_differences, render_macro
 from kdflow.analysis.stats import paired_comparison, verdict
 from kdflow.deploy.quantize import LARGE_DROP
-from tests.conftest import base_config, deep_update, snakemake
+from tests.helpers.workflow import base_config, deep_update, snakemake
 
 IMAGES = 1000
 ARMS = {"teacher": "teacher", "student_baseline": "s/ce", "student_kd": "s/kd/T4"}

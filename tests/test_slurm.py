@@ -15,7 +15,7 @@ import subprocess
 import pytest
 
 from kdflow.core import gpu
-from tests.conftest import REPO, deep_update, snakemake
+from tests.helpers.workflow import REPO, deep_update, snakemake
 
 SLURM_TOOLS = ("slurmctld", "slurmd", "munged", "sbatch", "scontrol")
 ARMS = ("teacher", "lightnn/ce", "lightnn/kd/T2_w0.25")

@@ -13,8 +13,8 @@ import yaml
 from kdflow import KdflowError
 from kdflow.study import planner
 from kdflow.workflow.config import validate
-from tests.conftest import (REPO, SNAKEMAKE, base_config, deep_update, local_env, planned_jobs,
-                            snakemake)
+from tests.helpers.workflow import (REPO, SNAKEMAKE, base_config, deep_update, local_env,
+                                    planned_jobs, snakemake)
 
 
 # ---------------------------------------------------------------------------

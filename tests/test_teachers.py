@@ -25,8 +25,8 @@ from kdflow.models.zoo import build_model
 from kdflow.train.job import train
 from kdflow.train.teacher import import_teacher
 from kdflow.workflow.config import validate
-from tests.conftest import (CLASSES, base_config, deep_update, planned_jobs, snakemake,
-                            synthetic_images)
+from tests.helpers.archives import CLASSES, synthetic_images
+from tests.helpers.workflow import base_config, deep_update, planned_jobs, snakemake
 
 
 def md5(path: Path) -> str:

@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 import torch
 
-from tests.conftest import (REPO, SNAKEMAKE, base_config, deep_update, local_env, planned_jobs,
-                            snakemake)
+from tests.helpers.workflow import (REPO, SNAKEMAKE, base_config, deep_update, local_env,
+                                    planned_jobs, snakemake)
 
 # The test experiment's arms (kdflow.study.planner): paths under results/seed{seed}/.
 TEACHER, BASELINE, KD = "teacher", "lightnn/ce", "lightnn/kd/T2_w0.25"

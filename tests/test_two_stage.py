@@ -1,22 +1,16 @@
-"""An honest verdict: two-stage studies, diverged and chance-level runs,
-independent random streams, twins that stay twins, provenance per commit."""
+"""Two-stage studies: settings chosen on selection seeds, the choice
+confirmed on seeds of its own (confirm_seeds): refused configs, the plan
+before and after the choice, the headline from the confirmation seeds only,
+and what a changed seed or setting reruns, run for real through Snakemake."""
 
 import json
 
 import pandas as pd
 import pytest
-import torch
 
 from kdflow import KdflowError
-from kdflow.distill import methods
-from kdflow.core import streams
 from kdflow.workflow.config import validate
-from kdflow.models.zoo import build_model
-from tests.conftest import base_config, deep_update, planned_jobs, report_tables, snakemake
-
-# ---------------------------------------------------------------------------
-# Two-stage studies
-# ---------------------------------------------------------------------------
+from tests.helpers.workflow import base_config, deep_update, planned_jobs, snakemake
 
 # Seeds out of order on purpose: the choose step and the aggregate must
 # still choose alike (they once summed validation accuracies in different
@@ -173,161 +167,3 @@ def test_changing_a_setting_that_is_not_chosen_retrains_no_confirmation_model(
         rerun = path.stat().st_mtime_ns != stamp if path.exists() else True
         if "/kd/" not in path.as_posix() or after == chosen:
             assert not rerun, path
-
-
-# ---------------------------------------------------------------------------
-# Diverged and chance-level runs
-# ---------------------------------------------------------------------------
-
-def one_seed(archive, md5, teacher_lr):
-    return deep_update(base_config(archive, md5),
-                       {"seeds": [0], "teacher": {"lr": teacher_lr}})
-
-
-@pytest.fixture(scope="module")
-def chance_run(tmp_path_factory, tiny_archive):
-    """A teacher that cannot learn (Adam at lr 1e-30: its weights never move,
-    so it predicts one class) and its students, run for real."""
-    workdir = tmp_path_factory.mktemp("chance")
-    config = one_seed(*tiny_archive, 1e-30)
-    snakemake(workdir, config)
-    return workdir, config
-
-
-def test_non_finite_loss_stops_the_job_with_one_line_and_saves_nothing(chance_run):
-    workdir, config = chance_run
-    # SGD at lr 10 with momentum: the weights blow up within a few steps.
-    diverging = {"teacher": {"optimizer": "sgd", "lr": 10.0, "momentum": 0.9}}
-    proc = snakemake(workdir, deep_update(config, diverging),
-                     "results/seed0/teacher/model.pt", check=False)
-    assert proc.returncode != 0
-    lines = [ln for ln in (proc.stdout + proc.stderr).splitlines()
-             if "training loss became non-finite" in ln]
-    assert lines, proc.stderr
-    assert "results/seed0/teacher" in lines[0] and "epoch 1, step" in lines[0]
-    assert "lower the learning rate" in lines[0]
-    assert "Traceback" not in (workdir / "results/logs/seed0/teacher/train.log").read_text()
-    teacher = workdir / "results/seed0/teacher"
-    assert not (teacher / "model.pt").exists() and not (teacher / "resume.pt").exists()
-    assert not list(teacher.glob("*.part"))
-
-
-def test_chance_level_models_are_flagged_in_metrics_and_report(chance_run):
-    workdir, _ = chance_run
-    res = workdir / "results"
-    teacher = json.loads((res / "seed0/teacher/metrics.json").read_text())
-    assert teacher["at_chance"] and "at chance level" in teacher["flag"]
-    for arm in ("lightnn/ce", "lightnn/kd/T2_w0.25"):
-        m = json.loads((res / f"seed0/{arm}/metrics.json").read_text())
-        assert m["teacher_at_chance"] and "at chance level" in m["flag"]
-    head = json.loads((res / "summary/headline.json").read_text())
-    assert {f["role"] for f in head["flags"]} == {"teacher", "student_baseline", "student_kd"}
-    html = (res / "report.html").read_text()
-    assert 'id="flags"' in html and "at chance level: diverged or mis-configured" in html
-    # (One setting: the study is one line, its table left out.)
-    for table in ("arms", "gain-table", "models-table"):
-        section = html.split(f'id="{table}"', 1)[1].split("</table>", 1)[0]
-        assert "at chance level" in section, table
-
-
-def test_report_lists_every_commit_and_warns_on_more_than_one(chance_run, tmp_path):
-    from kdflow.analysis.report import render_report
-
-    workdir, config = chance_run
-    summary = workdir / "results/summary"
-    tables = report_tables(summary)
-    one = tmp_path / "one.html"
-    render_report(tables, str(one), "t", validate(config))
-    assert 'id="commits-warning"' not in one.read_text()
-    prov = pd.read_csv(summary / "provenance.csv")
-    prov.loc[0, "kdflow_commit"] = "0123456789abcdef0123456789abcdef01234567"
-    prov.to_csv(tmp_path / "provenance.csv", index=False)
-    tables["provenance"] = str(tmp_path / "provenance.csv")
-    two = tmp_path / "two.html"
-    render_report(tables, str(two), "t", validate(config))
-    html = two.read_text()
-    assert 'id="commits-warning"' in html and "2 different" in html
-    listed = html.split('id="commits"', 1)[1].split("</table>", 1)[0]
-    assert "0123456789abcdef" in listed
-    assert str(pd.read_csv(summary / "provenance.csv")["kdflow_commit"].iloc[1]) in listed
-
-
-# ---------------------------------------------------------------------------
-# Random streams and twins
-# ---------------------------------------------------------------------------
-
-def test_every_seed_and_purpose_has_its_own_stream():
-    firsts = {}
-    for seed in range(10):
-        for purpose in streams.PURPOSES:
-            g = streams.generator(seed, purpose)
-            firsts[(seed, purpose)] = tuple(torch.randint(0, 2 ** 31, (4,), generator=g).tolist())
-    assert len(set(firsts.values())) == len(firsts) == 10 * len(streams.PURPOSES)
-    # Stable: the same (seed, purpose) always gives the same stream.
-    assert streams.stream_seed(3, "order") == streams.stream_seed(3, "order")
-
-
-@pytest.mark.parametrize("method", list(methods.METHODS))
-def test_building_a_method_leaves_the_global_random_state_alone(method):
-    from kdflow.study import planner
-    from kdflow.workflow.config import validate
-
-    arm = next(a for a in planner.plan(validate({"kd": {"method": method}}))
-               if a.role == "student_kd")
-    student, teacher = build_model("lightnn"), build_model("deepnn").eval()
-    cpu = torch.get_rng_state()
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-
-    def build():
-        return methods.build(method, arm.values, methods.BuildContext(
-            student, teacher, "cpu", streams.generator(0, "method"), (3, 32, 32)))
-
-    m = build()
-    assert torch.equal(torch.get_rng_state(), cpu)
-    if cuda is not None:
-        assert all(torch.equal(a, b) for a, b in zip(torch.cuda.get_rng_state_all(), cuda))
-    if m.extra is not None:  # the regressor's weights come from its own stream
-        again = build()
-        assert all(torch.equal(a, b) for a, b in
-                   zip(m.extra.state_dict().values(), again.extra.state_dict().values()))
-
-
-def test_plain_and_distilled_twins_draw_the_same_dropout_masks(workflow_run, tmp_path,
-                                                                monkeypatch):
-    import kdflow.train.job as train_module
-
-    workdir, _ = workflow_run
-    data = workdir / "results/data"
-    masks: dict[str, list] = {}
-    real_build = train_module.build_model
-
-    def recording_build(name, *args):
-        model = real_build(name, *args)
-        if name == "lightnn":
-            store = masks.setdefault(current, [])
-            for module in model.modules():
-                if isinstance(module, torch.nn.Dropout):
-                    module.register_forward_hook(
-                        lambda mod, inp, out: store.append((out == 0) & (inp[0] != 0))
-                        if mod.training and len(store) < 1 else None)
-        return model
-
-    monkeypatch.setattr(train_module, "build_model", recording_build)
-    teacher = str(workdir / "results/seed0/teacher/model.pt")
-    cfg = validate({"student": {"model": "lightnn", "epochs": 1, "batch_size": 32},
-                    "engine": {"deterministic": True}})
-    common = dict(dataset=str(data / "cifar10.npz"), split=str(data / "split.npz"), seed=0,
-                  device="cpu", threads=1, teacher=teacher, engine=cfg["engine"])
-    from kdflow.study import planner
-    config = validate({"student": {"model": "lightnn", "epochs": 1, "batch_size": 32},
-                       "kd": {"method": ["hint", "kd"], "soft_target_weight": 0.5}})
-    for current, path in (("plain", "lightnn/ce"), ("hint", "lightnn/hint/w0.5"),
-                          ("kd", "lightnn/kd/T2_w0.5")):
-        out = tmp_path / current
-        out.mkdir()
-        train_module.train(planner.lookup(config, path).record(), out_model=str(out / "model.pt"),
-                           out_history=str(out / "history.csv"), **common)
-    assert masks["plain"] and masks["plain"][0].any()
-    for twin in ("hint", "kd"):
-        assert torch.equal(masks[twin][0], masks["plain"][0]), twin
-

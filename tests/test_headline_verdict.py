@@ -1,14 +1,14 @@
-"""The verdict on exact numbers: equal gains, ties on validation, and the
-family a headline setting was chosen from (kdflow.analysis.aggregate, kdflow.study.planner).
+"""The headline's verdict and the choice it rests on, on constructed tables
+with exact numbers: equal gains, ties on validation, and the family a
+headline setting was chosen from (kdflow.analysis.aggregate, kdflow.study.planner).
 
 The tables here have the columns kdflow.analysis.aggregate.collect gives them; the
-workflow runs of tests/test_verdict.py check the same end to end."""
+workflow runs of tests/test_two_stage.py check the same end to end."""
 
 import json
 
 import pandas as pd
 import pytest
-import torch
 
 from kdflow.analysis import aggregate
 from kdflow.models import checkpoint
