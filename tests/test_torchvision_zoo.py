@@ -106,3 +106,58 @@ def test_a_torchvision_student_trains_a_step_with_logit_and_feature_methods(name
     assert torch.isfinite(torch.tensor(result.history[0]["train_loss"]))
     # Every weight of the student learnt, the feature layers as well as the head.
     assert [k for k in before if torch.equal(result.best_state[k], before[k])] == []
+
+
+# ---------------------------------------------------------------------------
+# Any architecture of torchvision's classification list, by its name
+# ---------------------------------------------------------------------------
+
+from kdflow import KdflowError  # noqa: E402
+from kdflow.models.torchvision_zoo import classification_names, torchvision_class  # noqa: E402
+from kdflow.models.zoo import has_features, model_class, model_name  # noqa: E402
+
+# One of each family kdflow splits into features and classify, and the
+# families it trains with logit methods only, each at the smallest size its
+# weights were published for (at least 32).
+FAMILY_SAMPLES = ["resnet50", "resnext50_32x4d", "efficientnet_v2_s", "regnet_y_400mf",
+                  "convnext_tiny", "vgg11", "alexnet", "densenet121", "mnasnet0_5"]
+LOGITS_ONLY = ["squeezenet1_0", "googlenet", "inception_v3", "swin_t", "vit_b_16", "maxvit_t"]
+
+
+def test_every_name_of_torchvisions_classification_list_has_a_zoo_class():
+    names = torchvision.models.list_models(module=torchvision.models)
+    assert len(names) >= 80 and set(classification_names()) == set(names)
+    # vgg13 is RepDistiller's CIFAR VGG-13 in kdflow's own table, which is
+    # read first; every other name is torchvision's network.
+    assert [n for n in names if not issubclass(model_class(n), TorchvisionNet)] == ["vgg13"]
+    for name in set(names) - {"vgg13"}:
+        cls = model_class(name)
+        assert cls.arch == name and cls.min_image_size >= 1
+    assert torchvision_class("vit_b_16").min_image_size == 224
+    assert not has_features("vit_b_16") and has_features("resnet50") and has_features("deepnn")
+
+
+@pytest.mark.parametrize("name", FAMILY_SAMPLES + LOGITS_ONLY)
+def test_any_torchvision_name_builds_with_its_head_sized_for_the_classes(name):
+    size = max(32, model_class(name).min_image_size)
+    model = build_model(name, 7, image_size=size).eval()
+    x = torch.randn(1, 3, size, size)
+    with torch.no_grad():
+        logits = model(x)
+        assert logits.shape == (1, 7)
+        if name in FAMILY_SAMPLES:
+            assert torch.allclose(model.classify(model.features(x)), logits, atol=1e-5)
+    assert model_name(model) == name and has_features(name) == (name in FAMILY_SAMPLES)
+
+
+def test_a_name_neither_table_has_and_a_feature_method_on_a_transformer_are_config_errors():
+    with pytest.raises(KdflowError, match=r"student.model: 'resnet9' is not one of kdflow's "
+                                          r"models.*torchvision's classification models"):
+        validate({"student": {"model": ["lightnn", "resnet9"]}})
+    with pytest.raises(KdflowError, match=r"kd.method: hint distil feature maps.*vit_b_16's "
+                                          r"\(student.model\).*use a logit method"):
+        validate({"student": {"model": "vit_b_16"}, "kd": {"method": ["kd", "hint"]},
+                  "data": {"image_size": 224}})
+    # Logit methods take it.
+    assert validate({"student": {"model": "vit_b_16"}, "kd": {"method": ["kd", "dist"]}}) \
+        ["student"]["model"] == "vit_b_16"

@@ -149,14 +149,37 @@ MODELS: dict[str, type[nn.Module]] = {
 }
 
 
+def model_class(name: str) -> type[nn.Module]:
+    """The class of model `name`: kdflow's own table first, then any of
+    torchvision's classification architectures by its name."""
+    if name in MODELS:
+        return MODELS[name]
+    try:
+        return tv.torchvision_class(name)
+    except KeyError:
+        raise KdflowError(unknown_model(name)) from None
+
+
+def unknown_model(name) -> str:
+    return (f"unknown model {name!r}: choose one of kdflow's {sorted(MODELS)} or any name of "
+            "torchvision's classification models (torchvision.models.list_models(), e.g. "
+            "resnet50, convnext_tiny, efficientnet_b3, vit_b_16)")
+
+
+def is_model(name) -> bool:
+    return isinstance(name, str) and (name in MODELS or name in tv.classification_names())
+
+
+def has_features(name: str) -> bool:
+    """Whether kdflow knows where model `name`'s last feature map is (the
+    feature-based methods need it): every net of its own, and torchvision's
+    families in kdflow.models.torchvision_zoo.FAMILIES."""
+    return getattr(model_class(name), "has_features", True)
+
+
 def build_model(name: str, num_classes: int = 10, image_size: int = 32) -> nn.Module:
     """Model `name` for `num_classes` classes and image_size x image_size RGB images."""
-    try:
-        cls = MODELS[name]
-    except KeyError:
-        raise KdflowError(
-            f"unknown model {name!r}; choose one of {sorted(MODELS)}"
-        ) from None
+    cls = model_class(name)
     minimum = cls.min_image_size
     # Integral: sizes read from array shapes may be NumPy integers.
     if isinstance(image_size, bool) or not isinstance(image_size, Integral) \
@@ -173,6 +196,8 @@ def model_name(model: nn.Module) -> str:
     for name, cls in MODELS.items():
         if type(model) is cls:
             return name
+    if isinstance(model, tv.TorchvisionNet):
+        return model.arch
     raise ValueError(f"{type(model).__name__} is no model of the zoo")
 
 

@@ -14,6 +14,7 @@ from kdflow.distill import methods
 from kdflow.core import schema as _schema
 from kdflow.study import planner
 from kdflow.data.datasets import complete_config
+from kdflow.models import zoo
 
 SCHEMA_PATH = _schema.SCHEMA_PATH
 
@@ -194,6 +195,7 @@ def validate(config: dict, schema: dict | None = None) -> dict:
     errors = sorted((e for e in validator.iter_errors(config)
                      if tuple(e.absolute_path)[:2] not in told),
                     key=lambda e: list(e.absolute_path))
+    problems += _model_problems(config)
     if errors or problems:
         lines = list(problems)
         for e in errors:
@@ -218,6 +220,33 @@ def validate(config: dict, schema: dict | None = None) -> dict:
     _check_subset(config["data"])
     _lower_md5s(config)
     return config
+
+
+def _model_problems(config: dict) -> list[str]:
+    """Unknown architecture names, and feature-based methods asked of
+    architectures whose feature maps kdflow does not split (the schema
+    leaves the names to the model table, kdflow.models.zoo)."""
+    found, models = [], []
+    for section in ("teacher", "student"):
+        named = (config.get(section) or {}).get("model")
+        for name in named if isinstance(named, list) else [named]:
+            if isinstance(name, str) and name:
+                models.append((section, name))
+                if not zoo.is_model(name):
+                    found.append(f"  {section}.model: {name!r} is not one of kdflow's models; "
+                                 + zoo.unknown_model(name).split(": ", 1)[1])
+    asked = (config.get("kd") or {}).get("method")
+    asked = asked if isinstance(asked, list) else [asked]
+    feature = [m for m in asked if m in methods.METHODS and not methods.spec(m).logits_only]
+    for section, name in models:
+        if feature and zoo.is_model(name) and not zoo.has_features(name):
+            found.append(
+                f"  kd.method: {', '.join(feature)} distil feature maps, and kdflow does not know "
+                f"where {name}'s ({section}.model) last feature map is; use a logit method "
+                f"(kd, dkd, dist) for it, or an architecture of a family kdflow splits "
+                "(kdflow's own, torchvision's ResNets, MobileNets, EfficientNets, ShuffleNets, "
+                "RegNets, ConvNeXts, VGGs, DenseNets, MNASNets)")
+    return found
 
 
 TEACHER_ONLY = ("checkpoint", "init", "shared")
