@@ -195,7 +195,7 @@ def validate(config: dict, schema: dict | None = None) -> dict:
     errors = sorted((e for e in validator.iter_errors(config)
                      if tuple(e.absolute_path)[:2] not in told),
                     key=lambda e: list(e.absolute_path))
-    problems += _model_problems(config)
+    problems += _model_problems(config) + _range_problems(config)
     if errors or problems:
         lines = list(problems)
         for e in errors:
@@ -246,6 +246,20 @@ def _model_problems(config: dict) -> list[str]:
                 f"(kd, dkd, dist) for it, or an architecture of a family kdflow splits "
                 "(kdflow's own, torchvision's ResNets, MobileNets, EfficientNets, ShuffleNets, "
                 "RegNets, ConvNeXts, VGGs, DenseNets, MNASNets)")
+    return found
+
+
+def _range_problems(config: dict) -> list[str]:
+    """Ranges written [low, high] the wrong way round (the schema checks each end alone)."""
+    found = []
+    for section in ("teacher", "student"):
+        rc = ((config.get(section) or {}).get("augment") or {}).get("resized_crop")
+        for key in ("scale", "ratio"):
+            pair = rc.get(key) if isinstance(rc, dict) else None
+            if isinstance(pair, list) and len(pair) == 2 and all(
+                    isinstance(v, (int, float)) for v in pair) and pair[0] > pair[1]:
+                found.append(f"  {section}.augment.resized_crop.{key}: {pair} is [high, low]; "
+                             f"write it [low, high]: [{pair[1]}, {pair[0]}]")
     return found
 
 
