@@ -194,3 +194,15 @@ def test_md5s_are_normalised_to_lower_case():
     assert c["data"]["md5"] == MD5 and c["teacher"]["init"]["md5"] == MD5
     c = validate({"teacher": {"model": "deepnn", "checkpoint": {"url": "/t.pt", "md5": upper}}})
     assert c["teacher"]["checkpoint"] == {"url": "/t.pt", "md5": MD5}
+
+
+@pytest.mark.parametrize("formats", [["int8"], ["int8", "int9"]])
+def test_export_formats_without_fp32_say_that_fp32_is_required(formats):
+    with pytest.raises(KdflowError, match="invalid config") as e:
+        validate({"export": {"formats": formats}})
+    line = next(ln for ln in str(e.value).splitlines()
+                if ln.strip().startswith("export.formats:"))
+    assert "lacks fp32, which is required" in line and "[fp32, int8]" in line, line
+    # Said once, in words, not as JSON Schema's "does not contain items ...".
+    assert "does not contain" not in str(e.value)
+    assert validate({"export": {"formats": ["fp32"]}})["export"]["formats"] == ["fp32"]

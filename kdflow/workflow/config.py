@@ -139,6 +139,22 @@ def _weights_file_problems(where: str, value) -> list[str]:
     return problems
 
 
+FP32_REQUIRED = (
+    "export.formats: {value!r} lacks fp32, which is required: the fp32 ONNX model is "
+    "always exported (it is the file checked against PyTorch, and int8 is quantised "
+    "from it); write [fp32, int8], or [fp32] to skip quantisation (export.enabled: "
+    "false skips export altogether)")
+
+
+def _formats_problems(export) -> list[str]:
+    """export.formats without fp32: the schema's `contains` can only say
+    "does not contain items matching the given schema"."""
+    formats = export.get("formats") if isinstance(export, dict) else None
+    if isinstance(formats, list) and formats and "fp32" not in formats:
+        return [FP32_REQUIRED.format(value=formats)]
+    return []
+
+
 def _kind(value) -> str:
     if isinstance(value, bool):
         return "a boolean"
@@ -191,9 +207,14 @@ def validate(config: dict, schema: dict | None = None) -> dict:
                      if section == "teacher" else [STUDENT_HAS_NONE.format(key=key)])
             problems += [f"  {line}" for line in found]
             told |= {(section, key)} if found else set()
+    problems += [f"  {line}" for line in _formats_problems(config.get("export"))]
     validator = jsonschema.Draft202012Validator(schema)
     errors = sorted((e for e in validator.iter_errors(config)
-                     if tuple(e.absolute_path)[:2] not in told),
+                     if tuple(e.absolute_path)[:2] not in told
+                     # Said by _formats_problems, not as "does not contain
+                     # items matching the given schema".
+                     and not (e.validator == "contains"
+                              and tuple(e.absolute_path) == ("export", "formats"))),
                     key=lambda e: list(e.absolute_path))
     problems += _model_problems(config) + _range_problems(config)
     if errors or problems:
