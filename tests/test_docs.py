@@ -431,3 +431,24 @@ def test_every_link_between_pages_resolves():
             assert path.exists(), f"{page.name}: link to {target}, which does not exist"
             if anchor:
                 assert anchor in anchors(path), f"{page.name}: no heading for #{anchor} in {file}"
+
+
+def test_what_config_readme_says_of_the_command_line_holds(tmp_path):
+    """A dotted key is refused by Snakemake; a section's mapping merges into
+    the config files' section (soft_target_weight and the quick preset's
+    shared teacher stay)."""
+    def dry(*args):
+        return subprocess.run([SNAKEMAKE, "-s", str(REPO / "Snakefile"), "--directory",
+                               str(tmp_path), "-n", "--cores", "1", *args], cwd=REPO,
+                              capture_output=True, text=True, timeout=300, env=local_env())
+
+    refused = dry("--config", "kd.temperature=4")
+    assert refused.returncode != 0
+    assert "Config entry must start with a valid identifier" in refused.stdout + refused.stderr
+    merged = dry("--configfile", "config/presets/quick.yaml",
+                 "--config", "kd={temperature: 4}", "teacher={epochs: 2}")
+    out = merged.stdout + merged.stderr
+    assert merged.returncode == 0, out
+    assert "results/seed0/lightnn/kd/T4_w0.25/model.pt" in out      # w kept: 0.25
+    assert "results/teacher/model.pt" in out and "seed0/teacher/model.pt" not in out  # shared
+    assert "results/data/cifar10-subset.npz" in out                 # the preset's subset
