@@ -1,14 +1,20 @@
 # The two commands of kdflow. Each creates .venv (Python 3.11, pinned
 # versions from requirements.txt) on first use, then:
 #   make run    runs the experiment on config/config.yaml (extra Snakemake
-#               options in ARGS, e.g. ARGS="--config seeds=[0]")
-#   make test   runs the test suite
+#               options in ARGS, e.g. ARGS="--config seeds='[0]'")
+#   make test   runs the test suite (about 25 minutes; as root, first
+#               installs the Debian packages of test-deps)
+# and:
+#   make report-zip  Snakemake's own report of a finished run, report.zip:
+#               give it the run's ARGS (its --configfile and --config)
+#   make docs   regenerates the docs' generated parts (module map, config
+#               reference); make lint: snakemake --lint and snakefmt
 
 PYTHON ?= python3.11
 VENV := .venv
 CORES ?= 4
 
-.PHONY: run test lint clean-venv test-deps
+.PHONY: run test lint docs report-zip clean-venv test-deps
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +55,18 @@ test-deps:
 	  || echo "kdflow: could not install $(TEST_PACKAGES); their tests will be skipped"; \
 	else echo "kdflow: $(TEST_PACKAGES) missing and not installable here (needs root" \
 	  "and apt-get); the browser and SLURM tests will be skipped"; fi
+
+# Snakemake's report (figures and main tables with their captions) of the
+# run that ARGS describe. Snakemake packs the outputs of the config it is
+# given: without the run's own --configfile/--config it would pack the
+# default experiment's files (and warn "Missing metadata" for each).
+report-zip: $(VENV)/.installed
+	$(VENV)/bin/snakemake --report report.zip $(ARGS)
+
+# The generated parts of docs/development.md (module map) and
+# config/README.md (config reference); tests/test_docs.py checks them.
+docs: $(VENV)/.installed
+	$(VENV)/bin/python -m kdflow.workflow.docs
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/snakemake --lint
