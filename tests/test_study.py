@@ -283,7 +283,7 @@ def test_repdistiller_presets_dry_run(tmp_path, preset, teacher, student):
         s = c[section]
         assert s["model"] == model and (s["epochs"], s["batch_size"], s["lr"]) == (240, 64, 0.05)
         assert (s["optimizer"], s["momentum"], s["weight_decay"]) == ("sgd", 0.9, 5e-4)
-        assert s["lr_milestones"] == [150, 180, 210] and s["augment"] == {"crop": 4, "flip": True}
+        assert s["lr_milestones"] == [150, 180, 210] and s["augment"] == {"crop": 4, "flip": True, "resized_crop": None}
     assert (c["kd"]["temperature"], c["kd"]["soft_target_weight"]) == (4.0, 0.9)
 
 
@@ -309,7 +309,7 @@ def test_authors_recipe_presets_dry_run(tmp_path, preset, method, setting, value
         s = c[section]
         assert s["model"] == model and (s["epochs"], s["batch_size"], s["lr"]) == (240, 64, 0.05)
         assert (s["optimizer"], s["momentum"], s["weight_decay"]) == ("sgd", 0.9, 5e-4)
-        assert s["lr_milestones"] == [150, 180, 210] and s["augment"] == {"crop": 4, "flip": True}
+        assert s["lr_milestones"] == [150, 180, 210] and s["augment"] == {"crop": 4, "flip": True, "resized_crop": None}
     assert planner.settings(c) == [(method, setting, values)]
     shown = {k: v for k, v in c["report"]["published"].items()
              if k not in ("source", "protocol") and v is not None}
