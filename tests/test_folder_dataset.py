@@ -511,11 +511,11 @@ def test_a_zip_is_listed_in_parts_and_reads_the_same(png_tree, tmp_path, monkeyp
     want = converted(png_tree, tmp_path)
     # Parts of 7 entries, with plain and with zip64 end records, and behind a
     # self-extractor's stub (data before the zip).
-    monkeypatch.setattr("kdflow.data.folder._ZIP_CHUNK", 7)
+    monkeypatch.setattr("kdflow.data.archives._ZIP_CHUNK", 7)
     stub = tmp_path / "sfx.zip"
     stub.write_bytes(b"#!/bin/sh\nexit 0\n" * 50 + archive.read_bytes())
     for limit in (0xFFFFFFFF, 0):
-        monkeypatch.setattr("kdflow.data.folder._ZIP32_LIMIT", limit)
+        monkeypatch.setattr("kdflow.data.archives._ZIP32_LIMIT", limit)
         for source in (archive, stub):
             got = converted(source, tmp_path)
             assert all((got[k] == want[k]).all() for k in ("x_train", "y_train", "x_test"))

@@ -29,8 +29,8 @@ import pytest
 
 from kdflow import KdflowError
 from kdflow.data.datasets import DATASETS, convert
-from kdflow.data.unpickle import (ALLOWED_OPCODES, RestrictedUnpickler, UnsafePickleError, parse_batch,
-                             safe_unpickle)
+from kdflow.data.cifar import parse_batch
+from kdflow.data.unpickle import ALLOWED_OPCODES, RestrictedUnpickler, UnsafePickleError, safe_unpickle
 from tests.childmem import run_capped
 from tests.conftest import CLASSES, REPO, build_archive
 
@@ -350,7 +350,7 @@ report(error=error, growth=status("VmHWM") - before)
 def refused_within_the_cap(payload: bytes, tmp_path: Path, error: str) -> None:
     member = tmp_path / "data_batch_1"
     member.write_bytes(payload)
-    result = run_capped("from kdflow.data.unpickle import parse_batch\n", CAPPED_PARSE, member,
+    result = run_capped("from kdflow.data.cifar import parse_batch\n", CAPPED_PARSE, member,
                         cwd=tmp_path, margin=CAP)
     assert result["error"] is not None, "accepted"
     kind, message = result["error"]
@@ -555,7 +555,7 @@ def test_not_gzip_at_all_is_a_clear_error(tmp_path):
 
 
 def test_gzip_bomb_is_cut_off(tmp_path, monkeypatch):
-    monkeypatch.setattr("kdflow.data.datasets.MAX_UNPACKED", 1 << 20)
+    monkeypatch.setattr("kdflow.data.cifar.MAX_UNPACKED", 1 << 20)
     bomb = tmp_path / "cifar-10-python.tar.gz"
     bomb.write_bytes(gzip.compress(bytes(8 << 20)))   # 8 MB of zeros
     convert_fails(bomb, tmp_path, "unpacks to more than 1,048,576 bytes")
