@@ -23,10 +23,11 @@ from typing import Callable
 import numpy as np
 
 from kdflow import KdflowError
+from kdflow.core.hashing import file_digest
 from kdflow.data import folder
 from kdflow.data.arrays import IMAGE_SIZE, Images, write_dataset
 from kdflow.data.cifar import CifarLayout, read_cifar
-from kdflow.data.fetch import fetch_archive, md5sum
+from kdflow.data.fetch import fetch_archive
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +209,7 @@ def convert(source: str | os.PathLike, out: str | os.PathLike, dataset: str = "c
     check_image_size(dataset, image_size)
     source = Path(source)
     if md5 is not None and not source.is_dir():
-        got = md5sum(source)
+        got = file_digest(source, "md5")
         if got != md5.lower():
             raise KdflowError(
                 f"{source} has md5 {got}, not data.md5 {md5}: it changed or was damaged "

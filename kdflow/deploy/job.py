@@ -29,7 +29,6 @@ together in one job of their own (kdflow.deploy.timing).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import tempfile
@@ -39,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from kdflow import KdflowError
-from kdflow.core import atomic, provenance
+from kdflow.core import atomic, hashing, provenance
 from kdflow.data.arrays import channel_stats
 from kdflow.deploy import timing
 from kdflow.deploy.onnx_export import (accuracy, agreement, check_against_pytorch, export_onnx,
@@ -52,14 +51,6 @@ log = logging.getLogger(__name__)
 FORMAT = "kdflow-export-1"
 FILES = {"fp32": "model.onnx", "int8": "model.int8.onnx"}
 RECORD = "export.json"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def export_model(model_path: str | os.PathLike, dataset: str | os.PathLike,
@@ -148,7 +139,7 @@ def export_model(model_path: str | os.PathLike, dataset: str | os.PathLike,
                      ": a large drop" if drop > LARGE_DROP else "")
 
         record["files"] = {p: {"file": FILES[p], "bytes": path.stat().st_size,
-                               "sha256": _sha256(path)} for p, path in paths.items()}
+                               "sha256": hashing.file_digest(path)} for p, path in paths.items()}
         record["cpu"] = timing.cpu_info()
         record["provenance"] = {**provenance.collect("cpu"),
                                 **{p: _version(p) for p in ("onnx", "onnxscript", "onnxruntime")}}
