@@ -32,7 +32,6 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -142,7 +141,8 @@ def export_model(model_path: str | os.PathLike, dataset: str | os.PathLike,
                                "sha256": hashing.file_digest(path)} for p, path in paths.items()}
         record["cpu"] = timing.cpu_info()
         record["provenance"] = {**provenance.collect("cpu"),
-                                **{p: _version(p) for p in ("onnx", "onnxscript", "onnxruntime")}}
+                                **{p: provenance.package_version(p)
+                                   for p in ("onnx", "onnxscript", "onnxruntime")}}
 
         # Into place. The old record goes first, so no export.json ever
         # describes files other than those beside it; a stale int8 file of
@@ -156,10 +156,3 @@ def export_model(model_path: str | os.PathLike, dataset: str | os.PathLike,
                 (out_dir / name).unlink(missing_ok=True)
         atomic.write_json(out_dir / RECORD, record)
     return record
-
-
-def _version(package: str) -> str | None:
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return None
