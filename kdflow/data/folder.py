@@ -10,9 +10,10 @@ count, member size and unpacked size are capped as for the CIFAR archives,
 each before what it counts is held in memory (kdflow.data.archives reads
 both: a zip's entries are counted from its own records before any ZipFile
 lists them; tar members stream).
-Each image is decoded once, here, with Pillow (RGB), turned upright by its
-EXIF orientation, and resized (bicubic) to data.image_size when all images
-share another size; mixed sizes are refused, not silently squashed. Before
+Each image is decoded once, with Pillow (RGB, kdflow.data.images), turned
+upright by its EXIF orientation, and resized (bicubic) to data.image_size
+when all images share another size; mixed sizes are refused, not silently
+squashed. Before
 any is decoded, the images are counted from the listing and a tree whose
 arrays would not fit in the memory available is refused (kdflow.data.memory).
 Dot-names, Thumbs.db, desktop.ini and __MACOSX/ are skipped everywhere: file
@@ -22,10 +23,8 @@ managers and the Finder's Compress add them to every tree.
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import stat
-import struct
 import tarfile
 import zipfile
 import zlib
@@ -38,6 +37,7 @@ from kdflow import KdflowError
 from kdflow.data import archives
 from kdflow.data.archives import HEADER_SLACK
 from kdflow.data.arrays import IMAGE_SIZE, Images
+from kdflow.data.images import decode_rgb
 # memory_needed and its two terms are re-exported: the folder reader's own
 # estimate, as its callers and tests know it.
 from kdflow.data.memory import (PER_IMAGE_OVERHEAD, WORKING_ROOM,  # noqa: F401
@@ -62,9 +62,6 @@ MAX_UNPACKED = 8 << 30
 MAX_CLASSES = 100_000
 # Between two tar members (their data aside) MAX_IMAGE_BYTES and
 # HEADER_SLACK (kdflow.data.archives' value, a setting here as the caps are).
-# Pixels of one image: a tiny PNG can declare a gigapixel canvas (a
-# decompression bomb); refused before it is decoded.
-MAX_PIXELS = 4096 * 4096
 
 
 def _bad(source, problem: str) -> KdflowError:
@@ -387,36 +384,10 @@ class _Tree:
         self.arrays[k][0][i] = self._decode(name, payload)
 
     def _decode(self, name: str, payload: bytes) -> np.ndarray:
-        from PIL import Image, ImageOps  # only the convert step decodes
+        from PIL import Image  # only the convert step decodes
 
         where = self._where(name)
-        try:
-            with Image.open(io.BytesIO(payload)) as img:
-                # MPO is how Pillow names the JPEGs many phones write (a JPEG
-                # with extra frames appended); the first frame is the photo.
-                if img.format not in ("PNG", "JPEG", "MPO"):
-                    raise _bad(where, f"a {img.format} image; PNG or JPEG only")
-                if img.width * img.height > MAX_PIXELS:
-                    raise _bad(where, f"{img.width}x{img.height} pixels, more than the "
-                                      f"{MAX_PIXELS:,} allowed")
-                # 16-bit grey PNGs open as I;16/I (F for float data); convert()
-                # clips them to 0..255 instead of scaling, so most come out
-                # white. Refused rather than silently wrong.
-                if img.mode.startswith(("I", "F")):
-                    raise _bad(where, f"a 16-bit or 32-bit image (Pillow mode {img.mode}), "
-                                      "which would be clipped, not scaled, to 8 bits; save "
-                                      "it as an 8-bit PNG or a JPEG")
-                # Phones store the pixels as the sensor saw them and the way to
-                # hold the photo in the EXIF Orientation tag; every viewer
-                # applies it, so the image the user knows is the turned one.
-                # Before the size checks below: a portrait photo is its turned size.
-                rgb = ImageOps.exif_transpose(img).convert("RGB")
-        except KdflowError:
-            raise
-        # A damaged EXIF block can also raise TypeError or struct.error.
-        except (OSError, SyntaxError, ValueError, TypeError, struct.error,
-                Image.DecompressionBombError) as e:
-            raise _bad(where, f"unreadable or corrupt image ({type(e).__name__}: {e})") from None
+        rgb = decode_rgb(payload, where, _bad)
         if self.size is None:
             self.size = (where, rgb.size)
         elif rgb.size != self.size[1]:

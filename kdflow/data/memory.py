@@ -16,7 +16,7 @@ from kdflow import KdflowError
 
 # Held besides the pixels: per image, its name and place from the listing
 # (a few hundred bytes); once, the image being decoded at its own size (up
-# to kdflow.data.folder.MAX_PIXELS, in a few copies as it is turned,
+# to kdflow.data.images.MAX_PIXELS, in a few copies as it is turned,
 # converted and resized) and the channel statistics' float64 chunks.
 PER_IMAGE_OVERHEAD = 1 << 10
 WORKING_ROOM = 256 << 20
