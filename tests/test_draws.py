@@ -1,14 +1,27 @@
 """The stratified draws: the subset and the validation split share one
 function (kdflow.data.arrays.balanced_pick), which draws exactly what the
-two copies it replaced drew and refuses what each refused."""
+two copies it replaced drew and refuses what each refused; and the sizes
+they need are checked from a tree's listing before it is converted."""
 
 from __future__ import annotations
+
+import hashlib
+import logging
+import runpy
+import tarfile
+import zipfile
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 from kdflow import KdflowError
-from kdflow.data.arrays import balanced_pick, make_split
+from kdflow.core import schema
+from kdflow.data import folder
+from kdflow.data.arrays import balanced_pick, check_draws, make_split
+from kdflow.data.datasets import check_sizes
+from tests.archive_helpers import make_tree
+from tests.conftest import REPO
 
 # --------------------------------------------------------------------------
 # The two copies as they were (kdflow/data/arrays.py before the merge),
@@ -116,3 +129,119 @@ def test_a_subset_may_take_a_class_whole_but_the_split_may_not():
         make_split(labels, 12, seed=0)
     train, val = make_split(labels, 9, seed=0)
     assert np.bincount(labels[train]).tolist() == [1, 1, 1]
+
+
+# --------------------------------------------------------------------------
+# The sizes told before conversion
+# --------------------------------------------------------------------------
+
+def refusal(f, *args, **kw) -> str | None:
+    try:
+        f(*args, **kw)
+    except KdflowError as e:
+        return str(e)
+    return None
+
+
+def the_steps(y_train, y_test, val_size, subset_train, subset_test) -> str | None:
+    """What the subset and split steps refuse, drawn as they draw (first
+    refusal, in their order)."""
+    def steps():
+        y = y_train
+        if subset_train:
+            y = y_train[balanced_pick(y_train, subset_train, np.random.default_rng([0, 0]),
+                                      "train", "data.subset.train")]
+        if subset_test:
+            balanced_pick(y_test, subset_test, np.random.default_rng([0, 1]), "test",
+                          "data.subset.test")
+        make_split(y, val_size, seed=0)
+    return refusal(steps)
+
+
+def test_the_draws_are_checked_from_the_labels_as_the_steps_refuse_them():
+    rng = np.random.default_rng(3)
+    y_train = rng.permutation(np.repeat(np.arange(4), [5, 6, 9, 12]))
+    y_test = rng.permutation(np.repeat(np.arange(4), 3))
+    told = refused = 0
+    for val_size in (3, 4, 8, 17, 20, 21, 32, 5000):
+        for subset_train in (0, 4, 8, 13, 20, 21, 40):
+            for subset_test in (0, 4, 12, 13):
+                want = the_steps(y_train, y_test, val_size, subset_train, subset_test)
+                got = refusal(check_draws, y_train, y_test, val_size, subset_train, subset_test)
+                assert got == want, (val_size, subset_train, subset_test)
+                told += got is not None
+                refused += got is None
+    assert told and refused
+
+
+@pytest.fixture(scope="module")
+def small_tree(tmp_path_factory):
+    """Three classes of two training images (and one test image) each, as a
+    directory, a .tar.gz and a .zip."""
+    root = tmp_path_factory.mktemp("small")
+    tree = make_tree(root / "tree", train=2, test=1, classes=["a", "b", "c"])
+    with tarfile.open(root / "tree.tar.gz", "w:gz") as t:
+        t.add(tree, arcname="tree")
+    with zipfile.ZipFile(root / "tree.zip", "w") as z:
+        for p in sorted(tree.rglob("*.png")):
+            z.write(p, f"tree/{p.relative_to(tree).as_posix()}")
+    return [tree, root / "tree.tar.gz", root / "tree.zip"]
+
+
+def test_a_tree_smaller_than_data_val_size_is_told_before_any_image_is_decoded(
+        small_tree, monkeypatch):
+    def no_decoding(*args):
+        raise AssertionError("an image was decoded before the sizes were checked")
+
+    monkeypatch.setattr(folder._Tree, "_decode", no_decoding)
+    data = {"val_size": schema.default("data.val_size"),
+            "subset": {k: schema.default(f"data.subset.{k}") for k in ("train", "test")}}
+    assert data == {"val_size": 5000, "subset": {"train": 0, "test": 0}}   # the defaults
+    for source in small_tree:
+        with pytest.raises(KdflowError, match=r"^data.val_size = 5000 needs 1667 validation "
+                                              r"images of class 0 but it has only 2 training "
+                                              r"images; lower data.val_size$"):
+            check_sizes(source, "folder", data)
+        # A size the tree can give passes; so does CIFAR, whose sizes are fixed.
+        check_sizes(source, "folder", {**data, "val_size": 3})
+    check_sizes(small_tree[1], "cifar10", data)
+
+
+def run_convert_script(step: SimpleNamespace) -> int:
+    """scripts/convert.py as Snakemake runs it, `step` its `snakemake`; its
+    exit status. The root logger's handlers it adds are taken off again, so
+    nothing of the job outlives it here."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        runpy.run_path(str(REPO / "scripts" / "convert.py"), init_globals={"snakemake": step})
+        return 0
+    except SystemExit as e:
+        return e.code
+    finally:
+        for h in root.handlers[len(handlers):]:
+            h.close()
+        root.handlers[:], root.level = handlers, level
+
+
+def test_the_convert_step_checks_the_sizes_before_it_converts(small_tree, tmp_path, monkeypatch):
+    decoded = []
+    monkeypatch.setattr(folder._Tree, "_decode", lambda *a: decoded.append(a))
+    archive = small_tree[1]
+    log, out = tmp_path / "convert.log", tmp_path / "folder.npz"
+    step = SimpleNamespace(
+        input=[str(archive)], output=[str(out)], log=[str(log)],
+        params=SimpleNamespace(dataset="folder", directory="", image_size=32,
+                               md5=hashlib.md5(archive.read_bytes()).hexdigest()),
+        config={"data": {"val_size": 5000, "subset": {"train": 0, "test": 0}}})
+    assert run_convert_script(step) == 1
+    assert "data.val_size = 5000 needs 1667 validation images" in log.read_text()
+    assert not decoded and not out.exists()
+    # A changed archive is told as that, before its sizes.
+    md5, step.params.md5 = step.params.md5, "0" * 32
+    assert run_convert_script(step) == 1
+    assert "not data.md5 " + "0" * 32 in log.read_text()
+    # Sizes the tree can give: converted.
+    monkeypatch.undo()
+    step.params.md5, step.config["data"]["val_size"] = md5, 3
+    assert run_convert_script(step) == 0 and out.exists()

@@ -140,6 +140,23 @@ def _per_class(labels: np.ndarray, size: int, what: str, setting: str,
     return out
 
 
+def check_draws(y_train: np.ndarray, y_test: np.ndarray, val_size: int,
+                subset_train: int = 0, subset_test: int = 0) -> None:
+    """Refuse, from the labels alone, what write_subset and write_split
+    would refuse (data.subset.train, data.subset.test, data.val_size, in
+    their order), with their errors: so a source too small for them is told
+    before its images are converted. The split is judged on what it will be
+    drawn from: the subset's class counts (fixed by its size) when there is
+    one."""
+    y_train = np.asarray(y_train)
+    if subset_train:
+        drawn = _per_class(y_train, subset_train, "train", "data.subset.train", 0)
+        y_train = np.repeat([y_train[m[0]] for m, _ in drawn], [k for _, k in drawn])
+    if subset_test:
+        _per_class(y_test, subset_test, "test", "data.subset.test", 0)
+    _per_class(y_train, val_size, "validation", "data.val_size", 1)
+
+
 def write_subset(dataset: str | os.PathLike, out: str | os.PathLike,
                  train: int, test: int, seed: int) -> dict:
     """A class-balanced subset of the converted dataset (0 = all images of

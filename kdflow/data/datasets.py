@@ -25,7 +25,7 @@ import numpy as np
 from kdflow import KdflowError
 from kdflow.core.hashing import file_digest
 from kdflow.data import folder
-from kdflow.data.arrays import IMAGE_SIZE, Images, write_dataset
+from kdflow.data.arrays import IMAGE_SIZE, Images, check_draws, write_dataset
 from kdflow.data.cifar import CifarLayout, read_cifar
 from kdflow.data.fetch import fetch_archive
 
@@ -51,6 +51,9 @@ class Dataset:
     # The side its images have, the only data.image_size it takes (CIFAR:
     # 32); None: any, the images resized to it at conversion.
     image_size: int | None = None
+    # source -> (train labels, test labels) from its listing, nothing
+    # decoded (None: no cheap listing; CIFAR's sizes are fixed and known).
+    labels: Callable[[Path], tuple[np.ndarray, np.ndarray]] | None = None
 
 
 DATASETS: dict[str, Dataset] = {
@@ -91,7 +94,7 @@ DATASETS: dict[str, Dataset] = {
     # data.image_size. No default source.
     "folder": Dataset(
         read=folder.read_folder, url=None, md5=None, archive=None,
-        max_download=folder.MAX_UNPACKED,
+        max_download=folder.MAX_UNPACKED, labels=folder.listed_labels,
     ),
 }
 
@@ -208,14 +211,7 @@ def convert(source: str | os.PathLike, out: str | os.PathLike, dataset: str = "c
     entry = dataset_entry(dataset)
     check_image_size(dataset, image_size)
     source = Path(source)
-    if md5 is not None and not source.is_dir():
-        got = file_digest(source, "md5")
-        if got != md5.lower():
-            raise KdflowError(
-                f"{source} has md5 {got}, not data.md5 {md5}: it changed or was damaged "
-                "after download. Delete it and rerun (the download step fetches and "
-                "verifies it again), or, for a trusted mirror, set data.md5 to its checksum")
-        log.info("%s still has md5 %s (data.md5)", source, got)
+    _recheck_md5(source, md5)
     images = entry.read(source, entry, image_size)
     _check(images, source, image_size)
     write_dataset(out, dataset, *images)
@@ -224,6 +220,39 @@ def convert(source: str | os.PathLike, out: str | os.PathLike, dataset: str = "c
     log.info("converted %s (%s): %d train, %d test images, %d classes",
              source, dataset, info["train"], info["test"], len(images.classes))
     return info
+
+
+def _recheck_md5(source: Path, md5: str | None) -> None:
+    """A source file against data.md5 (None: nothing to check), before it is read."""
+    if md5 is None or source.is_dir():
+        return
+    got = file_digest(source, "md5")
+    if got != md5.lower():
+        raise KdflowError(
+            f"{source} has md5 {got}, not data.md5 {md5}: it changed or was damaged "
+            "after download. Delete it and rerun (the download step fetches and "
+            "verifies it again), or, for a trusted mirror, set data.md5 to its checksum")
+    log.info("%s still has md5 %s (data.md5)", source, got)
+
+
+def check_sizes(source: str | os.PathLike, dataset: str, data: dict, *,
+                md5: str | None = None) -> None:
+    """Before conversion: the subset and split the later steps will draw
+    (data.subset, data.val_size), checked against the source's labels from
+    its listing (kdflow.data.arrays.check_draws), so a folder tree with
+    fewer training images than data.val_size is told before any image is
+    decoded, not once all are converted. With `md5` the source is checked
+    first, as conversion checks it: a changed archive is told as that, not
+    as its sizes. Datasets without a cheap listing (CIFAR) are not checked
+    here."""
+    entry = dataset_entry(dataset)
+    if entry.labels is None:
+        return
+    source = Path(source)
+    _recheck_md5(source, md5)
+    y_train, y_test = entry.labels(source)
+    check_draws(y_train, y_test, data["val_size"], data["subset"]["train"],
+                data["subset"]["test"])
 
 
 def _check(images: Images, source: Path, image_size: int) -> None:

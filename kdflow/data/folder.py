@@ -22,6 +22,7 @@ managers and the Finder's Compress add them to every tree.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import stat
@@ -417,11 +418,34 @@ def _listed(source: Path, image_size: int) -> _Tree:
     return tree
 
 
+@contextlib.contextmanager
+def _reading(source: Path):
+    """A damaged archive or an unreadable file as a one-line error naming
+    the source, whichever pass (listing or reading) meets it."""
+    try:
+        yield
+    except (EOFError, zlib.error, tarfile.TarError, zipfile.BadZipFile) as e:
+        raise KdflowError(
+            f"{source}: archive truncated or corrupt: {type(e).__name__}: {e}; fetch it "
+            "again, and check data.url and data.md5") from None
+    except OSError as e:
+        raise KdflowError(f"{source}: could not be read ({type(e).__name__}: {e}); check "
+                          "data.url") from None
+
+
 def count_images(source: Path) -> int:
     """How many images conversion would decode, from the listing alone (a
     directory's names, a zip's directory, a tar's headers), under the same
     checks and caps as the reading."""
-    return len(_listed(Path(source), IMAGE_SIZE).slots)
+    return sum(map(len, listed_labels(source)))
+
+
+def listed_labels(source: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The labels of the train and test images, from the listing alone, as
+    conversion will give them (nothing decoded; the same checks and caps)."""
+    source = Path(source)
+    with _reading(source):
+        return tuple(_listed(source, IMAGE_SIZE).labels)
 
 
 def read_folder(source: Path, entry: object = None, image_size: int = IMAGE_SIZE) -> Images:
@@ -432,19 +456,12 @@ def read_folder(source: Path, entry: object = None, image_size: int = IMAGE_SIZE
     layout checked and the memory its arrays need compared with what is
     available before the first image is decoded."""
     source = Path(source)
-    try:
+    with _reading(source):
         tree = _listed(source, image_size)
         check_memory(source, len(tree.slots), image_size, available_memory())
         tree.allocate()
         for name, payload in _walk(source):
             tree.add(name, payload)
-    except (EOFError, zlib.error, tarfile.TarError, zipfile.BadZipFile) as e:
-        raise KdflowError(
-            f"{source}: archive truncated or corrupt: {type(e).__name__}: {e}; fetch it "
-            "again, and check data.url and data.md5") from None
-    except OSError as e:
-        raise KdflowError(f"{source}: could not be read ({type(e).__name__}: {e}); check "
-                          "data.url") from None
     return tree.finish()
 
 
