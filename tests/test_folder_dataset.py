@@ -4,12 +4,10 @@ run end to end on a tree the test makes."""
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import io
 import json
 import os
-import struct
 import tarfile
 import warnings
 import zipfile
@@ -26,34 +24,10 @@ from kdflow.data import folder
 from kdflow.data.datasets import archive_name, convert, fetch, fingerprint
 from kdflow.data.folder import MAX_MEMBERS
 from kdflow.models import checkpoint
-from tests.childmem import MAX_PEAK, run_capped
+from tests.helpers.hostile import TREE_CLASSES as CLASSES
+from tests.helpers.hostile import hostile_zip_directory, image_bytes, make_tree, tar_with_long_names
+from tests.helpers.childmem import MAX_PEAK, run_capped
 from tests.conftest import base_config, planned_jobs, snakemake
-
-CLASSES = [f"c{i}" for i in range(10)]
-
-
-def image_bytes(label: int, i: int, size: int = 32, fmt: str = "PNG") -> bytes:
-    """A small image whose colour depends on the class, so a model can learn it."""
-    rng = np.random.default_rng(label * 1000 + i)
-    x = rng.normal(60 + 15 * label, 25, (size, size, 3))
-    x[:, :, label % 3] += 60
-    buf = io.BytesIO()
-    Image.fromarray(np.clip(x, 0, 255).astype(np.uint8)).save(buf, fmt)
-    return buf.getvalue()
-
-
-def make_tree(root: Path, train: int = 12, test: int = 4, size: int = 32,
-              fmt: str = "PNG", classes=CLASSES) -> Path:
-    ext = ".png" if fmt == "PNG" else ".jpg"
-    for split, n in (("train", train), ("test", test)):
-        for label, c in enumerate(classes):
-            d = root / split / c
-            d.mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                (d / f"{i:03d}{ext}").write_bytes(image_bytes(label, i + 100 * (split == "test"),
-                                                              size, fmt))
-    return root
-
 
 def pack(tree: Path, out: Path, wrapper: str = "mytree") -> str:
     """tree packed as .tar.gz or .zip under one top-level directory; its md5."""
@@ -419,7 +393,7 @@ def test_bad_zip_members_are_refused_clearly(png_tree, tmp_path, header, offset,
 # Archives whose listing alone would cost memory (caps before allocations)
 # --------------------------------------------------------------------------
 
-# A conversion in a child process, its peak memory measured (tests.childmem).
+# A conversion in a child process, its peak memory measured (tests.helpers.childmem).
 CONVERT_IMPORTS = "from kdflow import KdflowError\nfrom kdflow.data.folder import read_folder\n"
 CONVERT_BODY = r'''
 try:
@@ -435,51 +409,6 @@ else:
 
 def convert_capped(archive: Path, tmp_path: Path) -> dict:
     return run_capped(CONVERT_IMPORTS, CONVERT_BODY, archive, cwd=tmp_path)
-
-
-def hostile_zip_directory(out: Path, entries: int, declared: int | None = None,
-                          cd_size: int | None = None) -> Path:
-    """A zip that is only a central directory: `entries` entries of 47 bytes
-    (all naming one member "x"), written in slices so this process never
-    holds it, then zip64 end records declaring `declared` entries (default:
-    all) and `cd_size` bytes of directory (default: the real size).
-    ZipFile() reads each entry into a ZipInfo of ~550 bytes before any count
-    can be checked."""
-    entry = struct.pack("<4s6H3L5H2L", b"PK\x01\x02", 20, 20, 0, 0, 0, 0, 0, 0, 0,
-                        1, 0, 0, 0, 0, 0, 0) + b"x"
-    size = len(entry) * entries
-    declared = entries if declared is None else declared
-    with open(out, "wb") as f:
-        for start in range(0, entries, 100_000):
-            f.write(entry * min(100_000, entries - start))
-        f.write(struct.pack("<4sQ2H2L4Q", b"PK\x06\x06", 44, 45, 45, 0, 0, declared, declared,
-                            size if cd_size is None else cd_size, 0))
-        f.write(struct.pack("<4sLQL", b"PK\x06\x07", 0, size, 1))
-        f.write(struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, 0xFFFF, 0xFFFF, 0xFFFFFFFF,
-                            0xFFFFFFFF, 0))
-    return out
-
-
-def tar_with_long_names(tree: Path, out: Path, copies: int, length: int = 256 << 10) -> Path:
-    """tree as a .tar.gz under "t", then `copies` empty members beside the
-    tree, each a GNU long name of `length` bytes (under the header cap) that
-    are not UTF-8, and one emoji: tarfile decodes such a name with
-    surrogateescape into a string of 4 bytes a character (1 MiB for
-    256 KiB), and in stream mode it keeps every TarInfo, name and all. The
-    copies are one gzip member written again and again (a gzip stream may
-    be several), so building it costs nothing."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as t:
-        t.add(tree, arcname="t")
-        members = buf.getvalue()    # before close() adds the end-of-archive blocks
-    long = tarfile.TarInfo("\udcff" * length + "\U0001F600")
-    one = gzip.compress(long.tobuf(tarfile.GNU_FORMAT, "utf-8", "surrogateescape"), 1)
-    with open(out, "wb") as f:
-        f.write(gzip.compress(members, 1))
-        for _ in range(copies):
-            f.write(one)
-        f.write(gzip.compress(b"\0" * tarfile.RECORDSIZE, 1))
-    return out
 
 
 def test_a_zip_directory_over_the_member_cap_is_refused_before_it_is_read(tmp_path):
@@ -511,11 +440,11 @@ def test_a_zip_is_listed_in_parts_and_reads_the_same(png_tree, tmp_path, monkeyp
     want = converted(png_tree, tmp_path)
     # Parts of 7 entries, with plain and with zip64 end records, and behind a
     # self-extractor's stub (data before the zip).
-    monkeypatch.setattr("kdflow.data.folder._ZIP_CHUNK", 7)
+    monkeypatch.setattr("kdflow.data.archives._ZIP_CHUNK", 7)
     stub = tmp_path / "sfx.zip"
     stub.write_bytes(b"#!/bin/sh\nexit 0\n" * 50 + archive.read_bytes())
     for limit in (0xFFFFFFFF, 0):
-        monkeypatch.setattr("kdflow.data.folder._ZIP32_LIMIT", limit)
+        monkeypatch.setattr("kdflow.data.archives._ZIP32_LIMIT", limit)
         for source in (archive, stub):
             got = converted(source, tmp_path)
             assert all((got[k] == want[k]).all() for k in ("x_train", "y_train", "x_test"))

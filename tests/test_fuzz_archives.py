@@ -12,7 +12,7 @@ be refused with its own clear one-line error.
 
 from __future__ import annotations
 
-from tests.childmem import MAX_PEAK, run_capped
+from tests.helpers.childmem import MAX_PEAK, run_capped
 from tests.conftest import build_archive
 
 VARIANTS = 320
@@ -28,9 +28,12 @@ import numpy as np
 from kdflow import KdflowError
 from kdflow.data.datasets import convert as convert_archive
 from kdflow.data.unpickle import MAX_OPCODES
+from tests.helpers.hostile import (BUILD, DTYPE, FALSE, NONE, REDUCE, TRUE, array, by, dct,
+                                   dtype, get, integer, lst, new_array, pickled, plain_dtype,
+                                   put, shared_lists, text, tup)
 '''
 
-# Run under tests.childmem's cap: 512 MiB of address space above what the
+# Run under tests.helpers.childmem's cap: 512 MiB of address space above what the
 # imports took, so a parser that believed a size field fails (MemoryError)
 # rather than swaps. (The base archive comes from the parent: tests.conftest
 # imports torch, which alone would take that much.)
@@ -104,31 +107,8 @@ def v_truncate_tar():
     return gzip.compress(plain_tar[:rng.randrange(len(plain_tar))], compresslevel=1)
 
 
-# Crafted pickles, written opcode by opcode (protocol 3).
-def put(i): return b"r" + struct.pack("<I", i)          # LONG_BINPUT
-def get(i): return b"j" + struct.pack("<I", i)          # LONG_BINGET
-def num(n): return b"J" + struct.pack("<i", n)          # BININT
-def raw_bytes(b): return b"B" + struct.pack("<I", len(b)) + b
-def tup(*xs): return b"(" + b"".join(xs) + b"t"
-def plist(*xs): return b"](" + b"".join(xs) + b"e"
-def pickled(body): return b"\x80\x03" + body + b"."
-def batch(entries):
-    return pickled(b"}(" + b"".join(raw_bytes(k) + v for k, v in entries.items()) + b"u")
-def dtype_u1(state=None):
-    state = state or tup(num(3), raw_bytes(b"|"), b"N", b"N", b"N", num(-1), num(-1), num(0))
-    return b"cnumpy\ndtype\n" + tup(raw_bytes(b"u1"), b"\x89", b"\x88") + b"R" + state + b"b"
-def new_array():
-    return (b"cnumpy.core.multiarray\n_reconstruct\n"
-            + tup(b"cnumpy\nndarray\n", tup(num(0)), raw_bytes(b"b")) + b"R")
-def array(shape, data, dt=None):
-    return new_array() + tup(num(1), tup(*map(num, shape)), dt or dtype_u1(), b"\x89", data) + b"b"
-def images(n): return array((n, 3072), raw_bytes(bytes(n * 3072)))
-def shared(width, depth, memo):
-    # width references to one list of width references to ... : width**depth
-    # Nones reached through ~5 * width * depth bytes.
-    if depth == 1:
-        return b"](" + b"N" * width + b"e"
-    return b"](" + shared(width, depth - 1, memo + 1) + put(memo) + get(memo) * (width - 1) + b"e"
+# Crafted pickles, written opcode by opcode (tests.helpers.hostile, protocol 3).
+def images(n): return array((n, 3072), plain_dtype("u1"), bytes(n * 3072))
 def pick_batch():   # not the meta file, whose own checks would speak first
     return rng.choice([i for i, (n, _) in enumerate(members) if not n.endswith(".meta")])
 
@@ -146,40 +126,42 @@ def v_opcode_flood():
     return pack(with_member(pick(), pickled(op * rng.randrange(MAX_OPCODES + 1, 4 * MAX_OPCODES))))
 def v_repr_bomb():
     # A value whose repr is 0.6-4 GB, where an error message describes it.
-    bomb = shared(rng.randrange(100, 160), 4, rng.randrange(1000))
+    bomb = shared_lists(rng.randrange(100, 160), 4, rng.randrange(1000))
     n = rng.randrange(1, 4)
     where = rng.randrange(4)
     if where == 0:      # the dtype's state
-        data = array((n, 3072), raw_bytes(bytes(n * 3072)), dtype_u1(tup(
-            num(3), raw_bytes(b"|"), bomb, b"N", b"N", num(-1), num(-1), num(0))))
+        data = array((n, 3072), dtype("u1", tup(integer(3), text("|"), bomb, NONE, NONE,
+                                                integer(-1), integer(-1), integer(0))),
+                     bytes(n * 3072))
     elif where == 1:    # the array's state
-        data = new_array() + tup(num(1), bomb, dtype_u1(), b"\x89", raw_bytes(b"")) + b"b"
+        data = new_array() + tup(integer(1), bomb, plain_dtype("u1"), FALSE, by(b"")) + BUILD
     elif where == 2:    # the dtype's code
-        data = array((n, 3072), raw_bytes(bytes(n * 3072)),
-                     b"cnumpy\ndtype\n" + tup(bomb, b"\x89", b"\x88") + b"R")
+        data = array((n, 3072), DTYPE + tup(bomb, FALSE + TRUE) + REDUCE, bytes(n * 3072))
     else:
         data = images(n)
-    labels = plist(bomb) if where == 3 else plist(*[num(0)] * n)
-    return pack(with_member(pick_batch(), batch({b"data": data, b"labels": labels})))
+    labels = lst(bomb) if where == 3 else lst(*[integer(0)] * n)
+    return pack(with_member(pick_batch(), pickled(dct({b"data": data, b"labels": labels}))))
 def v_shared_lists():
     # k keys naming one list of k references to one list of k Nones: k**3
     # slots (>= 512 MB) if rebuilt per reference.
     k = rng.randrange(400, 520)
-    body = b"}(" + num(0) + shared(k, 2, 0) + put(k)
-    body += b"".join((num(i) if rng.random() < 0.5 else raw_bytes(b"k%d" % i)) + get(k)
+    body = b"}(" + integer(0) + shared_lists(k, 2, 0) + put(k)
+    body += b"".join((integer(i) if rng.random() < 0.5 else by(b"k%d" % i)) + get(k)
                      for i in range(1, k))
     if rng.random() < 0.3:
-        body += raw_bytes(b"data") + get(k)
+        body += by(b"data") + get(k)
     return pack(with_member(pick_batch(), pickled(body + b"u")))
 def v_shared_bytes():
     # Many arrays whose states name one run of bytes: a copy each (>= 600 MB).
     n = rng.randrange(200, 400)
-    first = new_array() + tup(num(1), tup(num(n), num(3072)), dtype_u1() + put(0), b"\x89",
-                              raw_bytes(bytes(n * 3072)) + put(1)) + b"b"
-    again = new_array() + tup(num(1), tup(num(n), num(3072)), get(0), b"\x89", get(1)) + b"b"
+    shape = tup(integer(n), integer(3072))
+    first = new_array() + tup(integer(1), shape, plain_dtype("u1") + put(0), FALSE,
+                              by(bytes(n * 3072)) + put(1)) + BUILD
+    again = new_array() + tup(integer(1), shape, get(0), FALSE, get(1)) + BUILD
     copies = (600 << 20) // (n * 3072) + rng.randrange(50)
-    return pack(with_member(pick(), batch({b"data": first, b"labels": plist(*[num(0)] * n),
-                                           b"filenames": plist(*[again] * copies)})))
+    return pack(with_member(pick(), pickled(dct({b"data": first,
+                                                 b"labels": lst(*[integer(0)] * n),
+                                                 b"filenames": lst(*[again] * copies)}))))
 
 
 # The refusal each crafted kind must get (nothing else: no MemoryError).
@@ -292,7 +274,7 @@ def test_folder_archives_with_costly_listings_are_refused_in_bounded_memory(tmp_
 
     from kdflow.data.datasets import dataset_entry
     from kdflow.data.folder import MAX_MEMBERS
-    from tests.test_folder_dataset import hostile_zip_directory, make_tree, tar_with_long_names
+    from tests.helpers.hostile import hostile_zip_directory, make_tree, tar_with_long_names
 
     tree = make_tree(tmp_path / "tree", train=1, test=1, classes=["a", "b"])
     variants = {  # name: (archive, the child's member cap, "-" for the real one; error)

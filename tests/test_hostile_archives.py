@@ -1,9 +1,8 @@
 """Hostile and damaged archives: crafted pickles, odd members, broken gzip.
 
-The crafted pickles are written opcode by opcode with the small assembler
-below, not with numpy's pickler, so they stay the same whatever numpy does
-to its own pickles; they use only the names a CIFAR batch needs (numpy's
-_reconstruct, ndarray and dtype), which any CIFAR reader must allow.
+The crafted pickles are written opcode by opcode (tests.helpers.hostile'
+assembler), not with numpy's pickler, so they stay the same whatever numpy
+does to its own pickles.
 """
 
 from __future__ import annotations
@@ -29,114 +28,19 @@ import pytest
 
 from kdflow import KdflowError
 from kdflow.data.datasets import DATASETS, convert
-from kdflow.data.unpickle import (ALLOWED_OPCODES, RestrictedUnpickler, UnsafePickleError, parse_batch,
-                             safe_unpickle)
-from tests.childmem import run_capped
+from kdflow.data.cifar import parse_batch
+from kdflow.data.unpickle import ALLOWED_OPCODES, RestrictedUnpickler, UnsafePickleError, safe_unpickle
+from tests.helpers.hostile import (BUILD, DTYPE, EMPTY_DICT, FALSE, MARK, NDARRAY, NONE,
+                                   RECONSTRUCT, REDUCE, SETITEMS, TRUE, array, batch, by, dct,
+                                   dtype, get, glob, images, integer, labels, lst, pickled,
+                                   plain_dtype, put, py2str, shared_lists, text, tup)
+from tests.helpers.childmem import run_capped
 from tests.conftest import CLASSES, REPO, build_archive
 
+
 # --------------------------------------------------------------------------
-# A tiny pickle assembler
+# The two payloads of the issue
 # --------------------------------------------------------------------------
-
-MARK, STOP, TUPLE, REDUCE, BUILD = b"(", b".", b"t", b"R", b"b"
-EMPTY_DICT, EMPTY_LIST, SETITEMS, APPENDS = b"}", b"]", b"u", b"e"
-NONE, TRUE, FALSE = b"N", b"\x88", b"\x89"
-
-
-def glob(module: str, name: str) -> bytes:
-    return b"c" + module.encode() + b"\n" + name.encode() + b"\n"
-
-
-def by(x: bytes) -> bytes:          # BINBYTES (Python 3)
-    return b"B" + struct.pack("<I", len(x)) + x
-
-
-def py2str(x: bytes) -> bytes:      # BINSTRING: a Python 2 str
-    return b"T" + struct.pack("<i", len(x)) + x
-
-
-def text(x: str) -> bytes:          # BINUNICODE
-    raw = x.encode()
-    return b"X" + struct.pack("<I", len(raw)) + raw
-
-
-def integer(n: int) -> bytes:
-    if -2**31 <= n < 2**31:
-        return b"J" + struct.pack("<i", n)
-    raw = n.to_bytes((n.bit_length() + 8) // 8, "little", signed=True)
-    return b"\x8a" + bytes([len(raw)]) + raw
-
-
-def tup(*items: bytes) -> bytes:
-    return MARK + b"".join(items) + TUPLE
-
-
-def lst(*items: bytes) -> bytes:
-    return EMPTY_LIST + MARK + b"".join(items) + APPENDS
-
-
-def dct(items: dict[bytes, bytes], key=by) -> bytes:
-    return EMPTY_DICT + MARK + b"".join(key(k) + v for k, v in items.items()) + SETITEMS
-
-
-RECONSTRUCT = glob("numpy.core.multiarray", "_reconstruct")
-NDARRAY, DTYPE = glob("numpy", "ndarray"), glob("numpy", "dtype")
-
-
-def dtype(code: str, state: bytes, args: bytes = FALSE + TRUE) -> bytes:
-    """numpy.dtype(code, align, copy), then BUILD with `state`."""
-    return DTYPE + tup(text(code), args) + REDUCE + state + BUILD
-
-
-def plain_dtype(code: str, order: str = "|") -> bytes:
-    return dtype(code, tup(integer(3), text(order), NONE, NONE, NONE,
-                           integer(-1), integer(-1), integer(0)))
-
-
-def array(shape: tuple[int, ...], dt: bytes, raw: bytes | None, data=by) -> bytes:
-    """_reconstruct(ndarray, (0,), b'b'), then BUILD (1, shape, dtype, False, raw)
-    unless `raw` is None."""
-    out = RECONSTRUCT + tup(NDARRAY, tup(integer(0)), by(b"b")) + REDUCE
-    if raw is not None:
-        out += tup(integer(1), tup(*map(integer, shape)), dt, FALSE, data(raw)) + BUILD
-    return out
-
-
-def pickled(body: bytes, proto: int = 3) -> bytes:
-    return b"\x80" + bytes([proto]) + body + STOP
-
-
-def batch(data: bytes, labels: bytes) -> bytes:
-    return pickled(dct({b"data": data, b"labels": labels}))
-
-
-def images(n: int, fill: int = 7) -> bytes:
-    return array((n, 3072), plain_dtype("u1"), bytes([fill]) * (n * 3072))
-
-
-def labels(*values: int) -> bytes:
-    return lst(*map(integer, values))
-
-
-def put(i: int) -> bytes:           # LONG_BINPUT: store the top of the stack
-    return b"r" + struct.pack("<I", i)
-
-
-def get(i: int) -> bytes:           # LONG_BINGET: push a stored object again
-    return b"j" + struct.pack("<I", i)
-
-
-def shared_lists(width: int, depth: int, memo: int = 0) -> bytes:
-    """A list of `width` references to one list of `width` references to ...
-    `depth` levels, Nones at the bottom: width**depth Nones reached through
-    ~5 * width * depth bytes of pickle (memo entries from `memo` on)."""
-    if depth == 1:
-        return EMPTY_LIST + MARK + NONE * width + APPENDS
-    inner = shared_lists(width, depth - 1, memo + 1)
-    return EMPTY_LIST + MARK + inner + put(memo) + get(memo) * (width - 1) + APPENDS
-
-
-# The two payloads of the issue.
 
 def void_object_payload(n: int = 2) -> bytes:
     """Labels whose dtype is a void with an object field, flags set to 0.
@@ -202,22 +106,45 @@ def test_integer_label_arrays_are_read():
 # The two payloads of the issue
 # --------------------------------------------------------------------------
 
-def test_void_dtype_with_object_field_crashes_plain_numpy():
-    """Shows payload (a) is a real attack: numpy's own unpickling, as the
-    old reader allowed it, dies of a signal on the labels."""
-    code = (
-        "import pickle, sys, numpy as np\n"
-        "try:\n"
-        "    b = pickle.loads(sys.stdin.buffer.read())\n"
-        "except Exception as e:\n"
-        "    print('numpy refuses it:', e); sys.exit(3)\n"
-        "np.asarray(b[b'labels'], dtype=np.int64)\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", code], input=void_object_payload(),
-                          capture_output=True, timeout=60)
-    if proc.returncode == 3:
-        pytest.skip(f"this numpy refuses the payload itself: {proc.stdout!r}")
-    assert proc.returncode < 0, (proc.returncode, proc.stderr[-500:])  # killed by a signal
+# Converts an archive in a child, with numpy's own array unpickling replaced
+# by a trap: a crash there kills the child, not pytest, and any use of
+# numpy's _reconstruct (what pickle.loads would call) shows.
+NUMPY_TRAPPED = r'''
+import sys
+import numpy._core.multiarray as multiarray
+
+def trap(*args):
+    print("numpy's own _reconstruct was called"); sys.exit(5)
+
+multiarray._reconstruct = trap
+from kdflow import KdflowError
+from kdflow.data.datasets import convert
+try:
+    convert(sys.argv[1], sys.argv[2])
+except KdflowError as e:
+    print(type(e).__name__, e); sys.exit(0)
+print("converted"); sys.exit(4)
+'''
+
+
+def test_void_dtype_with_object_field_is_refused_before_numpy_sees_it(tmp_path):
+    """Payload (a) is an attack on numpy's own unpickling, as an older reader
+    used it: there its labels become object pointers, and a numpy that does
+    not check them dies of a signal converting them (one that checks
+    refuses them). Whatever numpy does, kdflow's reader refuses the batch
+    itself with its one-line error: numpy never unpickles it, and the
+    process lives on."""
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    build_archive(archive, n_train=50, n_test=20, members={"data_batch_2": void_object_payload()})
+    out = tmp_path / "out.npz"
+    proc = subprocess.run([sys.executable, "-c", NUMPY_TRAPPED, str(archive), str(out)],
+                          capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 0, (proc.returncode, proc.stdout, proc.stderr[-1500:])
+    message = proc.stdout.strip()
+    assert re.fullmatch(r"UnsafePickleError refusing a numpy dtype '(V8|O8)' in "
+                        r"cifar-10-batches-py/data_batch_2: CIFAR batches hold only .*"
+                        r"Check data.url and data.md5 and fetch it again", message), message
+    assert not out.exists() and not out.with_name(out.name + ".part").exists()
 
 
 def test_void_dtype_with_object_field_is_refused(tmp_path):
@@ -350,7 +277,7 @@ report(error=error, growth=status("VmHWM") - before)
 def refused_within_the_cap(payload: bytes, tmp_path: Path, error: str) -> None:
     member = tmp_path / "data_batch_1"
     member.write_bytes(payload)
-    result = run_capped("from kdflow.data.unpickle import parse_batch\n", CAPPED_PARSE, member,
+    result = run_capped("from kdflow.data.cifar import parse_batch\n", CAPPED_PARSE, member,
                         cwd=tmp_path, margin=CAP)
     assert result["error"] is not None, "accepted"
     kind, message = result["error"]
@@ -498,6 +425,24 @@ def test_member_size_is_capped_before_reading(small, tmp_path, monkeypatch):
     convert_fails(small, tmp_path, r"data_batch_1 is [\d,]+ bytes, more than the 20,000")
 
 
+def test_a_huge_tar_header_is_refused_before_it_is_read_whole(small, tmp_path):
+    # tarfile reads a pax header or a GNU long name whole, into memory, before
+    # any check on the member: the bytes between members are capped, as for
+    # an image tree (kdflow.data.archives), at the slack honest headers need.
+    pax = tarfile.TarInfo("cifar-10-batches-py/readme.html")
+    pax.pax_headers, pax.size = {"comment": "x" * (2 << 20)}, 3
+    gnu = tarfile.TarInfo("cifar-10-batches-py/" + "n" * (2 << 20))
+    gnu.size = 3
+    for fmt, info in ((tarfile.PAX_FORMAT, pax), (tarfile.GNU_FORMAT, gnu)):
+        archive = tmp_path / "header.tar.gz"
+        with tarfile.open(archive, "w:gz", format=fmt) as tar:
+            tar.addfile(info, io.BytesIO(b"abc"))
+            for member, data in members_of(small):
+                tar.addfile(member, io.BytesIO(data) if data is not None else None)
+        convert_fails(archive, tmp_path, r"header.tar.gz: more than 1,048,576 bytes of "
+                                         r"headers between two members")
+
+
 def test_more_images_than_the_official_set_are_refused(small, tmp_path, monkeypatch):
     # The 20 test images stand for a test set above the official 10,000.
     monkeypatch.setitem(DATASETS, "cifar10",
@@ -555,7 +500,7 @@ def test_not_gzip_at_all_is_a_clear_error(tmp_path):
 
 
 def test_gzip_bomb_is_cut_off(tmp_path, monkeypatch):
-    monkeypatch.setattr("kdflow.data.datasets.MAX_UNPACKED", 1 << 20)
+    monkeypatch.setattr("kdflow.data.cifar.MAX_UNPACKED", 1 << 20)
     bomb = tmp_path / "cifar-10-python.tar.gz"
     bomb.write_bytes(gzip.compress(bytes(8 << 20)))   # 8 MB of zeros
     convert_fails(bomb, tmp_path, "unpacks to more than 1,048,576 bytes")

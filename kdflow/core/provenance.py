@@ -27,7 +27,8 @@ def _git(*args: str) -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
-def _version(package: str) -> str | None:
+def package_version(package: str) -> str | None:
+    """An installed package's version (None: not installed), as its metadata gives it."""
     try:
         return metadata.version(package)
     except metadata.PackageNotFoundError:
@@ -55,9 +56,9 @@ def collect(device: torch.device | str | None = None) -> dict:
         "kdflow_dirty": None if status is None else bool(status),
         "python": platform.python_version(),
         "torch": str(torch.__version__),
-        "torchvision": _version("torchvision"),
-        "numpy": _version("numpy"),
-        "snakemake": _version("snakemake"),
+        "torchvision": package_version("torchvision"),
+        "numpy": package_version("numpy"),
+        "snakemake": package_version("snakemake"),
         "hostname": platform.node(),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }

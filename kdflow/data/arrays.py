@@ -94,9 +94,30 @@ def channel_stats(d) -> tuple[tuple, tuple]:
 # --------------------------------------------------------------------------
 
 def balanced_pick(labels: np.ndarray, size: int, rng: np.random.Generator,
-                  what: str, setting: str) -> np.ndarray:
+                  what: str, setting: str, *, leave: int = 0) -> np.ndarray:
     """Sorted indices of `size` items, class-balanced: each class gives
-    size // C (the first size % C classes one more)."""
+    size // C (the first size % C classes, in label order, one more), drawn
+    by `rng` class by class. The one stratified draw, for the subset
+    (`leave` 0) and the validation split (`leave` 1); `what` and `setting`
+    name the images and the config key in its errors."""
+    picks = []
+    for members, k in _per_class(labels, size, what, setting, leave):
+        picks.append(rng.choice(members, size=k, replace=False))
+    return np.sort(np.concatenate(picks))
+
+
+def _per_class(labels: np.ndarray, size: int, what: str, setting: str,
+               leave: int) -> list[tuple[np.ndarray, int]]:
+    """(the indices of a class, how many it gives) for each class in label
+    order, refusing a size some class cannot give while keeping `leave` of
+    its images out of the draw.
+
+    Why `leave`: a subset may take every image of a class (k equal to its
+    count: the class whole), but the validation split may not, or the class
+    would have no training image left: the model would be scored on a class
+    it never trained on. So the draw refuses k > count - leave, that is
+    k > count for the subset and k >= count for the split: each edge is
+    right for its caller, and one function keeps them from drifting."""
     labels = np.asarray(labels)
     classes = np.unique(labels)
     if size < len(classes):
@@ -104,16 +125,36 @@ def balanced_pick(labels: np.ndarray, size: int, rng: np.random.Generator,
             f"{setting} = {size} leaves some of the {len(classes)} classes without "
             f"{what} images; use at least {len(classes)}")
     base, extra = divmod(size, len(classes))
-    picks = []
+    out = []
     for i, c in enumerate(classes):
         members = np.flatnonzero(labels == c)
         k = base + (1 if i < extra else 0)
-        if k > len(members):
-            raise KdflowError(
-                f"{setting} = {size} needs {k} {what} images of class {c} but it has only "
-                f"{len(members)}; lower {setting} (or set it to 0 for all images)")
-        picks.append(rng.choice(members, size=k, replace=False))
-    return np.sort(np.concatenate(picks))
+        if k > len(members) - leave:
+            # The split says what the class has (its training images) and
+            # that only lowering helps; a subset's setting also takes 0 (all).
+            has, fix = ((f"{len(members)} training images", f"lower {setting}") if leave else
+                        (f"{len(members)}", f"lower {setting} (or set it to 0 for all images)"))
+            raise KdflowError(f"{setting} = {size} needs {k} {what} images of class {c} but "
+                              f"it has only {has}; {fix}")
+        out.append((members, k))
+    return out
+
+
+def check_draws(y_train: np.ndarray, y_test: np.ndarray, val_size: int,
+                subset_train: int = 0, subset_test: int = 0) -> None:
+    """Refuse, from the labels alone, what write_subset and write_split
+    would refuse (data.subset.train, data.subset.test, data.val_size, in
+    their order), with their errors: so a source too small for them is told
+    before its images are converted. The split is judged on what it will be
+    drawn from: the subset's class counts (fixed by its size) when there is
+    one."""
+    y_train = np.asarray(y_train)
+    if subset_train:
+        drawn = _per_class(y_train, subset_train, "train", "data.subset.train", 0)
+        y_train = np.repeat([y_train[m[0]] for m, _ in drawn], [k for _, k in drawn])
+    if subset_test:
+        _per_class(y_test, subset_test, "test", "data.subset.test", 0)
+    _per_class(y_train, val_size, "validation", "data.val_size", 1)
 
 
 def write_subset(dataset: str | os.PathLike, out: str | os.PathLike,
@@ -149,30 +190,12 @@ def make_split(labels: np.ndarray, val_size: int, seed: int) -> tuple[np.ndarray
     """Class-balanced validation indices carved from the training set.
 
     Each class gives val_size // C images (the first val_size % C classes one
-    more), drawn by a generator seeded with `seed`: the same labels, size and
+    more), drawn by a generator seeded with `seed` (balanced_pick, leaving
+    every class at least one training image): the same labels, size and
     seed always give the same split. Returns sorted (train_idx, val_idx).
     """
-    labels = np.asarray(labels)
-    classes = np.unique(labels)
-    n_classes = len(classes)
-    if val_size < n_classes:
-        raise KdflowError(
-            f"data.val_size = {val_size} leaves some of the {n_classes} classes "
-            f"without validation images; use at least {n_classes}"
-        )
-    rng = np.random.default_rng(seed)
-    base, extra = divmod(val_size, n_classes)
-    picks = []
-    for i, c in enumerate(classes):
-        members = np.flatnonzero(labels == c)
-        k = base + (1 if i < extra else 0)
-        if k >= len(members):
-            raise KdflowError(
-                f"data.val_size = {val_size} needs {k} validation images of class "
-                f"{c} but it has only {len(members)} training images; lower data.val_size"
-            )
-        picks.append(rng.choice(members, size=k, replace=False))
-    val_idx = np.sort(np.concatenate(picks))
+    val_idx = balanced_pick(labels, val_size, np.random.default_rng(seed), "validation",
+                            "data.val_size", leave=1)
     train_idx = np.setdiff1d(np.arange(len(labels)), val_idx)
     return train_idx, val_idx
 

@@ -7,18 +7,15 @@ a function from the fetched source and the image size to uint8 images,
 labels and class names (kdflow.data.arrays.Images). `fetch` and `convert` are the same for all
 datasets: a new dataset is a new entry with a converter of its own, never a
 second copy of either. cifar10/cifar100 read the official python archives
-(pickled batches, through kdflow.data.unpickle); folder reads an image tree
+(pickled batches, kdflow.data.cifar); folder reads an image tree
 (kdflow.data.folder).
 """
 
 from __future__ import annotations
 
-import gzip
 import logging
 import os
-import tarfile
 import urllib.parse
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -26,32 +23,13 @@ from typing import Callable
 import numpy as np
 
 from kdflow import KdflowError
+from kdflow.core.hashing import file_digest
 from kdflow.data import folder
-from kdflow.data.arrays import IMAGE_SIZE, Images, write_dataset
-from kdflow.data.fetch import _size, fetch_archive, md5sum
-from kdflow.data.unpickle import class_names, parse_batch
+from kdflow.data.arrays import IMAGE_SIZE, Images, check_draws, write_dataset
+from kdflow.data.cifar import CifarLayout, read_cifar
+from kdflow.data.fetch import fetch_archive
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class CifarLayout:
-    """Where a CIFAR python archive keeps its batches and what they hold."""
-
-    root: str                 # folder inside the archive
-    train: tuple[str, ...]    # training batches
-    test: str
-    meta: str
-    label_key: str            # labels in each batch
-    names_key: str            # class names in the meta file
-    num_classes: int
-    # The official image counts: an archive may hold fewer (a subset, as the
-    # tests' tiny archives do) but never more.
-    train_size: int
-    test_size: int
-    # A little above the largest official member, so a member's size is
-    # refused before a single byte of it is read into memory.
-    max_member: int
 
 
 @dataclass(frozen=True)
@@ -73,120 +51,9 @@ class Dataset:
     # The side its images have, the only data.image_size it takes (CIFAR:
     # 32); None: any, the images resized to it at conversion.
     image_size: int | None = None
-
-
-# Both official archives unpack to about 186 MB of tar. Reading stops past
-# this, so a small gzip that inflates to gigabytes (a "zip bomb") costs
-# seconds, not the disk or the afternoon.
-MAX_UNPACKED = 200 << 20
-# A genuine archive has 7 (CIFAR-100: 4) members; thousands of tiny ones
-# would each keep a header object in memory.
-MAX_MEMBERS = 64
-
-
-class _Inflated:
-    """The archive's gzip stream as tarfile reads it, counted and capped."""
-
-    def __init__(self, gz: gzip.GzipFile, archive: Path):
-        self.gz, self.archive, self.limit, self.n = gz, archive, MAX_UNPACKED, 0
-
-    def read(self, size: int = -1) -> bytes:
-        room = self.limit - self.n + 1
-        block = self.gz.read(room if size is None or size < 0 else min(size, room))
-        self.n += len(block)
-        if self.n > self.limit:
-            raise KdflowError(
-                f"{self.archive} unpacks to more than {_size(self.limit)}, far more "
-                "than a CIFAR python archive (about 186 MB); it is not one. Check data.url")
-        return block
-
-    def drain(self) -> None:
-        """Read to the end of the gzip stream: only there are its CRC and
-        length checked (tarfile stops at the end-of-archive marker, so a
-        truncated gzip would otherwise pass)."""
-        while self.read(1 << 20):
-            pass
-
-
-def _read_members(archive: Path, spec: CifarLayout, official: str) -> dict[str, bytes]:
-    """The raw bytes of the meta file and the batches, after checking the
-    whole archive is intact (so damage is reported as such, not as an odd
-    pickle). Nothing is extracted to disk, so a hostile member name cannot
-    write anywhere."""
-    wanted = {f"{spec.root}/{n}": n for n in (spec.meta, *spec.train, spec.test)}
-    found: dict[str, bytes] = {}
-    try:
-        with open(archive, "rb") as raw, gzip.GzipFile(fileobj=raw, mode="rb") as gz:
-            stream = _Inflated(gz, archive)
-            # Stream mode: one pass through the archive, no seeking back.
-            with tarfile.open(fileobj=stream, mode="r|") as tar:
-                for i, info in enumerate(tar):
-                    if i >= MAX_MEMBERS:
-                        raise KdflowError(f"{archive} has more than {MAX_MEMBERS} members; "
-                                          "it is not a CIFAR python archive. Check data.url")
-                    if info.isdir():
-                        continue
-                    if not info.isfile() or info.issparse():
-                        # Links and devices: nothing a CIFAR archive needs.
-                        raise KdflowError(
-                            f"{archive}: member {info.name} is not a regular file (tar type "
-                            f"{info.type!r}); a genuine CIFAR archive holds only its folder "
-                            "and plain files. Check data.url")
-                    name = wanted.get(info.name)
-                    if name is None:
-                        continue   # e.g. readme.html
-                    if name in found:
-                        raise KdflowError(f"{archive} holds {info.name} twice; it is not a "
-                                          "genuine CIFAR python archive. Check data.url")
-                    if not 0 <= info.size <= spec.max_member:
-                        raise KdflowError(
-                            f"{archive}: {info.name} is {info.size:,} bytes, more than the "
-                            f"{spec.max_member:,} allowed for any {official} member; "
-                            "it is not a CIFAR batch. Check data.url and data.dataset")
-                    found[name] = tar.extractfile(info).read()
-            stream.drain()
-    except (EOFError, OSError, zlib.error, tarfile.TarError) as e:
-        raise KdflowError(
-            f"{archive}: archive truncated or corrupt: {type(e).__name__}: {e}; fetch it "
-            f"again (delete {archive} and rerun: the download step fetches and verifies "
-            "it anew)") from None
-    for path, name in wanted.items():
-        if name not in found:
-            raise KdflowError(
-                f"{archive} lacks {path}; is it the {official.split('-python')[0]} "
-                f"*python* archive ({official})? Check data.dataset and data.url")
-    return found
-
-
-
-
-def read_cifar(archive: Path, entry: Dataset, image_size: int) -> Images:
-    """A CIFAR python archive's batches, each checked against the layout:
-    N x 3072 uint8 images, N integer labels below the class count, no more
-    images than the official sets. Always 32x32 (`image_size` is checked
-    against the entry's before any converter runs)."""
-    spec = entry.layout
-    payloads = _read_members(archive, spec, entry.archive)
-    classes = class_names(payloads.pop(spec.meta), f"{spec.root}/{spec.meta}",
-                          spec.names_key, spec.num_classes)
-
-    def batch(name: str):
-        # pop: each raw batch is freed as soon as it is parsed.
-        return parse_batch(payloads.pop(name), f"{spec.root}/{name}", spec.label_key,
-                           spec.num_classes)
-
-    parts = [batch(b) for b in spec.train]
-    x_test, y_test = batch(spec.test)
-    x_train = np.concatenate([p[0] for p in parts])
-    y_train = np.concatenate([p[1] for p in parts])
-    name = entry.archive.split("-python")[0].replace("-", "")
-    for split, n, most in (("train", len(y_train), spec.train_size),
-                           ("test", len(y_test), spec.test_size)):
-        if not 0 < n <= most:
-            raise KdflowError(
-                f"{archive}: {n} {split} images, but {name} has at most {most} (and a "
-                "subset needs at least one); it is not a genuine archive. Check data.url")
-    return Images(x_train, y_train, x_test, y_test, classes)
+    # source -> (train labels, test labels) from its listing, nothing
+    # decoded (None: no cheap listing; CIFAR's sizes are fixed and known).
+    labels: Callable[[Path], tuple[np.ndarray, np.ndarray]] | None = None
 
 
 DATASETS: dict[str, Dataset] = {
@@ -227,7 +94,7 @@ DATASETS: dict[str, Dataset] = {
     # data.image_size. No default source.
     "folder": Dataset(
         read=folder.read_folder, url=None, md5=None, archive=None,
-        max_download=folder.MAX_UNPACKED,
+        max_download=folder.MAX_UNPACKED, labels=folder.listed_labels,
     ),
 }
 
@@ -344,14 +211,7 @@ def convert(source: str | os.PathLike, out: str | os.PathLike, dataset: str = "c
     entry = dataset_entry(dataset)
     check_image_size(dataset, image_size)
     source = Path(source)
-    if md5 is not None and not source.is_dir():
-        got = md5sum(source)
-        if got != md5.lower():
-            raise KdflowError(
-                f"{source} has md5 {got}, not data.md5 {md5}: it changed or was damaged "
-                "after download. Delete it and rerun (the download step fetches and "
-                "verifies it again), or, for a trusted mirror, set data.md5 to its checksum")
-        log.info("%s still has md5 %s (data.md5)", source, got)
+    _recheck_md5(source, md5)
     images = entry.read(source, entry, image_size)
     _check(images, source, image_size)
     write_dataset(out, dataset, *images)
@@ -360,6 +220,39 @@ def convert(source: str | os.PathLike, out: str | os.PathLike, dataset: str = "c
     log.info("converted %s (%s): %d train, %d test images, %d classes",
              source, dataset, info["train"], info["test"], len(images.classes))
     return info
+
+
+def _recheck_md5(source: Path, md5: str | None) -> None:
+    """A source file against data.md5 (None: nothing to check), before it is read."""
+    if md5 is None or source.is_dir():
+        return
+    got = file_digest(source, "md5")
+    if got != md5.lower():
+        raise KdflowError(
+            f"{source} has md5 {got}, not data.md5 {md5}: it changed or was damaged "
+            "after download. Delete it and rerun (the download step fetches and "
+            "verifies it again), or, for a trusted mirror, set data.md5 to its checksum")
+    log.info("%s still has md5 %s (data.md5)", source, got)
+
+
+def check_sizes(source: str | os.PathLike, dataset: str, data: dict, *,
+                md5: str | None = None) -> None:
+    """Before conversion: the subset and split the later steps will draw
+    (data.subset, data.val_size), checked against the source's labels from
+    its listing (kdflow.data.arrays.check_draws), so a folder tree with
+    fewer training images than data.val_size is told before any image is
+    decoded, not once all are converted. With `md5` the source is checked
+    first, as conversion checks it: a changed archive is told as that, not
+    as its sizes. Datasets without a cheap listing (CIFAR) are not checked
+    here."""
+    entry = dataset_entry(dataset)
+    if entry.labels is None:
+        return
+    source = Path(source)
+    _recheck_md5(source, md5)
+    y_train, y_test = entry.labels(source)
+    check_draws(y_train, y_test, data["val_size"], data["subset"]["train"],
+                data["subset"]["test"])
 
 
 def _check(images: Images, source: Path, image_size: int) -> None:

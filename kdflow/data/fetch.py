@@ -10,7 +10,6 @@ final name. Nothing here knows what the file holds.
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import logging
 import math
@@ -25,6 +24,7 @@ from pathlib import Path
 
 from kdflow import KdflowError
 from kdflow.core.atomic import atomic_path
+from kdflow.core.hashing import file_digest
 
 log = logging.getLogger(__name__)
 
@@ -44,14 +44,6 @@ DEADLINE_BASE_S = 600.0
 def transfer_deadline(cap: int) -> float:
     """Seconds the whole download of at most `cap` bytes may take."""
     return DEADLINE_BASE_S + cap / MIN_RATE
-
-
-def md5sum(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _size(n: int) -> str:
@@ -263,7 +255,7 @@ def fetch_archive(url: str, md5: str, dest: str | os.PathLike, *,
                 f"could not download {url} in {retries + 1} attempts (last: {last}); "
                 f"nothing was kept. Check the network and {key}.url, or copy the file "
                 f"here and point {key}.url at it (file:///path/to/the/file)")
-        got = md5sum(part)
+        got = file_digest(part, "md5")
         if got != md5.lower():
             raise KdflowError(
                 f"md5 mismatch for {url}: expected {md5}, got {got}. The file is "

@@ -1,11 +1,11 @@
-"""The restricted unpickler and CIFAR batch parsing.
+"""The restricted unpickler: pickles read with only what CIFAR batches contain.
 
 The official CIFAR archives hold pickled batches. Pickle can run arbitrary
 code, and numpy's own array unpickling trusts the bytes it is given, so
 batches are read with an unpickler in which numpy's names are stand-ins of
 ours: they accept only what CIFAR batches contain (uint8 images, integer
-labels) and build the arrays themselves. `parse_batch` and `class_names`
-then check what came out against the dataset's layout.
+labels) and build the arrays themselves. kdflow.data.cifar then checks
+what came out against the dataset's layout.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import pickletools
 import numpy as np
 
 from kdflow import KdflowError
-from kdflow.data.arrays import IMAGE_SIZE
 
 class UnsafePickleError(KdflowError):
     pass
@@ -134,7 +133,7 @@ def _scan(payload: bytes, source: str) -> None:
     raise _refuse(source, f"a pickle of more than {MAX_OPCODES:,} opcodes")
 
 
-def _brief(v, nested: bool = False) -> str:
+def brief(v, nested: bool = False) -> str:
     """A few words for an unpickled value in an error message.
 
     Never its repr: that is built whole before any slicing, and memo
@@ -150,14 +149,14 @@ def _brief(v, nested: bool = False) -> str:
     if t in (str, bytes):
         return repr(v) if len(v) <= 32 else f"a {t.__name__} of length {len(v):,}"
     if t is tuple and not nested and len(v) <= 9:
-        return "(" + ", ".join(_brief(x, True) for x in v) + ("," if len(v) == 1 else "") + ")"
+        return "(" + ", ".join(brief(x, True) for x in v) + ("," if len(v) == 1 else "") + ")"
     if t in (tuple, list, dict):
         return f"a {t.__name__} of {len(v):,} items"
     if t is _PickledDtype:
-        return f"a numpy dtype {_brief(v.code)}"
+        return f"a numpy dtype {brief(v.code)}"
     if t is _PickledArray:
         return "a numpy array"
-    return _describe(v)
+    return describe(v)
 
 
 def _ascii(v) -> str | None:
@@ -169,13 +168,13 @@ def _ascii(v) -> str | None:
     return v if isinstance(v, str) else None
 
 
-def _is_int(v) -> bool:
+def is_int(v) -> bool:
     return type(v) is int   # not bool, not a numpy scalar
 
 
 def _is_flag(v) -> bool:
     # Python 2 pickles write booleans as the ints 0 and 1.
-    return type(v) is bool or (_is_int(v) and v in (0, 1))
+    return type(v) is bool or (is_int(v) and v in (0, 1))
 
 
 class _PickledDtype:
@@ -193,7 +192,7 @@ class _PickledDtype:
         self.source, self.built = source, False
         self.code = _ascii(code)
         if self.code not in _INT_CODES or not _is_flag(align) or not _is_flag(copy):
-            raise _refuse(source, f"a numpy dtype {_brief(code)}")
+            raise _refuse(source, f"a numpy dtype {brief(code)}")
 
     def __setstate__(self, state) -> None:
         # (version, byte order, subarray, names, fields, elsize, alignment,
@@ -201,13 +200,13 @@ class _PickledDtype:
         # Version 4 adds metadata, which must be empty.
         orders = {"|", "<"} if self.code[1] == "1" else {"<"}
         ok = (isinstance(state, tuple) and len(state) in (8, 9) and not self.built
-              and (state[0], len(state)) in ((3, 8), (4, 9)) and _is_int(state[0])
+              and (state[0], len(state)) in ((3, 8), (4, 9)) and is_int(state[0])
               and _ascii(state[1]) in orders   # Python 2 pickles: b"|"
               and all(v is None for v in state[2:5])
-              and all(_is_int(v) for v in state[5:8]) and state[5:8] == (-1, -1, 0)
+              and all(is_int(v) for v in state[5:8]) and state[5:8] == (-1, -1, 0)
               and (len(state) == 8 or state[8] is None or state[8] == {}))
         if not ok:
-            raise _refuse(self.source, f"numpy dtype state {_brief(state)}")
+            raise _refuse(self.source, f"numpy dtype state {brief(state)}")
         self.built = True
 
     def numpy(self) -> np.dtype:
@@ -236,18 +235,18 @@ class _PickledArray:
         if self.array is not None:
             raise _refuse(self.source, "an array given its contents twice")
         if not (isinstance(state, tuple) and len(state) == 5):
-            raise _refuse(self.source, f"numpy array state {_brief(state)}")
+            raise _refuse(self.source, f"numpy array state {brief(state)}")
         version, shape, dtype, fortran, raw = state
-        if not (_is_int(version) and version == 1 and isinstance(shape, tuple)
-                and 1 <= len(shape) <= 4 and all(_is_int(s) and s >= 0 for s in shape)
+        if not (is_int(version) and version == 1 and isinstance(shape, tuple)
+                and 1 <= len(shape) <= 4 and all(is_int(s) and s >= 0 for s in shape)
                 and isinstance(dtype, _PickledDtype) and _is_flag(fortran)
                 and isinstance(raw, bytes)):
-            raise _refuse(self.source, f"numpy array state {_brief(state)}")
+            raise _refuse(self.source, f"numpy array state {brief(state)}")
         dt = dtype.numpy()
         need = math.prod(shape) * dt.itemsize
         if len(raw) != need:
-            raise _refuse(self.source, f"an array of shape {_brief(shape)} "
-                                       f"({_brief(need)} bytes) stored in {len(raw):,} bytes")
+            raise _refuse(self.source, f"an array of shape {brief(shape)} "
+                                       f"({brief(need)} bytes) stored in {len(raw):,} bytes")
         if need > self.budget.left:
             raise _refuse(self.source, "arrays holding more bytes than the pickle itself "
                                        "(one array's bytes referred to again)")
@@ -381,71 +380,8 @@ def safe_unpickle(payload: bytes, source: str = "pickle"):
     return unpickler.finish(obj)
 
 
-def _key(d: dict, name: str, source: str):
-    for k in (name.encode(), name):
-        if k in d:
-            return d[k]
-    raise KdflowError(f"{source} lacks the {name!r} entry of a CIFAR batch; the archive "
-                      "is damaged or not a CIFAR python archive: check data.url")
-
-
-def _text(v) -> str:
-    return v.decode("latin1") if isinstance(v, bytes) else str(v)
-
-
-def _describe(v) -> str:
+def describe(v) -> str:
+    """A value's type in an error message (an array's dtype and shape too)."""
     if isinstance(v, np.ndarray):
         return f"a {v.dtype} array of shape {v.shape}"
     return f"a {type(v).__name__}"
-
-
-def _labels(labels, n: int, classes: int, source: str) -> np.ndarray:
-    """Labels as int64 (n,), each in [0, classes)."""
-    if isinstance(labels, np.ndarray):
-        if labels.ndim != 1 or labels.dtype.kind not in "iu":
-            raise KdflowError(f"{source}: labels must be integers, got {_describe(labels)}")
-        lo, hi = (int(labels.min()), int(labels.max())) if len(labels) else (0, 0)
-    elif isinstance(labels, list):
-        if not all(_is_int(v) for v in labels):
-            bad = next(v for v in labels if not _is_int(v))
-            raise KdflowError(f"{source}: labels must be integers, found {_brief(bad)} "
-                              f"(a {type(bad).__name__})")
-        lo, hi = (min(labels), max(labels)) if labels else (0, 0)
-    else:
-        raise KdflowError(f"{source}: labels must be a list of integers, got {_describe(labels)}")
-    if len(labels) != n:
-        raise KdflowError(f"{source}: {len(labels)} labels for {n} images")
-    # Checked before the conversion: a huge Python int would overflow int64.
-    if lo < 0 or hi >= classes:
-        raise KdflowError(f"{source}: labels outside 0..{classes - 1} (from {lo} to {hi})")
-    return np.asarray(labels, dtype=np.int64)
-
-
-def parse_batch(payload: bytes, source: str, label_key: str = "labels",
-                classes: int = 10) -> tuple[np.ndarray, np.ndarray]:
-    """Images as uint8 (N, 3, 32, 32) and labels as int64 (N,) in [0, classes)."""
-    side = IMAGE_SIZE  # CIFAR's own layout: 32x32 RGB planes, 3072 bytes a row
-    batch = safe_unpickle(payload, source)
-    if not isinstance(batch, dict):
-        raise KdflowError(f"{source} is not a CIFAR batch (a {type(batch).__name__})")
-    data = _key(batch, "data", source)
-    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 \
-            or data.shape[1] != 3 * side * side:
-        raise KdflowError(f"{source}: 'data' must be a uint8 array of shape (N, 3072), "
-                          f"got {_describe(data)}")
-    labels = _labels(_key(batch, label_key, source), data.shape[0], classes, source)
-    return data.reshape(-1, 3, side, side), labels
-
-
-def class_names(payload: bytes, source: str, names_key: str, count: int) -> list[str]:
-    """The `count` class names listed under `names_key` in a CIFAR meta file."""
-    meta = safe_unpickle(payload, source)
-    if not isinstance(meta, dict):
-        raise KdflowError(f"{source} is not a CIFAR meta file (a {type(meta).__name__})")
-    names = _key(meta, names_key, source)
-    if not (isinstance(names, list) and len(names) == count
-            and all(isinstance(n, (bytes, str)) for n in names)):
-        raise KdflowError(f"{source}: {names_key!r} must list the {count} "
-                          f"class names, got {_describe(names)} of length "
-                          f"{len(names) if isinstance(names, list) else '-'}")
-    return [_text(n) for n in names]

@@ -29,17 +29,15 @@ together in one job of their own (kdflow.deploy.timing).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import tempfile
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 
 from kdflow import KdflowError
-from kdflow.core import atomic, provenance
+from kdflow.core import atomic, hashing, provenance
 from kdflow.data.arrays import channel_stats
 from kdflow.deploy import timing
 from kdflow.models.inference import inference_batch
@@ -53,14 +51,6 @@ log = logging.getLogger(__name__)
 FORMAT = "kdflow-export-1"
 FILES = {"fp32": "model.onnx", "int8": "model.int8.onnx"}
 RECORD = "export.json"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def export_model(model_path: str | os.PathLike, dataset: str | os.PathLike,
@@ -152,10 +142,11 @@ def export_model(model_path: str | os.PathLike, dataset: str | os.PathLike,
                      ": a large drop" if drop > LARGE_DROP else "")
 
         record["files"] = {p: {"file": FILES[p], "bytes": path.stat().st_size,
-                               "sha256": _sha256(path)} for p, path in paths.items()}
+                               "sha256": hashing.file_digest(path)} for p, path in paths.items()}
         record["cpu"] = timing.cpu_info()
         record["provenance"] = {**provenance.collect("cpu"),
-                                **{p: _version(p) for p in ("onnx", "onnxscript", "onnxruntime")}}
+                                **{p: provenance.package_version(p)
+                                   for p in ("onnx", "onnxscript", "onnxruntime")}}
 
         # Into place. The old record goes first, so no export.json ever
         # describes files other than those beside it; a stale int8 file of
@@ -169,10 +160,3 @@ def export_model(model_path: str | os.PathLike, dataset: str | os.PathLike,
                 (out_dir / name).unlink(missing_ok=True)
         atomic.write_json(out_dir / RECORD, record)
     return record
-
-
-def _version(package: str) -> str | None:
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return None

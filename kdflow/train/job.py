@@ -14,7 +14,7 @@ from kdflow import KdflowError
 from kdflow.core import atomic
 from kdflow.models import checkpoint, weights
 from kdflow.distill import methods
-from kdflow.core import provenance
+from kdflow.core import hashing, provenance
 from kdflow.train import resume
 from kdflow.core import streams
 from kdflow.study import planner
@@ -184,9 +184,9 @@ def job_identity(arm: dict, options: EngineOptions, seed: int, device_type: str,
     return resume.fingerprint(
         arm=arm, engine=options, seed=seed, device=device_type,
         library=resume.library_digest(),
-        split=resume.file_digest(split), dataset=resume.file_digest(dataset),
-        teacher=resume.file_digest(teacher) if teacher else None,
-        **({"init": resume.file_digest(init)} if init else {}))
+        split=hashing.file_digest(split), dataset=hashing.file_digest(dataset),
+        teacher=hashing.file_digest(teacher) if teacher else None,
+        **({"init": hashing.file_digest(init)} if init else {}))
 
 
 def teacher_signal(t_model, *, features: bool,
@@ -225,16 +225,16 @@ def save_teacher_logits(teacher: str, dataset: str, split: str, out: str, *,
     t_model, _ = checkpoint.load_model(teacher, dev)
     logits = predict_logits(t_model, data.train_x, Normalizer(dev, data.mean, data.std),
                             amp_dtype=autocast_dtype(dev, options.precision))
-    record = {"logits": logits.cpu(), "teacher": resume.file_digest(teacher),
-              "split": resume.file_digest(split)}
+    record = {"logits": logits.cpu(), "teacher": hashing.file_digest(teacher),
+              "split": hashing.file_digest(split)}
     atomic.save_torch(out, record)
     log.info("teacher logits for %d training images -> %s", len(logits), out)
 
 
 def load_teacher_logits(path: str, teacher: str, split: str, device) -> torch.Tensor:
     saved = torch.load(path, map_location="cpu", weights_only=True)
-    if saved["teacher"] != resume.file_digest(teacher) or \
-            saved["split"] != resume.file_digest(split):
+    if saved["teacher"] != hashing.file_digest(teacher) or \
+            saved["split"] != hashing.file_digest(split):
         raise KdflowError(f"{path} was computed for another teacher or split; "
                           "delete it and rerun")
     return saved["logits"].to(device)

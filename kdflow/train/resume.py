@@ -35,14 +35,6 @@ class Preempted(KdflowError):
     """Raised at a step boundary after SIGTERM, once the state is saved."""
 
 
-def file_digest(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
 @functools.cache
 def library_digest() -> str:
     """sha256 of the kdflow library's source: every .py file of the package,
