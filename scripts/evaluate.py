@@ -16,6 +16,9 @@ run_step(
         teacher=snakemake.input.get("teacher") or None,
         device=snakemake.params.device,
         threads=snakemake.threads,
+        # Where the images are held changes no result: read here, not
+        # passed as params, so it reruns nothing.
+        placement=snakemake.config["placement"],
     ),
     # A GPU slot before CUDA starts (kdflow.core.gpu); the config's gpu section is
     # read here, not passed as params, so it never reruns a job.

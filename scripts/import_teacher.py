@@ -14,6 +14,9 @@ run_step(
         device=snakemake.params.device,
         engine=snakemake.params.engine,
         threads=snakemake.threads,
+        # Where the images are held changes no result: read here, not
+        # passed as params, so it reruns nothing.
+        placement=snakemake.config["placement"],
     ),
     device=snakemake.params.device,
     gpu_config=snakemake.config["gpu"],

@@ -18,6 +18,7 @@ from kdflow.models.efficiency import count_macs, measure_speed
 from kdflow.analysis.stats import (CHANCE_FLAG, TEACHER_CHANCE_FLAG, at_chance, calibration,
                           chance_p_value)
 from kdflow.data.arrays import Normalizer, channel_stats
+from kdflow.data.store import open_images
 from kdflow.core.device import resolve_device, set_threads
 from kdflow.models.inference import inference_batch, predict_logits
 from kdflow.distill.losses import teacher_kl
@@ -33,7 +34,8 @@ def write_json(obj, path: str | os.PathLike) -> None:
 def evaluate(model_path: str, dataset: str, out: str, *, arm: str, seed: Optional[int],
              device: str = "auto", teacher: Optional[str] = None,
              threads: Optional[int] = None, out_speed: Optional[str] = None,
-             speed_settings: Optional[dict] = None) -> dict:
+             speed_settings: Optional[dict] = None,
+             placement: Optional[dict] = None) -> dict:
     """Accuracy, loss, per-class accuracy, confusion matrix, size; and for a
     student, its agreement with the teacher on the test set.
 
@@ -48,10 +50,11 @@ def evaluate(model_path: str, dataset: str, out: str, *, arm: str, seed: Optiona
     set_threads(threads)
     dev = resolve_device(device)
     with np.load(dataset) as d:
-        x = torch.from_numpy(d["x_test"]).to(dev)
         y = torch.from_numpy(d["y_test"]).to(dev)
         classes = [str(c) for c in d["classes"]]
         normalize = Normalizer(dev, *channel_stats(d))
+    (x,), where = open_images(dataset, [("x_test", None)], dev, placement or {})
+    log.info("%s", where)
     model, ckpt = checkpoint.load_model(model_path, dev)
     if "plan" not in ckpt:
         raise KdflowError(f"{model_path} has no plan record (trained by a kdflow before "

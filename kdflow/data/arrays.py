@@ -41,9 +41,18 @@ CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 
 
 def savez(path: Path, **arrays) -> None:
-    # Through a file object: np.savez would append ".npz" to a NAME.part path.
-    with open(path, "wb") as f:
-        np.savez(f, **arrays)
+    """An uncompressed .npz of `arrays` (numpy arrays, or StoredImages and
+    kdflow.data.store.ScratchImages read back, copied in chunks), so that
+    jobs can read its images in place (kdflow.data.store). Through a file
+    object: np.savez would append ".npz" to a NAME.part path."""
+    from kdflow.data.store import NpzWriter, chunks_of
+
+    with open(path, "wb") as f, NpzWriter(f) as w:
+        for key, a in arrays.items():
+            if len(getattr(a, "shape", ())) == 4:   # images: in chunks
+                w.add_chunks(key, a.dtype, tuple(a.shape), chunks_of(a))
+            else:
+                w.add(key, a)
 
 
 def pixel_stats(x: np.ndarray, chunk_values: int = 1 << 23) -> tuple[tuple, tuple]:
@@ -54,11 +63,14 @@ def pixel_stats(x: np.ndarray, chunk_values: int = 1 << 23) -> tuple[tuple, tupl
     more than that."""
     if len(x) == 0:
         raise KdflowError("no training images to compute channel statistics from")
-    chunk = max(1, chunk_values // x[0].size)
+    from kdflow.data.store import chunks_of
+
     s = np.zeros(x.shape[1])
     s2 = np.zeros(x.shape[1])
-    for i in range(0, len(x), chunk):
-        block = x[i:i + chunk].astype(np.float64)
+    # Sums of integers in float64 are exact (below 2**53), so the chunking
+    # (and the order) changes no digit.
+    for block in chunks_of(x, chunk_values):
+        block = block.astype(np.float64)
         s += block.sum(axis=(0, 2, 3))
         s2 += (block * block).sum(axis=(0, 2, 3))
     n = len(x) * x.shape[2] * x.shape[3]
@@ -164,8 +176,14 @@ def write_subset(dataset: str | os.PathLike, out: str | os.PathLike,
     dataset, sizes and seed always give the same images, and the test images
     do not depend on the train size. The full training set's
     channel statistics are kept."""
+    from kdflow.data.store import StoredImages
+
     with np.load(dataset) as d:
-        arrays = {k: d[k] for k in d.files}
+        arrays = {k: d[k] for k in d.files if not k.startswith("x_")}
+    for part in ("train", "test"):
+        # The images are read in chunks when written, never held whole.
+        arrays[f"x_{part}"] = StoredImages.from_npz(dataset, f"x_{part}") \
+            or np.load(dataset)[f"x_{part}"]
     # One generator per part, so the test subset does not depend on how many
     # training images were drawn before it: changing data.subset.train keeps
     # the test images, and the scores stay comparable.
@@ -174,8 +192,9 @@ def write_subset(dataset: str | os.PathLike, out: str | os.PathLike,
         if size:
             rng = np.random.default_rng([seed, stream])
             idx = balanced_pick(arrays[f"y_{part}"], size, rng, part, setting)
-            arrays[f"x_{part}"], arrays[f"y_{part}"] = arrays[f"x_{part}"][idx], \
-                arrays[f"y_{part}"][idx]
+            x = arrays[f"x_{part}"]
+            arrays[f"x_{part}"] = x.view(idx) if isinstance(x, StoredImages) else x[idx]
+            arrays[f"y_{part}"] = arrays[f"y_{part}"][idx]
     write_with(out, lambda tmp: savez(tmp, **arrays))
     info = {"train": len(arrays["y_train"]), "test": len(arrays["y_test"])}
     log.info("subset: %d train, %d test images (seed %d)", info["train"], info["test"], seed)
@@ -218,28 +237,36 @@ def write_split(dataset: str | os.PathLike, out: str | os.PathLike,
 # imports this module to validate its config, and every Snakemake start (each
 # dry run, each cluster job) would otherwise pay seconds for torch.
 class Splits:
-    """Train/val/test images as uint8 NCHW tensors with int64 labels.
+    """Train/val/test images as uint8 NCHW with int64 labels.
 
-    Kept as uint8 (a quarter of float32's memory) on the training device;
-    batches are converted and normalised there, see `Normalizer`.
+    Images stay uint8 (a quarter of float32's memory); batches are converted
+    and normalised on the device, see `Normalizer`. Where they are held is
+    the config's placement section (kdflow.data.store.open_images): resident
+    as tensors on the training device, or streamed, read from the .npz a
+    batch at a time so the job's memory does not grow with the dataset. The
+    two give the same batches: a fixed seed trains to the same weights.
     """
 
     def __init__(self, dataset: str | os.PathLike, split: str | os.PathLike,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", placement: dict | None = None):
         import torch
 
+        from kdflow.data.store import open_images
+
         with np.load(dataset) as d, np.load(split) as s:
-            x, y = d["x_train"], d["y_train"]
             tr, va = s["train_idx"], s["val_idx"]
+            y = d["y_train"]
             self.classes = [str(c) for c in d["classes"]]
             self.mean, self.std = channel_stats(d)
 
             def t(a):
                 return torch.from_numpy(np.ascontiguousarray(a)).to(device)
 
-            self.train_x, self.train_y = t(x[tr]), t(y[tr])
-            self.val_x, self.val_y = t(x[va]), t(y[va])
-            self.test_x, self.test_y = t(d["x_test"]), t(d["y_test"])
+            self.train_y, self.val_y, self.test_y = t(y[tr]), t(y[va]), t(d["y_test"])
+        (self.train_x, self.val_x, self.test_x), self.placement = open_images(
+            dataset, [("x_train", tr), ("x_train", va), ("x_test", None)], device,
+            placement or {})
+        log.info("%s", self.placement)
 
     @property
     def num_classes(self) -> int:

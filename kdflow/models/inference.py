@@ -19,6 +19,7 @@ from torch import nn
 
 from kdflow.core.device import autocast
 from kdflow.data.arrays import Normalizer
+from kdflow.data.store import batches_of
 
 # At most this many images per inference batch (small images and models
 # reach it; more gains no speed on a CPU).
@@ -88,7 +89,8 @@ def features_and_logits(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor
 def predict_logits(model: nn.Module, x: torch.Tensor, normalize: Normalizer,
                    batch_size: Optional[int] = None,
                    amp_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """Logits (float32) for uint8 images `x`, in eval mode without gradients,
+    """Logits (float32) for uint8 images `x` (a tensor, or StoredImages read
+    a batch ahead), in eval mode without gradients,
     `batch_size` images at a time (default: as many as memory allows,
     `inference_batch`)."""
     if batch_size is None:
@@ -96,8 +98,8 @@ def predict_logits(model: nn.Module, x: torch.Tensor, normalize: Normalizer,
     was_training = model.training
     model.eval()
     with autocast(x.device, amp_dtype):
-        out = [model(normalize(x[i:i + batch_size])).float()
-               for i in range(0, len(x), batch_size)]
+        out = [model(normalize(xb)).float() for xb in batches_of(
+            x, (slice(i, i + batch_size) for i in range(0, len(x), batch_size)))]
     model.train(was_training)
     if not out:
         return torch.empty(0, 0, device=x.device)

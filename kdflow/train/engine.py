@@ -1,8 +1,9 @@
 """The training loop: TrainConfig, TrainState and fit.
 
-Data never goes through PIL or DataLoader workers: a split lives in memory as
-one uint8 tensor on the training device, each epoch draws one permutation and
-batches are index slices of it; augmentation and normalisation are batched
+Data never goes through PIL or DataLoader workers: a split is one uint8
+tensor on the training device (or, streamed, read from disk a batch ahead,
+kdflow.data.store), each epoch draws one permutation and batches are index
+slices of it; augmentation and normalisation are batched
 tensor operations (the recipe of airbench, the fastest CIFAR-10 trainers). On a 2-core machine
 DataLoader workers would fight the training threads for the cores.
 Augmentation lives in kdflow.train.augment, inference (validation scores)
@@ -26,6 +27,7 @@ from kdflow.core import streams
 from kdflow.core.device import EngineOptions, autocast, autocast_dtype
 from kdflow.core.schema import fields_of
 from kdflow.data.arrays import Normalizer
+from kdflow.data.store import StoredImages, batches_of
 from kdflow.models.inference import features_and_logits, predict_logits
 from kdflow.train import resume
 from kdflow.train.augment import Augment, augment_batch
@@ -192,7 +194,7 @@ class _Run:
     """What stays fixed during one `fit`: data, loss, teacher, settings."""
 
     cfg: TrainConfig
-    train_x: torch.Tensor
+    train_x: torch.Tensor    # or kdflow.data.store.StoredImages
     train_y: torch.Tensor
     forward: Callable       # x -> (feature map or None, logits)
     loss_fn: LossFn
@@ -278,7 +280,13 @@ def _train_epoch(run: _Run, state: TrainState, epoch: int,
     # device and checked every FINITE_CHECK_EVERY steps and at the end.
     sync_check = device.type != "cuda"
     bad_step = torch.full((), -1, dtype=torch.long, device=device)
-    for start in range(p["next"], n, batch_size):
+    starts = range(p["next"], n, batch_size)
+    # Streamed images: the next batch is read while this one trains.
+    # Their indices come from the host copy of the order: reading them from
+    # the device would wait for the GPU and undo the overlap.
+    order = p["perm"].cpu() if isinstance(run.train_x, StoredImages) else perm
+    images = batches_of(run.train_x, (order[s:s + batch_size] for s in starts))
+    for start, xb in zip(starts, images):
         if term.requested:
             state.partial = {"perm": perm, "next": start, "loss_sum": loss_sum,
                              "correct": correct, "elapsed": elapsed + time.perf_counter() - t0}
@@ -288,7 +296,7 @@ def _train_epoch(run: _Run, state: TrainState, epoch: int,
                 "rerun the job to resume")
         idx = perm[start:start + batch_size]
         step = start // batch_size + 1
-        loss, logits, targets = _step(run, state, epoch, idx)
+        loss, logits, targets = _step(run, state, epoch, idx, xb)
         if sync_check or step % FINITE_CHECK_EVERY == 0:
             _check_finite(loss, bad_step, step, epoch, run.name, run.state_path, sync_check)
         else:
@@ -305,10 +313,10 @@ def _train_epoch(run: _Run, state: TrainState, epoch: int,
     return loss_sum, correct, elapsed
 
 
-def _step(run: _Run, state: TrainState, epoch: int,
-          idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The loss, the student's logits and the labels for the images `idx`."""
-    xb = run.train_x[idx]
+def _step(run: _Run, state: TrainState, epoch: int, idx: torch.Tensor,
+          xb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The loss, the student's logits and the labels for the images `idx`
+    (`xb`, their uint8 pixels)."""
     if run.cfg.augment.enabled:
         xb = augment_batch(xb, run.cfg.augment, state.augment)
     xb, targets = run.normalize(xb), run.train_y[idx]

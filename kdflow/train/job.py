@@ -50,6 +50,7 @@ def train(
     teacher_logits: Optional[str] = None,
     init: Optional[str] = None,
     init_record: Optional[dict] = None,
+    placement: Optional[dict] = None,
 ) -> None:
     """Train one model and save its best-validation checkpoint and history.
 
@@ -61,6 +62,8 @@ def train(
     when given. engine: the validated engine section {precision, compile,
     deterministic}. init: weights a teacher's training starts from
     (teacher.init, whose {url, md5} is `init_record`): fine-tuning.
+    placement: the config's placement section (where the images are held:
+    kdflow.data.store; it changes no result).
     """
     role, model_cfg = arm["role"], arm["training"]
     if role not in planner.ROLES:
@@ -71,7 +74,7 @@ def train(
     amp = autocast_dtype(dev, options.precision)
     log.info("%s, seed %d, on %s (%s), %s, augmentation %s", arm["path"], seed, dev,
              provenance.device_name(dev), amp or "fp32", aug if aug.enabled else "off")
-    data = Splits(dataset, split, dev)
+    data = Splits(dataset, split, dev, placement)
     normalize = Normalizer(dev, data.mean, data.std)
     log.info("data: %d train, %d validation images, %d classes",
              len(data.train_y), len(data.val_y), data.num_classes)
@@ -217,11 +220,12 @@ def teacher_signal(t_model, *, features: bool,
 
 
 def save_teacher_logits(teacher: str, dataset: str, split: str, out: str, *,
-                        device: str, engine: dict, threads: Optional[int] = None) -> None:
+                        device: str, engine: dict, threads: Optional[int] = None,
+                        placement: Optional[dict] = None) -> None:
     """The teacher's logits on the training split, once, for every
     logit-based student of its seed (same computation as `teacher_signal`)."""
     dev, options = setup(device, engine, threads)
-    data = Splits(dataset, split, dev)
+    data = Splits(dataset, split, dev, placement)
     t_model, _ = checkpoint.load_model(teacher, dev)
     logits = predict_logits(t_model, data.train_x, Normalizer(dev, data.mean, data.std),
                             amp_dtype=autocast_dtype(dev, options.precision))

@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 def import_teacher(arm: dict, *, source: str, source_record: dict, dataset: str, split: str,
                    out_model: str, device: str, engine: dict,
-                   threads: Optional[int] = None) -> dict:
+                   threads: Optional[int] = None, placement: Optional[dict] = None) -> dict:
     """Check the file at `source` and write it to `out_model` as the teacher.
 
     arm: the teacher's plan record, kept in the checkpoint (of its training
@@ -43,7 +43,7 @@ def import_teacher(arm: dict, *, source: str, source_record: dict, dataset: str,
     measured."""
     name = arm["training"]["model"]
     dev, options = setup(device, engine, threads)
-    data = Splits(dataset, split, dev)
+    data = Splits(dataset, split, dev, placement)
     image_size = int(data.train_x.shape[-1])
     normalisation = checkpoint.normalisation(data.mean, data.std)
     try:
