@@ -144,9 +144,10 @@ def train_and_evaluate(work: Path, arm: str, data: tuple[str, str], device: str,
     train(planner.lookup(config, arm).record(), dataset=data[0], split=data[1],
           teacher=teacher, out_model=str(out / "model.pt"),
           out_history=str(out / "history.csv"), seed=0, device=device,
-          engine=config["engine"])
+          engine=config["engine"], placement=config["placement"])
     evaluate(str(out / "model.pt"), data[0], str(out / "metrics.json"),
-             arm=arm, seed=0, device=device, teacher=teacher)
+             arm=arm, seed=0, device=device, teacher=teacher,
+             placement=config["placement"])
     return json.loads((out / "metrics.json").read_text())
 
 

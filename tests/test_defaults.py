@@ -57,7 +57,9 @@ CONFIG_FACING = [
      {"model", "device", "image_shape"}),
     # The library's defaults for callers without a config (the workflow passes every key).
     (datasets.convert, SCHEMA["properties"]["data"]["properties"], {"source", "out", "md5"}),
-    (folder.read_folder, SCHEMA["properties"]["data"]["properties"], {"source", "entry"}),
+    # scratch: where the decoded images wait on disk (the output's directory).
+    (folder.read_folder, SCHEMA["properties"]["data"]["properties"], {"source", "entry",
+                                                                      "scratch"}),
 ]
 
 

@@ -146,7 +146,7 @@ def test_deterministic_mode_gives_byte_identical_metrics_files(workflow_run, tmp
         cfg = validate({"teacher": {"model": "deepnn", "epochs": 1, "batch_size": 32},
                         "student": {"model": "lightnn", "epochs": 2, "batch_size": 32},
                         "engine": {"deterministic": True}})
-        common = dict(dataset="results/data/cifar10.npz", split="results/data/split.npz",
+        common = dict(placement={}, dataset="results/data/cifar10.npz", split="results/data/split.npz",
                       seed=0, device="cpu", engine=cfg["engine"])
         train(planner.lookup(cfg, "teacher").record(), out_model="results/seed0/teacher/model.pt",
               out_history="results/seed0/teacher/history.csv", **common)
@@ -155,7 +155,7 @@ def test_deterministic_mode_gives_byte_identical_metrics_files(workflow_run, tmp
               teacher="results/seed0/teacher/model.pt", **common)
         for arm in ("teacher", KD):
             evaluate(f"results/seed0/{arm}/model.pt", "results/data/cifar10.npz",
-                     f"results/seed0/{arm}/metrics.json", arm=arm, seed=0, device="cpu",
+                     f"results/seed0/{arm}/metrics.json", arm=arm, seed=0, device="cpu", placement={},
                      teacher=None if arm == "teacher" else "results/seed0/teacher/model.pt")
     for arm in ("teacher", KD):
         a = tmp_path / "a" / "results" / "seed0" / arm / "metrics.json"

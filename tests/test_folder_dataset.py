@@ -146,8 +146,8 @@ def test_a_tree_that_changes_between_listing_and_reading_is_refused(tmp_path, mo
     tree = make_tree(tmp_path / "t", train=1, test=1, classes=["a", "b"])
     allocate = folder._Tree.allocate
 
-    def then_add_an_image(self):
-        allocate(self)
+    def then_add_an_image(self, scratch):
+        allocate(self, scratch)
         (tree / "train" / "a" / "late.png").write_bytes(image_bytes(0, 9))
 
     monkeypatch.setattr(folder._Tree, "allocate", then_add_an_image)
@@ -175,25 +175,38 @@ def test_images_are_counted_from_the_listing(big_tree, tmp_path, monkeypatch):
     (big_tree / "train" / "c0" / ".DS_Store").unlink()
 
 
-def test_a_tree_too_large_for_memory_is_refused_before_decoding(big_tree, tmp_path,
-                                                                  monkeypatch):
+def test_a_tree_too_large_for_memory_or_disk_is_refused_before_decoding(big_tree, tmp_path,
+                                                                          monkeypatch):
+    # The pixels go to disk: memory holds the listing, disk the pixels twice.
     need = folder.memory_needed(30, 224)
-    assert need == 30 * (3 * 224 * 224 + folder.PER_IMAGE_OVERHEAD) + folder.WORKING_ROOM
-    monkeypatch.setattr(folder, "available_memory", lambda: need - 1)
+    assert need == 30 * folder.PER_IMAGE_OVERHEAD + folder.WORKING_ROOM
+    disk = folder.disk_needed(30, 224)
+    assert disk == 2 * 30 * 3 * 224 * 224 + folder.WORKING_ROOM
     decoded = []
     monkeypatch.setattr(folder._Tree, "_decode", lambda *a: decoded.append(a))
+    monkeypatch.setattr(folder, "available_memory", lambda: need - 1)
     for source in _sources(big_tree, tmp_path):
         fails(source, tmp_path,
-              rf"30 images at data.image_size 224 need {need:,} bytes \(.* GiB\) of memory "
-              rf"to convert \(30 x 3 x 224 x 224 = {30 * 3 * 224 * 224:,} bytes .* of pixels, "
-              rf"plus working room\), but only {need - 1:,} bytes .* is available; lower "
-              r"data.image_size .*fewer images", image_size=224)
+              rf"30 images need {need:,} bytes \(.* GiB\) of memory to convert \(30 x "
+              rf"{folder.PER_IMAGE_OVERHEAD:,} bytes for the listing, plus working room\), but "
+              rf"only {need - 1:,} bytes .* is available; use fewer images", image_size=224)
+    monkeypatch.setattr(folder, "available_memory", lambda: need)
+    monkeypatch.setattr(folder, "free_disk", lambda d: disk - 1)
+    for source in _sources(big_tree, tmp_path):
+        fails(source, tmp_path,
+              rf"30 images at data.image_size 224 need {disk:,} bytes \(.* GiB\) of disk in "
+              rf".* to convert \(30 x 3 x 224 x 224 = {30 * 3 * 224 * 224:,} bytes .* of "
+              rf"pixels, twice while the .npz is written\), but only {disk - 1:,} bytes .* is "
+              r"free; free some space, lower data.image_size", image_size=224)
     assert not decoded
     # Exactly enough converts; so does an unknown amount (no probe on this system).
     monkeypatch.undo()
-    for available in (need, None):
+    for available, free in ((need, disk), (None, None)):
         monkeypatch.setattr(folder, "available_memory", lambda: available)
+        monkeypatch.setattr(folder, "free_disk", lambda d: free)
         assert converted(big_tree, tmp_path, image_size=224)["x_test"].shape == (10, 3, 224, 224)
+    # No scratch file is left beside the output.
+    assert not list(tmp_path.glob(".kdflow-scratch-*"))
 
 
 def test_the_memory_probe_reads_meminfo_and_every_cgroup_limit_over_it(tmp_path):
@@ -472,13 +485,20 @@ report(read=read, convert=peak_rss() - before, pixels=pixels)
 '''
 
 
-def test_conversion_holds_the_pixels_once_and_within_its_estimate(png_tree, tmp_path):
-    # 160 images at 320x320: 49 MB of pixels, each image decoded into its
-    # place (stacking decoded images would hold them twice).
-    got = run_capped(PEAK_IMPORTS, PEAK_BODY, png_tree, 320, cwd=tmp_path)
-    assert got["pixels"] == 160 * 3 * 320 * 320
-    assert got["read"] < 1.3 * got["pixels"], got
-    assert got["convert"] < folder.memory_needed(160, 320), got
+def test_conversion_memory_does_not_grow_with_the_pixels(png_tree, tmp_path):
+    # 160 images at 320x320 (49 MB of pixels) and at 480x480 (111 MB), each
+    # image decoded and written to its place in a scratch file, then copied
+    # into the .npz in chunks: the peak is an image and a few chunks, the
+    # same at both sizes, and never a copy of the pixels.
+    small = run_capped(PEAK_IMPORTS, PEAK_BODY, png_tree, 320, cwd=tmp_path)
+    large = run_capped(PEAK_IMPORTS, PEAK_BODY, png_tree, 480, cwd=tmp_path)
+    assert (small["pixels"], large["pixels"]) == (160 * 3 * 320 ** 2, 160 * 3 * 480 ** 2)
+    for got in (small, large):
+        assert got["read"] < 0.1 * got["pixels"], got
+        assert got["convert"] < folder.memory_needed(160, 320), got
+    assert large["convert"] < 0.4 * large["pixels"], large
+    assert large["convert"] - small["convert"] < 0.1 * (large["pixels"] - small["pixels"]), \
+        (small, large)
 
 
 def test_class_directories_are_capped_as_they_come(png_tree, tmp_path, monkeypatch):

@@ -132,7 +132,7 @@ def test_shared_teacher_logits_equal_the_in_job_computation(tmp_path, tiny_archi
                     num_classes=10, image_size=32)
     out = tmp_path / "logits.pt"
     save_teacher_logits(str(teacher), str(dataset), str(split), str(out), device="cpu",
-                        engine=validate({})["engine"])
+                        engine=validate({})["engine"], placement={})
     data = Splits(dataset, split)
     model, _ = checkpoint.load_model(teacher)
     direct = predict_logits(model, data.train_x, Normalizer("cpu", data.mean, data.std))

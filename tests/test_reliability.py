@@ -131,7 +131,7 @@ def test_a_state_saved_on_another_device_type_is_set_aside(workflow_run, tmp_pat
         "rng": {"cuda": torch.zeros(16, dtype=torch.uint8), "torch": torch.get_rng_state()}})
     with caplog.at_level("WARNING"):
         train(arm, out_model=str(out / "model.pt"), out_history=str(out / "history.csv"),
-              seed=0, device="cpu", threads=1, engine=engine, **args)
+              seed=0, device="cpu", threads=1, engine=engine, placement={}, **args)
     assert (out / "resume.pt.set-aside").is_file() and not (out / "resume.pt").exists()
     said = [r.getMessage() for r in caplog.records if "set aside" in r.getMessage()]
     assert len(said) == 1 and "device type" in said[0]

@@ -32,7 +32,7 @@ arm = planner.lookup(cfg, "teacher").record()
 run_step({str(workdir / 'train.log')!r}, lambda: train(
     arm, dataset={str(data / 'cifar10.npz')!r}, split={str(data / 'split.npz')!r},
     out_model={str(out / 'model.pt')!r}, out_history={str(out / 'history.csv')!r},
-    seed=0, device="cpu", threads=1, engine=cfg["engine"]))
+    seed=0, device="cpu", threads=1, engine=cfg["engine"], placement={{}}))
 """
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": str(library)}

@@ -135,7 +135,7 @@ def test_plain_and_distilled_twins_draw_the_same_dropout_masks(workflow_run, tmp
     teacher = str(workdir / "results/seed0/teacher/model.pt")
     cfg = validate({"student": {"model": "lightnn", "epochs": 1, "batch_size": 32},
                     "engine": {"deterministic": True}})
-    common = dict(dataset=str(data / "cifar10.npz"), split=str(data / "split.npz"), seed=0,
+    common = dict(placement={}, dataset=str(data / "cifar10.npz"), split=str(data / "split.npz"), seed=0,
                   device="cpu", threads=1, teacher=teacher, engine=cfg["engine"])
     from kdflow.study import planner
     config = validate({"student": {"model": "lightnn", "epochs": 1, "batch_size": 32},

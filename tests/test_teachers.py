@@ -185,7 +185,8 @@ def test_a_teacher_that_does_not_fit_is_refused_clearly(tmp_path, workflow_run, 
     with pytest.raises(KdflowError, match=needle) as e:
         import_teacher(arm, source=str(src), source_record={"url": str(src), "md5": md5(src)},
                        dataset=dataset, split=split, out_model=str(out), device="cpu",
-                       engine={"precision": "fp32", "compile": False, "deterministic": True})
+                       engine={"precision": "fp32", "compile": False, "deterministic": True},
+                       placement={})
     assert len(str(e.value).splitlines()) == 1
     assert not out.exists()
 
@@ -211,7 +212,7 @@ def test_a_fine_tuned_teacher_replaces_the_head_and_starts_elsewhere(tmp_path, w
         out = tmp_path / name
         train(arm, dataset=dataset, split=split, out_model=str(out / "model.pt"),
               out_history=str(out / "history.csv"), seed=0, device="cpu",
-              engine=cfg["engine"], threads=1, **kw)
+              engine=cfg["engine"], threads=1, placement={}, **kw)
         return checkpoint.load(out / "model.pt"), (out / "history.csv").read_text()
 
     with caplog.at_level(logging.INFO, logger="kdflow"):
@@ -272,7 +273,7 @@ def import_into(tmp_path, small_data, src: Path, model="deepnn"):
     import_teacher({**arm, "model": model, "training": {"model": model}}, source=str(src),
                    source_record={"url": src.as_uri(), "md5": md5(src).upper()},
                    dataset=dataset, split=split, out_model=str(out), device="cpu",
-                   engine=ENGINE)
+                   engine=ENGINE, placement={})
     return checkpoint.load(out)
 
 
@@ -343,7 +344,7 @@ def test_fine_tuning_from_other_class_names_starts_a_fresh_head(tmp_path, small_
     with caplog.at_level(logging.INFO, logger="kdflow"):
         train(arm, dataset=dataset, split=split, out_model=str(out / "model.pt"),
               out_history=str(out / "history.csv"), seed=0, device="cpu", engine=ENGINE,
-              threads=1, init=str(src), init_record={"url": str(src), "md5": md5(src)})
+              threads=1, placement={}, init=str(src), init_record={"url": str(src), "md5": md5(src)})
     assert "classifier head classifier.3 replaced (10 classes there, 10 here, other names)" \
         in caplog.text
     assert "differs from the data in normalisation: mean (0.5, 0.5, 0.5)" in caplog.text

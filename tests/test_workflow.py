@@ -70,7 +70,7 @@ def test_students_of_a_seed_start_from_the_same_weights(workflow_run):
     from kdflow.train.job import train
     workdir, config = workflow_run
     res = workdir / "results"
-    common = dict(dataset=str(res / "data/cifar10.npz"), split=str(res / "data/split.npz"),
+    common = dict(placement={}, dataset=str(res / "data/cifar10.npz"), split=str(res / "data/split.npz"),
                   engine=validate(config)["engine"],
                   # One thread, as the workflow's jobs (--max-threads 1): CPU
                   # kernels' sums depend on the thread count.

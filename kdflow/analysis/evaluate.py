@@ -35,7 +35,7 @@ def evaluate(model_path: str, dataset: str, out: str, *, arm: str, seed: Optiona
              device: str = "auto", teacher: Optional[str] = None,
              threads: Optional[int] = None, out_speed: Optional[str] = None,
              speed_settings: Optional[dict] = None,
-             placement: Optional[dict] = None) -> dict:
+             placement: dict) -> dict:
     """Accuracy, loss, per-class accuracy, confusion matrix, size; and for a
     student, its agreement with the teacher on the test set.
 
@@ -53,7 +53,7 @@ def evaluate(model_path: str, dataset: str, out: str, *, arm: str, seed: Optiona
         y = torch.from_numpy(d["y_test"]).to(dev)
         classes = [str(c) for c in d["classes"]]
         normalize = Normalizer(dev, *channel_stats(d))
-    (x,), where = open_images(dataset, [("x_test", None)], dev, placement or {})
+    (x,), where = open_images(dataset, [("x_test", None)], dev, placement)
     log.info("%s", where)
     model, ckpt = checkpoint.load_model(model_path, dev)
     if "plan" not in ckpt:

@@ -55,11 +55,11 @@ def savez(path: Path, **arrays) -> None:
                 w.add(key, a)
 
 
-def pixel_stats(x: np.ndarray, chunk_values: int = 1 << 23) -> tuple[tuple, tuple]:
+def pixel_stats(x: np.ndarray, chunk_values: int = 1 << 21) -> tuple[tuple, tuple]:
     """Per-channel mean and (population) std of uint8 NCHW images, on the
     0..1 scale: how every dataset's statistics are obtained, from its
     training images. Summed in float64 in chunks of about `chunk_values`
-    values (64 MiB, twice), so any number of images of any size costs no
+    values (16 MiB, twice), so any number of images of any size costs no
     more than that."""
     if len(x) == 0:
         raise KdflowError("no training images to compute channel statistics from")
@@ -249,6 +249,8 @@ class Splits:
 
     def __init__(self, dataset: str | os.PathLike, split: str | os.PathLike,
                  device: torch.device | str = "cpu", placement: dict | None = None):
+        # placement: the config's section; None (callers outside the
+        # workflow) takes the schema's defaults.
         import torch
 
         from kdflow.data.store import open_images
@@ -265,7 +267,7 @@ class Splits:
             self.train_y, self.val_y, self.test_y = t(y[tr]), t(y[va]), t(d["y_test"])
         (self.train_x, self.val_x, self.test_x), self.placement = open_images(
             dataset, [("x_train", tr), ("x_train", va), ("x_test", None)], device,
-            placement or {})
+            placement if placement is not None else {})
         log.info("%s", self.placement)
 
     @property

@@ -113,12 +113,14 @@ def _read_members(archive: Path, spec: CifarLayout, official: str) -> dict[str, 
     return found
 
 
-def read_cifar(archive: Path, entry, image_size: int) -> Images:
+def read_cifar(archive: Path, entry, image_size: int, scratch: Path | None = None) -> Images:
     """A CIFAR python archive's batches, each checked against the layout:
     N x 3072 uint8 images, N integer labels below the class count, no more
     images than the official sets. Always 32x32 (`image_size` is checked
     against the entry's before any converter runs). `entry` is the table's
-    Dataset (kdflow.data.datasets), its layout and official file name read."""
+    Dataset (kdflow.data.datasets), its layout and official file name read.
+    At most 60,000 small images (184 MB): held in memory, so `scratch`
+    (where a large tree's images go) is unused."""
     spec = entry.layout
     payloads = _read_members(archive, spec, entry.archive)
     classes = class_names(payloads.pop(spec.meta), f"{spec.root}/{spec.meta}",

@@ -212,7 +212,9 @@ def convert(source: str | os.PathLike, out: str | os.PathLike, dataset: str = "c
     check_image_size(dataset, image_size)
     source = Path(source)
     _recheck_md5(source, md5)
-    images = entry.read(source, entry, image_size)
+    # Converters that decode many images put them in scratch files beside
+    # the output (kdflow.data.store), not in memory.
+    images = entry.read(source, entry, image_size, scratch=Path(out).parent)
     _check(images, source, image_size)
     write_dataset(out, dataset, *images)
     info = {"train": len(images.y_train), "test": len(images.y_test),

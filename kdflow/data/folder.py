@@ -42,7 +42,9 @@ from kdflow.data.images import decode_rgb
 # memory_needed and its two terms are re-exported: the folder reader's own
 # estimate, as its callers and tests know it.
 from kdflow.data.memory import (PER_IMAGE_OVERHEAD, WORKING_ROOM,  # noqa: F401
-                                available_memory, check_memory, memory_needed)
+                                available_memory, check_disk, check_memory, disk_needed,
+                                free_disk, memory_needed)
+from kdflow.data.store import ScratchImages
 
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
@@ -368,10 +370,13 @@ class _Tree:
         self.class_names, self.labels = classes, labels
         return len(self.slots)
 
-    def allocate(self) -> None:
-        """The arrays the images are decoded into (once their memory is checked)."""
+    def allocate(self, scratch: Path) -> None:
+        """The scratch files in `scratch` the images are decoded into (once
+        memory and disk are checked): on disk, so that no number of images
+        is held in memory."""
         side = self.image_size
-        self.arrays = [(np.empty((len(y), 3, side, side), np.uint8), y) for y in self.labels]
+        self.arrays = [(ScratchImages(scratch, len(y), (3, side, side)), y)
+                       for y in self.labels]
 
     def add(self, name: str, payload: bytes | None) -> None:
         """One entry of the second pass: an image is decoded into its place."""
@@ -405,7 +410,11 @@ class _Tree:
             name = next(iter(self.slots))
             raise _bad(self._where(name), "listed but gone when read: the tree changed "
                                           "during conversion; rerun")
-        (x_train, y_train), (x_test, y_test) = self.arrays
+        # Read back from the scratch files, which are removed now: the
+        # readers keep them open until the .npz is written.
+        (x_train, y_train), (x_test, y_test) = [(x.stored(), y) for x, y in self.arrays]
+        for x, _ in self.arrays:
+            x.close()
         return Images(x_train, y_train, x_test, y_test, self.class_names)
 
 
@@ -448,18 +457,26 @@ def listed_labels(source: Path) -> tuple[np.ndarray, np.ndarray]:
         return tuple(_listed(source, IMAGE_SIZE).labels)
 
 
-def read_folder(source: Path, entry: object = None, image_size: int = IMAGE_SIZE) -> Images:
+def read_folder(source: Path, entry: object = None, image_size: int = IMAGE_SIZE,
+                scratch: Path | None = None) -> Images:
     """The converter of the `folder` entry (kdflow.data.datasets): a directory or
     a .tar/.tar.gz/.zip of train/<class>/ and test/<class>/ images, resized
     to image_size x image_size. `entry` (the table's Dataset) is the
     converters' common signature; unused here. The tree is listed, its
-    layout checked and the memory its arrays need compared with what is
-    available before the first image is decoded."""
+    layout checked and the memory and disk it needs compared with what is
+    available before the first image is decoded. The images are decoded to
+    scratch files in `scratch` (the output's directory; the system's
+    temporary directory by default) and come back as
+    kdflow.data.store.StoredImages."""
+    import tempfile
+
     source = Path(source)
+    scratch = Path(scratch or tempfile.gettempdir())
     with _reading(source):
         tree = _listed(source, image_size)
         check_memory(source, len(tree.slots), image_size, available_memory())
-        tree.allocate()
+        check_disk(source, len(tree.slots), image_size, scratch, free_disk(scratch))
+        tree.allocate(scratch)
         for name, payload in _walk(source):
             tree.add(name, payload)
     return tree.finish()

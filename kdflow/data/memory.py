@@ -1,10 +1,12 @@
 """The memory probe: what converting a tree of images holds, and what this process can still take.
 
-An image tree is refused before its first image is decoded when its arrays
-would not fit (kdflow.data.folder counts the images from the listing):
-`memory_needed` is the conversion's peak, `available_memory` the kernel's
-MemAvailable or less where a memory cgroup (a container's, a Slurm job's)
-leaves less, and `check_memory` compares the two with a clear error.
+An image tree is refused before its first image is decoded when it would
+not fit (kdflow.data.folder counts the images from the listing). Its pixels
+go to disk, not memory: `memory_needed` is the conversion's peak (the
+listing and working room), `available_memory` the kernel's MemAvailable or
+less where a memory cgroup (a container's, a Slurm job's) leaves less, and
+`check_memory` compares the two; `disk_needed` and `check_disk` do the same
+for the scratch file and the .npz.
 """
 
 from __future__ import annotations
@@ -24,9 +26,29 @@ WORKING_ROOM = 256 << 20
 
 def memory_needed(images: int, image_size: int) -> int:
     """Bytes converting `images` images to image_size x image_size holds at
-    its peak: their uint8 pixels once (each image is decoded into its place
-    in the arrays, which are then written in chunks), with the room above."""
-    return images * (3 * image_size * image_size + PER_IMAGE_OVERHEAD) + WORKING_ROOM
+    its peak: no pixels (each image is decoded and written to its place in
+    a scratch file on disk, which is then copied into the .npz in chunks,
+    kdflow.data.store), only the listing's per-image record and the room
+    above. `image_size` is the converters' common signature: the memory no
+    longer depends on it."""
+    return images * PER_IMAGE_OVERHEAD + WORKING_ROOM
+
+
+def disk_needed(images: int, image_size: int) -> int:
+    """Bytes of disk converting takes beside the output's directory: the
+    pixels twice at the peak (the scratch file and the .npz being written),
+    with the room above for the .npz's labels and headers."""
+    return 2 * images * 3 * image_size * image_size + WORKING_ROOM
+
+
+def free_disk(directory: Path) -> int | None:
+    """Bytes free for this user in `directory` (None where it cannot be told)."""
+    import shutil
+
+    try:
+        return shutil.disk_usage(directory).free
+    except OSError:
+        return None
 
 
 def available_memory(meminfo: Path = Path("/proc/meminfo"),
@@ -108,17 +130,31 @@ def _cgroup_room(d: Path, limit: str, usage: str, cache: str) -> int | None:
 
 def check_memory(source: Path, images: int, image_size: int,
                  available: int | None) -> None:
-    """Refuse a tree whose arrays would not fit, naming the numbers."""
+    """Refuse a tree whose listing would not fit in memory, naming the numbers."""
     need = memory_needed(images, image_size)
     if available is None or need <= available:
         return
+    raise KdflowError(
+        f"{source}: {images:,} images need {_bytes(need)} of memory to convert "
+        f"({images:,} x {PER_IMAGE_OVERHEAD:,} bytes for the listing, plus working room), "
+        f"but only {_bytes(available)} is available; use fewer images in the tree, or "
+        "convert on a machine with more memory")
+
+
+def check_disk(source: Path, images: int, image_size: int, directory: Path,
+               free: int | None) -> None:
+    """Refuse a tree whose converted images would not fit on the disk of
+    `directory` (where the scratch file and the .npz go)."""
+    need = disk_needed(images, image_size)
+    if free is None or need <= free:
+        return
     pixels = images * 3 * image_size * image_size
     raise KdflowError(
-        f"{source}: {images:,} images at data.image_size {image_size} need "
-        f"{_bytes(need)} of memory to convert ({images:,} x 3 x {image_size} x {image_size} "
-        f"= {_bytes(pixels)} of pixels, plus working room), but only {_bytes(available)} "
-        "is available; lower data.image_size (memory grows with its square), use fewer "
-        "images in the tree, or convert on a machine with more memory")
+        f"{source}: {images:,} images at data.image_size {image_size} need {_bytes(need)} "
+        f"of disk in {directory} to convert ({images:,} x 3 x {image_size} x {image_size} "
+        f"= {_bytes(pixels)} of pixels, twice while the .npz is written), but only "
+        f"{_bytes(free)} is free; free some space, lower data.image_size (the pixels "
+        "grow with its square) or use fewer images in the tree")
 
 
 def _bytes(n: int) -> str:

@@ -30,7 +30,7 @@ _LOCAL_HEADER = struct.Struct("<4s22xHH")   # signature, ..., name length, extra
 _LOCAL_SIGNATURE = b"PK\x03\x04"
 
 # Bytes per chunk when arrays are copied or written (conversion, subset).
-CHUNK_BYTES = 16 << 20
+CHUNK_BYTES = 4 << 20
 
 
 def member_layout(path: str | os.PathLike, key: str) -> Optional[tuple[int, np.dtype, tuple]]:
@@ -68,8 +68,8 @@ class StoredImages:
 
     def __init__(self, path: str | os.PathLike, offset: int, dtype, shape: tuple,
                  device="cpu", *, rows: Optional[np.ndarray] = None, pin: bool = False):
-        import torch
-
+        # No torch here: conversion reads its scratch files back with this
+        # class, and it runs without torch (seconds and memory it needs not).
         self.path, self._offset, self.dtype = Path(path), int(offset), np.dtype(dtype)
         self._stored = int(shape[0])
         self._row = int(np.prod(shape[1:], dtype=np.int64)) * self.dtype.itemsize
@@ -77,11 +77,8 @@ class StoredImages:
         # of x_train), in their order; None: all of them.
         self._rows = None if rows is None else np.asarray(rows, dtype=np.int64)
         n = self._stored if self._rows is None else len(self._rows)
-        self.shape = torch.Size((n, *shape[1:]))
-        self.device = torch.device(device)
-        # Pinned (page-locked) host buffers let the copy to a GPU run
-        # asynchronously, overlapping the step that is computing.
-        self.pin = pin and self.device.type == "cuda"
+        self.shape = (n, *(int(d) for d in shape[1:]))
+        self._device, self._pin = device, pin
         self._fd = os.open(self.path, os.O_RDONLY)
 
     @classmethod
@@ -94,14 +91,26 @@ class StoredImages:
         offset, dtype, shape = layout
         return cls(path, offset, dtype, shape, device, rows=rows, pin=pin)
 
+    @property
+    def device(self):
+        import torch
+
+        return torch.device(self._device)
+
+    @property
+    def pin(self) -> bool:
+        # Pinned (page-locked) host buffers let the copy to a GPU run
+        # asynchronously, overlapping the step that is computing.
+        return self._pin and self.device.type == "cuda"
+
     def view(self, rows: np.ndarray) -> "StoredImages":
         """The images `rows` of this array (indices into it), in that order."""
         rows = np.asarray(rows, dtype=np.int64)
         if self._rows is not None:
             rows = self._rows[rows]
         return StoredImages(self.path, self._offset, self.dtype,
-                            (self._stored, *self.shape[1:]), self.device, rows=rows,
-                            pin=self.pin)
+                            (self._stored, *self.shape[1:]), self._device, rows=rows,
+                            pin=self._pin)
 
     @property
     def nbytes(self) -> int:
@@ -149,11 +158,12 @@ class StoredImages:
         if isinstance(rows, torch.Tensor):
             rows = rows.cpu().numpy()
         x = torch.from_numpy(self.read(rows))
-        if self.device.type == "cpu":
+        device = self.device
+        if device.type == "cpu":
             return x
         if self.pin:
             x = x.pin_memory()
-        return x.to(self.device, non_blocking=self.pin)
+        return x.to(device, non_blocking=self.pin)
 
     def batches(self, index_chunks: Iterable) -> Iterator:
         """The images of each chunk of indices in turn, each read (and, on
@@ -301,22 +311,30 @@ def choose_placement(nbytes: int, device, settings: dict) -> tuple[str, str]:
     (several jobs run side by side), and streams them otherwise."""
     import torch
 
+    from kdflow.core import schema
+
+    # Keys left out take the schema's defaults (callers outside the
+    # workflow may pass {}).
+    settings = {**schema.default("placement"),
+                **{k: schema.default(f"placement.{k}") for k in ("images", "gpu_share",
+                                                                   "cpu_share")},
+                **settings}
     device = torch.device(device)
-    mode = settings.get("images", "auto")
+    mode = settings["images"]
     if mode not in PLACEMENTS:
         raise KdflowError(f"placement.images is {mode!r}; use one of {', '.join(PLACEMENTS)}")
     if mode != "auto":
         return mode, "placement.images"
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        share, where = settings.get("gpu_share", 0.5), f"the GPU's {free / 2**20:,.0f} MiB free"
+        share, where = settings["gpu_share"], f"the GPU's {free / 2**20:,.0f} MiB free"
     else:
         from kdflow.data.memory import available_memory
 
         free = available_memory()
         if free is None:
             return "resident", "auto (available memory unknown)"
-        share, where = settings.get("cpu_share", 0.25), f"{free / 2**20:,.0f} MiB available"
+        share, where = settings["cpu_share"], f"{free / 2**20:,.0f} MiB available"
     fits = nbytes <= share * free
     return ("resident" if fits else "streamed",
             f"auto: {nbytes / 2**20:,.0f} MiB {'within' if fits else 'over'} "

@@ -50,7 +50,7 @@ def train(
     teacher_logits: Optional[str] = None,
     init: Optional[str] = None,
     init_record: Optional[dict] = None,
-    placement: Optional[dict] = None,
+    placement: dict,
 ) -> None:
     """Train one model and save its best-validation checkpoint and history.
 
@@ -221,7 +221,7 @@ def teacher_signal(t_model, *, features: bool,
 
 def save_teacher_logits(teacher: str, dataset: str, split: str, out: str, *,
                         device: str, engine: dict, threads: Optional[int] = None,
-                        placement: Optional[dict] = None) -> None:
+                        placement: dict) -> None:
     """The teacher's logits on the training split, once, for every
     logit-based student of its seed (same computation as `teacher_signal`)."""
     dev, options = setup(device, engine, threads)

@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 def import_teacher(arm: dict, *, source: str, source_record: dict, dataset: str, split: str,
                    out_model: str, device: str, engine: dict,
-                   threads: Optional[int] = None, placement: Optional[dict] = None) -> dict:
+                   threads: Optional[int] = None, placement: dict) -> dict:
     """Check the file at `source` and write it to `out_model` as the teacher.
 
     arm: the teacher's plan record, kept in the checkpoint (of its training
