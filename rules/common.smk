@@ -10,6 +10,7 @@ sys.path.insert(0, workflow.basedir)
 
 from kdflow import KdflowError
 from kdflow.distill import methods
+from kdflow.models import pretrained
 from kdflow.study import planner
 from kdflow.workflow.config import validate as _validate_config
 from kdflow.data.datasets import archive_name, directory_source, fingerprint
@@ -74,6 +75,24 @@ TEACHER_LOGITS = f"results/{TEACHER_AT}teacher/train_logits.pt"
 # weights of a fine-tuned one.
 TEACHER_SOURCE = "results/teacher/source.pt"
 TEACHER_INIT = "results/teacher/init.pt" if TEACHER_CFG["init"] else None
+# The students' initial weights (student.init): one file per architecture,
+# shared by its plain and distilled students of every seed.
+STUDENT_INIT = (
+    "results/students/{student}/init.pt" if config["student"]["init"] else None
+)
+
+
+def resolved_init(section, model):
+    """A torchvision init name (teacher.init or student.init) for `model`:
+    torchvision's name, URL and hash for it (kdflow.models.pretrained), in
+    a fetch rule's params so that a torchvision release moving DEFAULT to
+    other weights fetches them and reruns what follows."""
+    return pretrained.resolve(config[section]["init"], model).record()
+
+
+def student_init(wildcards):
+    """A student's initial weights file (none without student.init)."""
+    return STUDENT_INIT.format(student=wildcards.student) if STUDENT_INIT else []
 
 
 wildcard_constraints:

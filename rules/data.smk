@@ -118,6 +118,9 @@ if TEACHER_INIT:
     localrules:
         fetch_teacher_init,
 
+
+if TEACHER_INIT and not pretrained.is_torchvision(TEACHER_CFG["init"]):
+
     rule fetch_teacher_init:
         output:
             TEACHER_INIT,
@@ -129,5 +132,53 @@ if TEACHER_INIT:
             key="teacher.init",
             url=TEACHER_CFG["init"]["url"],
             md5=TEACHER_CFG["init"]["md5"],
+        script:
+            "../scripts/fetch_weights.py"
+
+elif TEACHER_INIT:
+
+    # torchvision's weights by name (kdflow.models.pretrained): verified
+    # with the SHA-256 prefix torchvision publishes, from teacher.init.url,
+    # torch.hub's cache or torchvision's URL.
+    rule fetch_teacher_init:
+        output:
+            TEACHER_INIT,
+        log:
+            "results/logs/teacher/fetch_init.log",
+        conda:
+            "../envs/kdflow.yaml"
+        params:
+            key="teacher.init",
+            model=TEACHER_CFG["model"],
+            spec=TEACHER_CFG["init"],
+            weights=resolved_init("teacher", TEACHER_CFG["model"]),
+        script:
+            "../scripts/fetch_weights.py"
+
+
+# student.init: one file per student architecture, as the teacher's.
+if STUDENT_INIT:
+
+    localrules:
+        fetch_student_init,
+
+    rule fetch_student_init:
+        output:
+            STUDENT_INIT,
+        log:
+            "results/logs/students/{student}/fetch_init.log",
+        conda:
+            "../envs/kdflow.yaml"
+        params:
+            key="student.init",
+            # {url, md5}, or a torchvision name with what it resolves to
+            # for this architecture.
+            model=lambda w: w.student,
+            spec=config["student"]["init"],
+            weights=lambda w: (
+                resolved_init("student", w.student)
+                if pretrained.is_torchvision(config["student"]["init"])
+                else None
+            ),
         script:
             "../scripts/fetch_weights.py"

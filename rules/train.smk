@@ -102,6 +102,8 @@ rule train_student_baseline:
         dataset=DATASET,
         split=SPLIT,
         teacher=TEACHER,
+        # student.init: the same file for the plain and the distilled students.
+        init=student_init,
     output:
         model="results/seed{seed}/{student}/ce/model.pt",
         history="results/seed{seed}/{student}/ce/history.csv",
@@ -129,6 +131,7 @@ rule train_student_kd:
         split=SPLIT,
         teacher=TEACHER,
         teacher_logits=cached_teacher_logits,
+        init=student_init,
     output:
         model="results/seed{seed}/{student}/{method}/{setting}/model.pt",
         history="results/seed{seed}/{student}/{method}/{setting}/history.csv",

@@ -178,11 +178,19 @@ def test_every_problem_of_one_weights_file_is_named():
     assert any("md5 is missing" in ln for ln in lines)
 
 
-def test_a_student_weights_file_is_a_teacher_key_whatever_its_form():
+def test_a_student_checkpoint_is_a_teacher_key_whatever_its_form():
     for value in ("/t.pt", {"url": "/t.pt"}, {"url": "/t.pt", "md5": MD5}):
-        with pytest.raises(KdflowError, match="student.init is a teacher key") as e:
-            validate({"student": {"model": "lightnn", "init": value}})
+        with pytest.raises(KdflowError, match="student.checkpoint is a teacher key") as e:
+            validate({"student": {"model": "lightnn", "checkpoint": value}})
         assert "is not of type" not in str(e.value)
+
+
+def test_a_wrong_student_init_names_the_real_problem_as_the_teacher_s():
+    # student.init is the teacher's init for the students (one start for both).
+    with pytest.raises(KdflowError) as e:
+        validate({"student": {"model": "lightnn", "init": {"url": "/t.pt"}}})
+    assert "student.init: md5 is missing" in str(e.value)
+    assert "is not of type" not in str(e.value)
 
 
 def test_md5s_are_normalised_to_lower_case():
@@ -190,8 +198,10 @@ def test_md5s_are_normalised_to_lower_case():
     # refetch the file and rerun everything after it.
     upper = MD5.upper()
     c = validate({"data": {"url": "/m/cifar-10-python.tar.gz", "md5": upper},
-                  "teacher": {"model": "deepnn", "init": {"url": "/t.pt", "md5": upper}}})
+                  "teacher": {"model": "deepnn", "init": {"url": "/t.pt", "md5": upper}},
+                  "student": {"model": "lightnn", "init": {"url": "/s.pt", "md5": upper}}})
     assert c["data"]["md5"] == MD5 and c["teacher"]["init"]["md5"] == MD5
+    assert c["student"]["init"]["md5"] == MD5
     c = validate({"teacher": {"model": "deepnn", "checkpoint": {"url": "/t.pt", "md5": upper}}})
     assert c["teacher"]["checkpoint"] == {"url": "/t.pt", "md5": MD5}
 

@@ -36,7 +36,7 @@ CONFIG_FACING = [
     (train.train, SCHEMA["properties"], {"arm", "dataset", "split", "out_model",
                                          "out_history", "seed", "threads",
                                          "teacher", "teacher_logits", "init",
-                                         "init_record"}),
+                                         "init_record", "init_described"}),
     (train.save_teacher_logits, SCHEMA["properties"], {"teacher", "dataset", "split", "out",
                                                        "threads"}),
     # The losses' knobs are kd keys; logits, targets and DKD's fixed label
@@ -103,9 +103,9 @@ def test_every_default_in_the_code_is_the_schemas(obj, keys, inputs):
 def test_train_config_has_every_key_of_a_training_section():
     """A key added to the schema's training section reaches the engine."""
     fields = {f.name for f in dataclasses.fields(engine.TrainConfig)}
-    # The teacher-only keys say where a teacher's weights come from, not how
-    # to train: the workflow's rules read them (kdflow.workflow.config).
-    assert fields == set(TRAINING) - set(TEACHER_ONLY) | {"engine"}
+    # The teacher-only keys and init say where a model's weights come from,
+    # not how to train: the workflow's rules read them (kdflow.workflow.config).
+    assert fields == set(TRAINING) - set(TEACHER_ONLY) - {"init"} | {"engine"}
     assert {f.name for f in dataclasses.fields(augment.Augment)} == \
         set(TRAINING["augment"]["properties"])
     assert {f.name for f in dataclasses.fields(device.EngineOptions)} == \

@@ -133,17 +133,25 @@ def test_one_shared_trained_teacher_teaches_three_seeds(tmp_path, tiny_archive):
 def test_fine_tuning_plans_the_download_of_its_initial_weights(tmp_path, tiny_archive):
     weights = tmp_path / "init.pt"
     torch.save(build_model("deepnn", 100).state_dict(), weights)
+    student = tmp_path / "student.pt"
+    torch.save(build_model("lightnn", 100).state_dict(), student)
     config = deep_update(base_config(*tiny_archive), {
-        "teacher": {"init": {"url": str(weights), "md5": md5(weights)}}})
+        "teacher": {"init": {"url": str(weights), "md5": md5(weights)}},
+        "student": {"init": {"url": str(student), "md5": md5(student)}}})
     jobs = planned_jobs(tmp_path, config)
     assert jobs["fetch_teacher_init"] == 1 and jobs["train_teacher"] == 2
+    # One file for the plain and the distilled students of every seed.
+    assert jobs["fetch_student_init"] == 1
+    assert jobs["train_student_baseline"] == jobs["train_student_kd"] == 2
 
 
 def test_teacher_keys_are_teacher_only_and_exclusive(tiny_archive):
     base = base_config(*tiny_archive)
     ref = {"url": "/x.pt", "md5": "0" * 32}
-    with pytest.raises(KdflowError, match="student.init is a teacher key"):
-        validate(deep_update(base, {"student": {"init": ref}}))
+    with pytest.raises(KdflowError, match="student.checkpoint is a teacher key"):
+        validate(deep_update(base, {"student": {"checkpoint": ref}}))
+    with pytest.raises(KdflowError, match="student.shared is a teacher key"):
+        validate(deep_update(base, {"student": {"shared": True}}))
     with pytest.raises(KdflowError, match="exclude each other"):
         validate(deep_update(base, {"teacher": {"init": ref, "checkpoint": ref}}))
     with pytest.raises(KdflowError, match="md5"):

@@ -1,11 +1,13 @@
-"""Downloads: copy an http(s)/file URL or a path to a file, verify its md5.
+"""Downloads: copy an http(s)/file URL or a path to a file, verify its checksum.
 
 Every dataset source that is a single file (a CIFAR python archive, an image
 folder packed as .tar/.tar.gz/.zip) comes through `fetch_archive`: retries
 with backoff for transient failures, HTTP Range resume of a partial file, a
 size cap against servers that never stop, a deadline for the whole transfer
-against servers that trickle, and an md5 check before the file gets its
-final name. Nothing here knows what the file holds.
+against servers that trickle, and a checksum before the file gets its final
+name: the md5 a config gives, or the SHA-256 prefix torchvision publishes in
+its weights' file names (kdflow.models.pretrained). Nothing here knows what
+the file holds.
 """
 
 from __future__ import annotations
@@ -205,14 +207,19 @@ def _copy(src, out, start: int, total: int | None, cap: int, url: str,
     log.info("downloaded %.1f MB (%.1f MB/s)", done / MB, progress.rate(done))
 
 
-def fetch_archive(url: str, md5: str, dest: str | os.PathLike, *,
+def fetch_archive(url: str, md5: str | None, dest: str | os.PathLike, *,
                   max_bytes: int | None = None, retries: int = 5,
                   backoff: float = 2.0, timeout: float = 60.0,
-                  deadline: float | None = None, key: str = "data") -> None:
-    """Copy/download `url` to `dest` and verify its md5.
+                  deadline: float | None = None, key: str = "data",
+                  sha256: str | None = None, mismatch: str | None = None) -> None:
+    """Copy/download `url` to `dest` and verify its md5, or, with `sha256`,
+    that its SHA-256 starts with those hex digits (as torch.hub's
+    check_hash does; the whole digest is a prefix of itself).
 
     `key` is the config section the url and md5 come from (data, or a
-    teacher's weights), named in every error.
+    model's weights), named in every error. `mismatch`: what a checksum
+    mismatch's one line says after the hashes (default: the fix for a
+    config's md5).
 
     The bytes go to `dest.part`, renamed to `dest` only once the md5 matches,
     so a failed, corrupt or oversized download never sits under the final
@@ -255,12 +262,15 @@ def fetch_archive(url: str, md5: str, dest: str | os.PathLike, *,
                 f"could not download {url} in {retries + 1} attempts (last: {last}); "
                 f"nothing was kept. Check the network and {key}.url, or copy the file "
                 f"here and point {key}.url at it (file:///path/to/the/file)")
-        got = file_digest(part, "md5")
-        if got != md5.lower():
+        algo, want = ("sha256", sha256.lower()) if sha256 else ("md5", md5.lower())
+        got = file_digest(part, algo)
+        # torchvision publishes a prefix only (8+ digits of the file name).
+        matches = got.startswith(want) if sha256 else got == want
+        if not matches:
+            found = got[:len(want)] if sha256 else got
             raise KdflowError(
-                f"md5 mismatch for {url}: expected {md5}, got {got}. The file is "
-                "corrupt, truncated or a different file; fetch it again, or if it "
-                f"is a trusted copy set {key}.md5 to its checksum"
-            )
-    log.info("verified %s (md5 %s) -> %s", url, got, dest)
+                f"{algo} mismatch for {url}: expected {want}, got {found}. " + (mismatch or (
+                    "The file is corrupt, truncated or a different file; fetch it again, or "
+                    f"if it is a trusted copy set {key}.md5 to its checksum")))
+    log.info("verified %s (%s %s) -> %s", url, algo, got, dest)
 

@@ -3,8 +3,9 @@
 Any name of torchvision's classification list
 (`torchvision.models.list_models(module=torchvision.models)`) builds: the
 entry wraps `torchvision.models.get_model(name, weights=None,
-num_classes=...)` as its attribute `net` (no download, ever: weights come
-only from files the user names, kdflow.models.weights), so the head is sized
+num_classes=...)` as its attribute `net` (the builder never downloads:
+weights come only through a config's init, fetched and verified by kdflow,
+kdflow.models.pretrained and kdflow.models.weights), so the head is sized
 for the dataset's classes by torchvision's own builder. For the families in
 FAMILIES kdflow also knows where torchvision's forward pass ends its last
 feature map (`features` / `classify`, which feature-based distillation

@@ -158,7 +158,7 @@ def load_teacher(path: str | os.PathLike, *, model: str, classes: Sequence[str],
 
 
 def init_from(model: nn.Module, path: str | os.PathLike, *, classes: Sequence[str],
-              image_size: int, normalisation: dict) -> dict:
+              image_size: int, normalisation: dict, described: dict | None = None) -> dict:
     """Load the file's weights into the freshly built `model` (a zoo model
     for the data's `classes`, image_size x image_size images normalised
     with `normalisation`) to fine-tune it.
@@ -172,7 +172,13 @@ def init_from(model: nn.Module, path: str | os.PathLike, *, classes: Sequence[st
     `notes` and the log): the first epochs then adapt the weights to
     the new inputs. The result: {"kind", "head_replaced", and when
     replaced "head", "from_classes", "to_classes"; a kdflow checkpoint's
-    model, num_classes and image_size; "checked", "unchecked", "notes"}."""
+    model, num_classes and image_size; "checked", "unchecked", "notes"}.
+
+    `described`: what the publisher of a plain state dict says of it
+    ({"classes", "normalisation", "image_size"}, any of them; torchvision's
+    weights, kdflow.models.pretrained.described), checked as a kdflow
+    checkpoint's records are: the training always normalises with the
+    data's statistics (`normalisation`), so other published ones are noted."""
     classes = [str(c) for c in classes]
     name = model_name(model)
     _, head = _head(model)
@@ -210,12 +216,14 @@ def init_from(model: nn.Module, path: str | os.PathLike, *, classes: Sequence[st
         state = ckpt["state_dict"]
     else:
         info = {"kind": "state_dict"}
-        unchecked.append(f"class names and order ({PLAIN} has none)")
+        fresh_head = _published(described or {}, classes, image_size, normalisation,
+                                checked, unchecked, notes)
     loaded = _load(model, state, path, name=name, image_size=image_size, replace_head=True,
                    fresh_head=fresh_head)
     if info["kind"] == "state_dict":
         _size_check(model, name, checked, unchecked)
-        unchecked.append(f"normalisation ({PLAIN} records none)")
+        if not (described or {}).get("normalisation"):
+            unchecked.append(f"normalisation ({PLAIN} records none)")
     for note in notes:
         log.info("fine-tuning from %s: the file differs from the data in %s", path, note)
     return {**info, **loaded, "checked": checked, "unchecked": unchecked, "notes": notes}
@@ -285,6 +293,32 @@ def _load(net: nn.Module, state: dict, path, *, name: str, image_size: int | Non
     left = [k for k in loaded.missing_keys if not k.endswith("num_batches_tracked")]
     assert not loaded.unexpected_keys and left == (head_keys if result["head_replaced"] else [])
     return result
+
+
+def _published(described: dict, classes: list[str], image_size: int, normalisation: dict,
+               checked: list, unchecked: list, notes: list) -> bool:
+    """Check a plain state dict against what its publisher says of it
+    (init_from's `described`); True when its head, of the data's class
+    count, was trained for other class names or order (start it fresh)."""
+    theirs, norm, size = (described.get(k) for k in ("classes", "normalisation", "image_size"))
+    fresh_head = False
+    if theirs:
+        theirs = [str(c) for c in theirs]
+        checked.append("class names (published with the weights)")
+        if len(theirs) == len(classes) and theirs != classes:
+            fresh_head = True
+            notes.append(f"class names: {_class_difference(theirs, classes)}")
+    else:
+        unchecked.append(f"class names and order ({PLAIN} has none)")
+    if size and size != image_size:
+        notes.append(f"image size: {size}x{size} there (published with the weights), "
+                     f"{image_size}x{image_size} here")
+    if norm:
+        checked.append("normalisation (published with the weights)")
+        if not _same_normalisation(norm, normalisation):
+            notes.append(f"normalisation: {_stats(norm)} there (published with the weights), "
+                         f"{_stats(normalisation)} here (the data's, which training uses)")
+    return fresh_head
 
 
 def _counter(key: str) -> bool:

@@ -50,6 +50,7 @@ def train(
     teacher_logits: Optional[str] = None,
     init: Optional[str] = None,
     init_record: Optional[dict] = None,
+    init_described: Optional[dict] = None,
     placement: dict,
 ) -> None:
     """Train one model and save its best-validation checkpoint and history.
@@ -60,10 +61,13 @@ def train(
     their seed: the baseline only to measure agreement with it, a distilled
     student to learn from it, from the precomputed `teacher_logits` file
     when given. engine: the validated engine section {precision, compile,
-    deterministic}. init: weights a teacher's training starts from
-    (teacher.init, whose {url, md5} is `init_record`): fine-tuning.
-    placement: the config's placement section (where the images are held:
-    kdflow.data.store; it changes no result).
+    deterministic}. init: weights the training starts from (teacher.init
+    or student.init, whose source is `init_record`, and what its publisher
+    says of it `init_described`, see kdflow.models.pretrained.init_source):
+    fine-tuning. Both students of a seed get the same file and draw the same
+    fresh head, so they still start from the same weights. placement: the
+    config's placement section (where the images are held: kdflow.data.store;
+    it changes no result).
     """
     role, model_cfg = arm["role"], arm["training"]
     if role not in planner.ROLES:
@@ -102,11 +106,12 @@ def train(
     log.info("model %s: %d parameters", model_cfg["model"], count_parameters(model))
     started_from = None
     if init is not None:
-        if role != "teacher":
-            raise KdflowError("only a teacher starts from given weights (teacher.init)")
+        # After the seeded build: a replaced head is the one build_model
+        # drew, the same for the plain and the distilled student.
         started_from = {**(init_record or {}), **weights.init_from(
             model, init, classes=data.classes, image_size=image_size,
-            normalisation=checkpoint.normalisation(data.mean, data.std))}
+            normalisation=checkpoint.normalisation(data.mean, data.std),
+            described=init_described)}
         if started_from.get("head_replaced"):
             log.info("fine-tuning from %s: classifier head %s replaced (%d classes there, "
                      "%d here%s), all else loaded", init, started_from["head"],

@@ -96,9 +96,13 @@ def _message(error: jsonschema.ValidationError) -> str:
     return error.message
 
 
-# The teacher's keys that name a file of weights ({url, md5},
-# $defs.weights_file). A student has none (STUDENT_HAS_NONE).
+# The keys that name a file of weights ({url, md5}, $defs.weights_file):
+# the teacher's both; a student's init only (STUDENT_HAS_NONE), which, as
+# the teacher's, may also name torchvision's weights ($defs.torchvision_weights).
 WEIGHTS_FILES = ("checkpoint", "init")
+TORCHVISION_KEYS = ("torchvision", "url")
+# A string init that looks like a weights enum member (IMAGENET1K_V1, DEFAULT).
+WEIGHTS_MEMBER = re.compile(r"[A-Z][A-Z0-9_]*")
 WEIGHTS_KEYS = ("url", "md5")
 MD5 = re.compile(r"[0-9a-fA-F]{32}")
 GET_MD5 = "get it with `md5sum FILE`"
@@ -109,7 +113,13 @@ def _weights_file_problems(where: str, value) -> list[str]:
     teacher.checkpoint), one line each. JSON Schema can only say of any
     mistake that the value "is not of type 'null'" (the other form)."""
     form = f"give {{url: ..., md5: <32 hex digits>}} ({GET_MD5})"
+    init = where.endswith(".init")
+    if init and isinstance(value, dict) and "torchvision" in value:
+        return _torchvision_problems(where, value)
     if not isinstance(value, dict):
+        if init and isinstance(value, str) and WEIGHTS_MEMBER.fullmatch(value):
+            return [f"{where} must be a mapping, not a string: write {{torchvision: "
+                    f"{value}}} for torchvision's {value} weights of the architecture"]
         if isinstance(value, str):
             return [f"{where} must be {{url, md5}}, not a string: write "
                     f"{{url: {value!r}, md5: <32 hex digits>}} (get the md5 with "
@@ -119,7 +129,9 @@ def _weights_file_problems(where: str, value) -> list[str]:
     unknown = [k for k in value if k not in WEIGHTS_KEYS]
     if unknown:
         problems.append(f"{where}: unknown key{'s' if len(unknown) > 1 else ''} "
-                        f"{', '.join(map(repr, unknown))} (a typo?): it takes url and md5 only")
+                        f"{', '.join(map(repr, unknown))} (a typo?): it takes url and md5 only"
+                        + (", or torchvision (a weights name) and an optional url" if init
+                           else ""))
     url = value.get("url")
     if "url" not in value:
         problems.append(f"{where}: url is missing: give {{url: <an http(s):// or file:// URL, "
@@ -137,6 +149,55 @@ def _weights_file_problems(where: str, value) -> list[str]:
     elif not MD5.fullmatch(md5):
         problems.append(f"{where}.md5 {md5!r} is not 32 hex digits; {GET_MD5}")
     return problems
+
+
+def _torchvision_problems(where: str, value: dict) -> list[str]:
+    """What is wrong with the form of {torchvision: NAME, url?} at `where`
+    (whether the architecture has such weights: _init_problems)."""
+    problems = []
+    unknown = [k for k in value if k not in TORCHVISION_KEYS]
+    if unknown:
+        problems.append(f"{where}: unknown key{'s' if len(unknown) > 1 else ''} "
+                        f"{', '.join(map(repr, unknown))}: torchvision's weights take "
+                        "torchvision (a weights name) and an optional url (a local copy) only; "
+                        "their hash is torchvision's, so no md5")
+    name = value["torchvision"]
+    if not isinstance(name, str) or not WEIGHTS_MEMBER.fullmatch(name):
+        problems.append(f"{where}.torchvision {name!r} is not a weights name: give one of the "
+                        "architecture's weights (e.g. IMAGENET1K_V1), or DEFAULT")
+    url = value.get("url")
+    if "url" in value and (not isinstance(url, str) or not url):
+        problems.append(f"{where}.url {url!r} is not a URL or path: give a local copy's path "
+                        "or file:// URL (or a mirror's http(s):// URL), or leave url out")
+    return problems
+
+
+def _init_problems(config: dict) -> list[str]:
+    """A torchvision weights name the architecture lacks, and one {url, md5}
+    file named for several student architectures (one file fits one).
+    Resolving imports torchvision (seconds), so only configs that name
+    torchvision weights pay it."""
+    from kdflow.models import pretrained
+
+    found = []
+    for section in ("teacher", "student"):
+        spec = config[section]["init"]
+        named = config[section]["model"]
+        models = named if isinstance(named, list) else [named]
+        if pretrained.is_torchvision(spec):
+            for model in models:
+                if not zoo.is_model(model):
+                    continue  # said by _model_problems
+                try:
+                    pretrained.resolve(spec, model)
+                except KdflowError as e:
+                    found.append(f"  {section}.init: {e}")
+        elif spec is not None and len(models) > 1:
+            found.append(f"  student.init {{url, md5}} is one file, which fits one "
+                         f"architecture, and student.model lists {len(models)}: give "
+                         "{torchvision: NAME} (resolved for each architecture), or list one "
+                         "student model")
+    return found
 
 
 FP32_REQUIRED = (
@@ -171,8 +232,8 @@ def _lower_md5s(config: dict) -> None:
     would refetch and rerun everything after it."""
     if isinstance(config["data"].get("md5"), str):
         config["data"]["md5"] = config["data"]["md5"].lower()
-    for key in WEIGHTS_FILES:
-        ref = config["teacher"].get(key)
+    for section, key in (("teacher", "checkpoint"), ("teacher", "init"), ("student", "init")):
+        ref = config[section].get(key)
         if isinstance(ref, dict) and isinstance(ref.get("md5"), str):
             ref["md5"] = ref["md5"].lower()
 
@@ -204,7 +265,8 @@ def validate(config: dict, schema: dict | None = None) -> dict:
             if not isinstance(part, dict) or part.get(key) is None:
                 continue
             found = (_weights_file_problems(f"{section}.{key}", part[key])
-                     if section == "teacher" else [STUDENT_HAS_NONE.format(key=key)])
+                     if section == "teacher" or key == "init"
+                     else [STUDENT_HAS_NONE.format(key=key)])
             problems += [f"  {line}" for line in found]
             told |= {(section, key)} if found else set()
     problems += [f"  {line}" for line in _formats_problems(config.get("export"))]
@@ -234,6 +296,9 @@ def validate(config: dict, schema: dict | None = None) -> dict:
             f"{config['teacher']['model']!r}; list several students under student.model"
         )
     _check_teacher(config)
+    init_problems = _init_problems(config)
+    if init_problems:
+        raise KdflowError("invalid config:\n" + "\n".join(init_problems))
     planner.settings(config)  # refuses two settings of one name
     _check_confirmation(config)
     # The source defaults to the dataset's official archive (kdflow.data.datasets).
@@ -284,14 +349,15 @@ def _range_problems(config: dict) -> list[str]:
     return found
 
 
-TEACHER_ONLY = ("checkpoint", "init", "shared")
+TEACHER_ONLY = ("checkpoint", "shared")
 STUDENT_HAS_NONE = (
     "student.{key} is a teacher key; students are always trained here (both from the "
-    "same initial weights): remove it, or move it under teacher")
+    "same initial weights, student.init's if given): remove it, or move it under teacher")
 
 
 def _check_teacher(config: dict) -> None:
-    """A teacher from outside: checkpoint or init, not both; students never.
+    """A teacher from outside: checkpoint or init, not both; students never
+    a checkpoint nor a shared teacher (their init: _init_problems).
     An imported checkpoint is one model, so it is the shared teacher."""
     student = config["student"]
     given = [k for k in TEACHER_ONLY if student.get(k) not in (None, False)]
