@@ -4,7 +4,7 @@
     .venv/bin/python bench/gpu_check.py          # on a CUDA machine, under 4 minutes
     .venv/bin/python bench/gpu_check.py --dry    # all but the CUDA calls, on the CPU
 
-Four checks, each on data this script makes (synthetic CIFAR-shaped images
+Five checks, each on data this script makes (synthetic CIFAR-shaped images
 whose classes differ by a faint pattern under noise, so accuracy stays well
 below 100% and bf16 has room to cost something):
 
@@ -21,6 +21,10 @@ below 100% and bf16 has room to cost something):
    slot's GPU (its UUID, from nvidia-smi) as cuda:0, and jobs that run at
    the same time never share a GPU; with two or more GPUs they spread over
    all of them.
+5. placement: the teacher trained with its images resident on the GPU and
+   streamed (read from the .npz a batch ahead into pinned memory, copied
+   while the previous step computes, kdflow.data.store) gives
+   byte-identical metrics, and the two paths' training speed.
 
 Prints one Markdown table for BENCHMARKS.md. Exits 1 if any check fails.
 `--dry` runs every step on the CPU with tiny sizes and pretend GPUs: it
@@ -124,7 +128,8 @@ def make_data(directory: Path, n_train: int, n_test: int, seed: int = 0,
 
 def train_and_evaluate(work: Path, arm: str, data: tuple[str, str], device: str,
                        engine: dict, epochs: int, batch: int,
-                       methods: tuple[str, ...] = ("kd",)) -> dict:
+                       methods: tuple[str, ...] = ("kd",),
+                       placement: dict | None = None) -> dict:
     """Train and evaluate the model at `arm` (a path of the study plan:
     teacher, lightnn/ce, lightnn/kd/T2_w0.25, ...) in `work`/`arm`, as the
     workflow's jobs do; students learn from `work`/teacher."""
@@ -139,7 +144,8 @@ def train_and_evaluate(work: Path, arm: str, data: tuple[str, str], device: str,
     sizes = {"epochs": epochs, "batch_size": batch}
     config = validate({"teacher": {"model": "deepnn", **sizes},
                        "student": {"model": "lightnn", **sizes},
-                       "kd": {"method": list(methods)}, "engine": engine})
+                       "kd": {"method": list(methods)}, "engine": engine,
+                       "placement": placement or {}})
     teacher = None if arm == "teacher" else str(work / "teacher" / "model.pt")
     train(planner.lookup(config, arm).record(), dataset=data[0], split=data[1],
           teacher=teacher, out_model=str(out / "model.pt"),
@@ -184,6 +190,25 @@ def check_bf16(work: Path, data, device: str, s: Sizes) -> Row:
                gap <= BF16_TOLERANCE,
                f"fp32 {acc['fp32']:.2f}%, bf16 {acc['bf16']:.2f}%, bf16 loses "
                f"{gap:+.2f} points (tolerance {BF16_TOLERANCE})")
+
+
+def check_placement(work: Path, data, device: str, s: Sizes) -> Row:
+    """Resident and streamed images: the same metrics, and each one's speed."""
+    metrics, speed = {}, {}
+    for images in ("resident", "streamed"):
+        shutil.rmtree(work, ignore_errors=True)     # metrics files name their checkpoints
+        train_and_evaluate(work, "teacher", data, device, {"deterministic": True},
+                           s.det_epochs, s.batch, placement={"images": images})
+        metrics[images] = (work / "teacher" / "metrics.json").read_bytes()
+        rows = (work / "teacher" / "history.csv").read_text().splitlines()[1:]
+        header = (work / "teacher" / "history.csv").read_text().splitlines()[0].split(",")
+        seconds = sum(float(r.split(",")[header.index("seconds")]) for r in rows)
+        speed[images] = s.det_epochs * int(s.train * 0.9) / seconds
+    same = metrics["resident"] == metrics["streamed"]
+    return Row("images resident vs streamed give byte-identical metrics (teacher)", same,
+               f"{'identical' if same else 'DIFFERENT'}; training "
+               f"{speed['resident']:,.0f} img/s resident, {speed['streamed']:,.0f} img/s "
+               f"streamed ({speed['streamed'] / speed['resident']:.2f}x)")
 
 
 def check_throughput(device_name: str, s: Sizes) -> list[Row]:
@@ -336,6 +361,8 @@ def main(argv=None) -> int:
         # Last: deterministic mode stays on for the rest of the process.
         run_check(rows, "determinism",
                   lambda: check_determinism(work / "determinism", data, device, s))
+        run_check(rows, "placement",
+                  lambda: check_placement(work / "placement", data, device, s))
 
     name = torch.cuda.get_device_name(0) if device == "cuda" else "CPU (dry run)"
     print(f"\n{name}, torch {torch.__version__}, CUDA {torch.version.cuda}, "

@@ -26,6 +26,7 @@ def test_dry_run_exercises_every_check_and_prints_the_table():
         f"bf16 autocast vs fp32, teacher test accuracy ({gpu_check.DRY.bf16_epochs} epochs)":
             "pass",
         "deterministic runs give byte-identical metrics (teacher, kd, hint, cosine)": "pass",
+        "images resident vs streamed give byte-identical metrics (teacher)": "pass",
     }
     assert "4/4 identical" in table and "4 jobs on 2 GPU(s) 0,1" in table
 
@@ -40,6 +41,8 @@ def test_a_failed_check_fails_the_command(monkeypatch, capsys):
         "bf16", False, "fp32 80%, bf16 70%"))
     monkeypatch.setattr(gpu_check, "check_determinism", lambda *a: gpu_check.Row(
         "determinism", True, "4/4 identical"))
+    monkeypatch.setattr(gpu_check, "check_placement", lambda *a: gpu_check.Row(
+        "placement", True, "identical"))
     monkeypatch.setattr(gpu_check, "make_data", lambda *a, **k: ("data.npz", "split.npz"))
     assert gpu_check.main(["--dry"]) == 1
     out = capsys.readouterr().out
