@@ -13,6 +13,7 @@ import yaml
 from kdflow import KdflowError
 from kdflow.study import planner
 from kdflow.workflow.config import validate
+from tests.helpers.hostile import make_tree
 from tests.helpers.workflow import (REPO, SNAKEMAKE, base_config, deep_update, local_env,
                                     planned_jobs, snakemake)
 
@@ -285,6 +286,25 @@ def test_repdistiller_presets_dry_run(tmp_path, preset, teacher, student):
         assert (s["optimizer"], s["momentum"], s["weight_decay"]) == ("sgd", 0.9, 5e-4)
         assert s["lr_milestones"] == [150, 180, 210] and s["augment"] == {"crop": 4, "flip": True, "resized_crop": None}
     assert (c["kd"]["temperature"], c["kd"]["soft_target_weight"]) == (4.0, 0.9)
+
+
+def test_the_224_pixel_fine_tuning_preset_dry_runs_on_a_folder(tmp_path):
+    # The preset with a user's tree, as its header says to run it.
+    tree = make_tree(tmp_path / "tree", train=3, test=1, size=40)
+    config = yaml.safe_load((PRESETS / "finetune_224.yaml").read_text())
+    config["data"].update(dataset="folder", url=str(tree), val_size=10)
+    c = validate(config)
+    assert c["data"]["image_size"] == 224
+    assert c["teacher"]["init"] == {"torchvision": "IMAGENET1K_V2"}
+    assert c["student"]["init"] == {"torchvision": "IMAGENET1K_V1"}
+    for section in ("teacher", "student"):
+        assert c[section]["augment"]["resized_crop"] == {"scale": [0.08, 1.0],
+                                                        "ratio": [0.75, 4 / 3]}
+        assert c[section]["batch_size"] == 32 and c[section]["optimizer"] == "sgd"
+    (tmp_path / "run").mkdir()
+    jobs = planned_jobs(tmp_path / "run", config)
+    assert jobs["fetch_teacher_init"] == 1 and jobs["fetch_student_init"] == 1
+    assert jobs["train_teacher"] == 1 and jobs["train_student_kd"] == 3
 
 
 # The authors' recipes: method, the one setting's name and values, published numbers.
