@@ -146,10 +146,17 @@ class StoredImages:
             if not len(run):
                 continue
             first, count = int(ordered[run[0]]), len(run)
-            buf = _pread(self._fd, count * self._row, self._offset + first * self._row,
-                         self.path)
-            block = np.frombuffer(buf, np.uint8).reshape(count, -1)
-            flat[order[run]] = block
+            offset = self._offset + first * self._row
+            places = order[run]
+            if count == 1 or np.all(np.diff(places) == 1):
+                # Straight into the output: no intermediate buffer (a batch
+                # of bytes allocated and freed per read fragments the heap,
+                # and the job's memory would creep up batch after batch).
+                _pread_into(self._fd, flat[places[0]:places[0] + count], offset, self.path)
+            else:
+                block = np.empty((count, self._row), np.uint8)
+                _pread_into(self._fd, block, offset, self.path)
+                flat[places] = block
         return out
 
     def __getitem__(self, rows):
@@ -228,16 +235,16 @@ class ScratchImages:
         self._file.close()
 
 
-def _pread(fd: int, size: int, offset: int, path: Path) -> bytes:
-    parts, done = [], 0
-    while done < size:
-        got = os.pread(fd, size - done, offset + done)
+def _pread_into(fd: int, target: np.ndarray, offset: int, path: Path) -> None:
+    """Fill the contiguous uint8 array `target` from `fd` at `offset`."""
+    view = memoryview(target.reshape(-1))
+    done = 0
+    while done < len(view):
+        got = os.preadv(fd, [view[done:]], offset + done)
         if not got:
             raise KdflowError(f"{path}: ends before its images do (truncated?); convert "
                               "the dataset again")
-        parts.append(got)
-        done += len(got)
-    return b"".join(parts) if len(parts) != 1 else parts[0]
+        done += got
 
 
 def chunks_of(x, chunk_bytes: int = CHUNK_BYTES) -> Iterator[np.ndarray]:
