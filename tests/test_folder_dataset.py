@@ -734,6 +734,8 @@ def test_workflow_on_a_folder_at_64_pixels(tmp_path):
     assert not (res / "data" / "folder.tar.gz").exists()  # read in place
     with np.load(res / "data" / "folder.npz") as d:
         assert len(d["y_train"]) == 200 and d["x_train"].shape[1:] == (3, 64, 64)
+        # The preparation travels with the pixels (kdflow.data.preprocessing).
+        assert json.loads(str(d["preprocessing"]))["resize"].startswith("shorter side to 64")
     for seed in (0, 1):
         for student in ("lightnn", "mobilenet_v3_small"):
             ckpt = checkpoint.load(res / f"seed{seed}" / student / "kd" / "T2_w0.25" / "model.pt")
