@@ -13,7 +13,12 @@ from kdflow.distill import methods
 from kdflow.models import pretrained
 from kdflow.study import planner
 from kdflow.workflow.config import validate as _validate_config
-from kdflow.data.datasets import archive_name, directory_source, fingerprint
+from kdflow.data.datasets import (
+    archive_name,
+    directory_source,
+    fingerprint,
+    preprocessing_params,
+)
 
 try:
     config.update(_validate_config(config))

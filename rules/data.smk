@@ -37,6 +37,9 @@ rule convert:
     conda:
         "../envs/kdflow.yaml"
     params:
+        # How a folder's images are resized and cropped (kdflow.data.preprocessing):
+        # a new preparation converts them again. Nothing for CIFAR, used as stored.
+        **preprocessing_params(DATA, config["data"]["image_size"]),
         dataset=DATA,
         directory=SOURCE_DIR,
         # Re-checked before reading: the archive may have changed since download.

@@ -20,6 +20,8 @@ from torch import nn
 
 from kdflow import KdflowError
 from kdflow.data.arrays import channel_stats, write_dataset, write_split
+from kdflow.data.datasets import preprocessing_of
+from kdflow.data.preprocessing import stored_steps
 from kdflow.deploy import job, quantize, timing
 from kdflow.deploy.job import FILES, RECORD, export_model
 from kdflow.deploy.onnx_export import (MAX_DIFF_RELATIVE, MIN_AGREEMENT, check_against_pytorch,
@@ -39,7 +41,8 @@ def data(tmp_path_factory):
     x, y = synthetic_images(200, rng)
     xt, yt = synthetic_images(40, rng)
     write_dataset(root / "data.npz", "cifar10", x.reshape(-1, 3, 32, 32), np.array(y),
-                  xt.reshape(-1, 3, 32, 32), np.array(yt), CLASSES)
+                  xt.reshape(-1, 3, 32, 32), np.array(yt), CLASSES,
+                  preprocessing=stored_steps(32))     # as conversion records CIFAR's
     write_split(root / "data.npz", root / "split.npz", val_size=20, seed=0)
     return root
 
@@ -92,6 +95,13 @@ def test_export_matches_pytorch_within_tolerance_and_records_the_file(exported, 
                                        "channels": "RGB", "range": [0.0, 255.0]}
     assert record["onnx"]["output"]["shape"] == ["batch", 10]
     assert record["onnx"]["normalisation"]["mean"] == pytest.approx(mean)
+    # How a deployment prepares its images, from the dataset's own record:
+    # CIFAR's used as stored (no resize, no crop), then the normalisation.
+    with np.load(data / "data.npz") as d:
+        assert record["preprocessing"] == preprocessing_of(d)
+    assert record["preprocessing"]["resize"].startswith("none") \
+        and record["preprocessing"]["crop"] == "none"
+    assert record["preprocessing"]["normalisation"]["std"] == pytest.approx(std)
     for precision, name_ in FILES.items():
         assert record["files"][precision]["bytes"] == (out / name_).stat().st_size
 

@@ -12,6 +12,7 @@ training (`Splits`, `Normalizer`).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -24,6 +25,7 @@ if TYPE_CHECKING:  # annotations only; see Splits
 
 from kdflow import KdflowError
 from kdflow.core.atomic import write_with
+from kdflow.data.preprocessing import NPZ_KEY
 
 log = logging.getLogger(__name__)
 
@@ -82,16 +84,36 @@ def pixel_stats(x: np.ndarray, chunk_values: int = 1 << 21) -> tuple[tuple, tupl
 
 def write_dataset(out: str | os.PathLike, dataset: str, x_train: np.ndarray,
                   y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray,
-                  classes: list[str], mean=None, std=None) -> None:
+                  classes: list[str], mean=None, std=None, preprocessing=None) -> None:
     """Write the converted .npz, atomically. The statistics default to those
     of `x_train`; a subset keeps its full set's, so a subset run normalises
-    exactly as the full run does."""
+    exactly as the full run does. `preprocessing` (a dict,
+    kdflow.data.preprocessing) is stored with the images: see
+    preprocessing_entry."""
     if mean is None:
         mean, std = pixel_stats(x_train)
     write_with(out, lambda tmp: savez(
         tmp, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test,
         classes=np.array(classes), dataset=np.array(dataset),
-        mean=np.array(mean), std=np.array(std)))
+        mean=np.array(mean), std=np.array(std), **preprocessing_entry(preprocessing)))
+
+
+def preprocessing_entry(preprocessing: dict | None) -> dict:
+    """The .npz entry holding how the images were prepared: a JSON string
+    (a 0-d unicode array, which np.load reads without pickle), so the record
+    travels with the pixels and every copy of them (a subset copies every
+    entry). None: no entry."""
+    if preprocessing is None:
+        return {}
+    return {NPZ_KEY: np.array(json.dumps(preprocessing, sort_keys=True))}
+
+
+def recorded_preprocessing(d) -> dict | None:
+    """The preparation stored in a converted .npz (preprocessing_entry);
+    None for a file written before it was recorded."""
+    if NPZ_KEY not in d.files:
+        return None
+    return json.loads(str(d[NPZ_KEY]))
 
 
 def channel_stats(d) -> tuple[tuple, tuple]:

@@ -2,7 +2,8 @@
 
 DATASETS maps each `data.dataset` name to one entry: its default source
 (the official archive's URL and md5, or none), the download bound, the
-one image size it has (or none: any data.image_size), and its converter,
+one image size it has (or none: any data.image_size), how each image is
+prepared (kdflow.data.preprocessing, recorded in the .npz), and its converter,
 a function from the fetched source and the image size to uint8 images,
 labels and class names (kdflow.data.arrays.Images). `fetch` and `convert` are the same for all
 datasets: a new dataset is a new entry with a converter of its own, never a
@@ -13,6 +14,7 @@ second copy of either. cifar10/cifar100 read the official python archives
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import urllib.parse
@@ -25,8 +27,10 @@ import numpy as np
 from kdflow import KdflowError
 from kdflow.core.hashing import file_digest
 from kdflow.data import folder
-from kdflow.data.arrays import IMAGE_SIZE, Images, check_draws, write_dataset
+from kdflow.data.arrays import (IMAGE_SIZE, Images, channel_stats, check_draws,
+                                recorded_preprocessing, write_dataset)
 from kdflow.data.cifar import CifarLayout, read_cifar
+from kdflow.data.preprocessing import folder_steps, normalisation, not_recorded, stored_steps
 from kdflow.data.fetch import fetch_archive
 
 log = logging.getLogger(__name__)
@@ -47,6 +51,9 @@ class Dataset:
     # A download may be a few times the official size (a mirror may pack
     # differently) but a server that streams without end is cut off here.
     max_download: int
+    # image size -> how its converter prepares each image
+    # (kdflow.data.preprocessing), stored in the .npz it writes.
+    preprocessing: Callable[[int], dict]
     layout: CifarLayout | None = None
     # The side its images have, the only data.image_size it takes (CIFAR:
     # 32); None: any, the images resized to it at conversion.
@@ -63,6 +70,7 @@ DATASETS: dict[str, Dataset] = {
         md5="c58f30108f718f92721af3b95e74349a",
         archive="cifar-10-python.tar.gz",
         max_download=4 * 170_498_071,
+        preprocessing=stored_steps,
         layout=CifarLayout(
             root="cifar-10-batches-py",
             train=tuple(f"data_batch_{i}" for i in range(1, 6)),
@@ -80,6 +88,7 @@ DATASETS: dict[str, Dataset] = {
         md5="eb9058c3a382ffc7106e4002c42a8d85",
         archive="cifar-100-python.tar.gz",
         max_download=4 * 169_001_437,
+        preprocessing=stored_steps,
         layout=CifarLayout(
             root="cifar-100-python",
             train=("train",), test="test", meta="meta",
@@ -90,11 +99,12 @@ DATASETS: dict[str, Dataset] = {
         image_size=IMAGE_SIZE,
     ),
     # Your own images: train/<class>/* and test/<class>/*, from a directory
-    # or a .tar/.tar.gz/.zip (kdflow.data.folder), resized to
-    # data.image_size. No default source.
+    # or a .tar/.tar.gz/.zip (kdflow.data.folder), resized (shorter side)
+    # and centre-cropped to data.image_size. No default source.
     "folder": Dataset(
         read=folder.read_folder, url=None, md5=None, archive=None,
-        max_download=folder.MAX_UNPACKED, labels=folder.listed_labels,
+        max_download=folder.MAX_UNPACKED, preprocessing=folder_steps,
+        labels=folder.listed_labels,
     ),
 }
 
@@ -205,8 +215,9 @@ def convert(source: str | os.PathLike, out: str | os.PathLike, dataset: str = "c
     With `md5` (the workflow passes data.md5) a source file is checked
     against it first, so what is read is what the download step verified.
     The entry's converter gives the arrays; they are checked here against
-    what every later step assumes, and the .npz records the dataset's name
-    and the channel statistics of its training images (kdflow.data.arrays).
+    what every later step assumes, and the .npz records the dataset's name,
+    how its images were prepared (the entry's preprocessing) and the channel
+    statistics of its training images (kdflow.data.arrays).
     """
     entry = dataset_entry(dataset)
     check_image_size(dataset, image_size)
@@ -216,12 +227,39 @@ def convert(source: str | os.PathLike, out: str | os.PathLike, dataset: str = "c
     # the output (kdflow.data.store), not in memory.
     images = entry.read(source, entry, image_size, scratch=Path(out).parent)
     _check(images, source, image_size)
-    write_dataset(out, dataset, *images)
+    write_dataset(out, dataset, *images, preprocessing=entry.preprocessing(image_size))
     info = {"train": len(images.y_train), "test": len(images.y_test),
             "classes": list(images.classes)}
     log.info("converted %s (%s): %d train, %d test images, %d classes",
              source, dataset, info["train"], info["test"], len(images.classes))
     return info
+
+
+def preprocessing_of(d) -> dict:
+    """How the images of a converted .npz (`d`, as np.load opens it) were
+    prepared, and the normalisation its statistics give: the record a
+    deployment follows (export.json, kdflow.deploy.job). A file written
+    before the preparation was recorded: a dataset used as stored (a fixed
+    image size, CIFAR) was prepared as it is now; any other is said to be
+    unrecorded, not guessed."""
+    steps = recorded_preprocessing(d)
+    if steps is None:
+        entry = DATASETS.get(str(d["dataset"])) if "dataset" in d.files else None
+        steps = (entry.preprocessing(entry.image_size)
+                 if entry is not None and entry.image_size is not None else not_recorded())
+    return {**steps, "normalisation": normalisation(*channel_stats(d))}
+
+
+def preprocessing_params(name: str, image_size: int) -> dict:
+    """The convert rule's parameter naming how images are prepared, for a
+    dataset that resizes them (a folder): Snakemake reruns the conversion
+    when it changes (a .npz of an older kdflow's preparation is converted
+    again, not trained on). Empty for a dataset used as stored (CIFAR): its
+    pixels never change, and a new parameter would rerun every job."""
+    entry = dataset_entry(name)
+    if entry.image_size is not None:
+        return {}
+    return {"preprocessing": json.dumps(entry.preprocessing(image_size), sort_keys=True)}
 
 
 def _recheck_md5(source: Path, md5: str | None) -> None:

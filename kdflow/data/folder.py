@@ -10,12 +10,14 @@ count, member size and unpacked size are capped as for the CIFAR archives,
 each before what it counts is held in memory (kdflow.data.archives reads
 both: a zip's entries are counted from its own records before any ZipFile
 lists them; tar members stream).
-Each image is decoded once, with Pillow (RGB, kdflow.data.images), turned
-upright by its EXIF orientation, and resized (bicubic) to data.image_size
-when all images share another size; mixed sizes are refused, not silently
-squashed. Before
-any is decoded, the images are counted from the listing and a tree whose
-arrays would not fit in the memory available is refused (kdflow.data.memory).
+Each image is decoded once, with Pillow (kdflow.data.images): turned
+upright by its EXIF orientation, any transparency composited on white, as
+RGB, then its shorter side resized to data.image_size and its centre cropped
+square, as torchvision's Resize + CenterCrop: never squashed, so images of
+any size and shape can share a tree (kdflow.data.preprocessing records
+these steps in the .npz). Before any is decoded, the images are counted
+from the listing and a tree whose arrays would not fit in the memory
+available is refused (kdflow.data.memory).
 Dot-names, Thumbs.db, desktop.ini and __MACOSX/ are skipped everywhere: file
 managers and the Finder's Compress add them to every tree.
 """
@@ -38,7 +40,7 @@ from kdflow import KdflowError
 from kdflow.data import archives
 from kdflow.data.archives import HEADER_SLACK
 from kdflow.data.arrays import IMAGE_SIZE, Images
-from kdflow.data.images import decode_rgb
+from kdflow.data.images import decode_rgb, square
 # memory_needed and its two terms are re-exported: the folder reader's own
 # estimate, as its callers and tests know it.
 from kdflow.data.memory import (PER_IMAGE_OVERHEAD, WORKING_ROOM,  # noqa: F401
@@ -284,7 +286,6 @@ class _Tree:
         # (split, class) -> member names of its images, from the listing
         self.listed: dict[tuple[str, str], list[str]] = {}
         self.classes = dict.fromkeys(SPLITS, 0)
-        self.size: tuple[str, tuple[int, int]] | None = None
         self.slots: dict[str, tuple[int, int]] = {}     # member -> (split, index)
         self.labels: list[np.ndarray] = []      # per split
         self.arrays: list[tuple[np.ndarray, np.ndarray]] = []
@@ -390,19 +391,10 @@ class _Tree:
         self.arrays[k][0][i] = self._decode(name, payload)
 
     def _decode(self, name: str, payload: bytes) -> np.ndarray:
-        from PIL import Image  # only the convert step decodes
-
+        # Each image on its own: a shorter side resized and a centre crop
+        # need no size shared across the tree.
         where = self._where(name)
-        rgb = decode_rgb(payload, where, _bad)
-        if self.size is None:
-            self.size = (where, rgb.size)
-        elif rgb.size != self.size[1]:
-            (w0, h0), (w, h) = self.size[1], rgb.size
-            raise _bad(where, f"{w}x{h} pixels, but {self.size[0]} is {w0}x{h0}; all images "
-                              "must share one size (resize them beforehand)")
-        side = self.image_size
-        if rgb.size != (side, side):
-            rgb = rgb.resize((side, side), Image.Resampling.BICUBIC)
+        rgb = square(decode_rgb(payload, where, _bad), self.image_size, where, _bad)
         return np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1)
 
     def finish(self) -> Images:
@@ -460,14 +452,14 @@ def listed_labels(source: Path) -> tuple[np.ndarray, np.ndarray]:
 def read_folder(source: Path, entry: object = None, image_size: int = IMAGE_SIZE,
                 scratch: Path | None = None) -> Images:
     """The converter of the `folder` entry (kdflow.data.datasets): a directory or
-    a .tar/.tar.gz/.zip of train/<class>/ and test/<class>/ images, resized
-    to image_size x image_size. `entry` (the table's Dataset) is the
-    converters' common signature; unused here. The tree is listed, its
-    layout checked and the memory and disk it needs compared with what is
-    available before the first image is decoded. The images are decoded to
-    scratch files in `scratch` (the output's directory; the system's
-    temporary directory by default) and come back as
-    kdflow.data.store.StoredImages."""
+    a .tar/.tar.gz/.zip of train/<class>/ and test/<class>/ images, each
+    resized (shorter side) and centre-cropped to image_size x image_size.
+    `entry` (the table's Dataset) is the converters' common signature;
+    unused here. The tree is listed, its layout checked and the memory and
+    disk it needs compared with what is available before the first image is
+    decoded. The images are decoded to scratch files in `scratch` (the
+    output's directory; the system's temporary directory by default) and
+    come back as kdflow.data.store.StoredImages."""
     import tempfile
 
     source = Path(source)

@@ -3,6 +3,11 @@
 export.json (FORMAT), each number measured in this job:
 
   model, dataset, split   what was exported, and from which data
+  preprocessing  how each image was prepared before the model saw it, as
+              the converted .npz records it (kdflow.data.preprocessing):
+              source, exif, alpha, colour, resize, crop, image_size, and the
+              normalisation (mean, std) the file applies itself; what a
+              deployment does to a photo to feed the file
   onnx        file, opset, ir_version, input and output (name, dtype, shape
               with "batch" dynamic, layout, channels, range), normalisation
   check       the fp32 file against PyTorch on every test image: tolerance,
@@ -39,6 +44,7 @@ import numpy as np
 from kdflow import KdflowError
 from kdflow.core import atomic, hashing, provenance
 from kdflow.data.arrays import channel_stats
+from kdflow.data.datasets import preprocessing_of
 from kdflow.deploy import timing
 from kdflow.models.inference import inference_batch
 from kdflow.deploy.onnx_export import (accuracy, agreement, check_against_pytorch, export_onnx,
@@ -87,6 +93,7 @@ def export_model(model_path: str | os.PathLike, dataset: str | os.PathLike,
     with np.load(dataset) as d, np.load(split) as s:
         x_test, y_test = d["x_test"], d["y_test"]
         mean, std = channel_stats(d)
+        preprocessing = preprocessing_of(d)
         val_idx = s["val_idx"]
         x_val, y_val = d["x_train"][val_idx], d["y_train"][val_idx]
         x_train = d["x_train"] if int8 else None
@@ -95,7 +102,7 @@ def export_model(model_path: str | os.PathLike, dataset: str | os.PathLike,
     out_dir.mkdir(parents=True, exist_ok=True)
     record = {"format": FORMAT,
               "model": {"file": where, "name": ckpt["model"], "num_classes": ckpt["num_classes"]},
-              "dataset": str(dataset), "split": str(split)}
+              "dataset": str(dataset), "split": str(split), "preprocessing": preprocessing}
 
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".export-") as tmp:
         paths = {"fp32": Path(tmp) / FILES["fp32"]}
