@@ -372,6 +372,16 @@ def open_images(path: str | os.PathLike, keys: list[tuple[str, Optional[np.ndarr
     return stored, f"images read per batch from {path}, prefetched ({why})"
 
 
+def read_rows(path: str | os.PathLike, key: str, rows) -> np.ndarray:
+    """Rows `rows` of array `key` of a converted .npz, reading only those
+    (the whole array only for a compressed file)."""
+    stored = StoredImages.from_npz(path, key)
+    if stored is None:
+        with np.load(path) as d:
+            return d[key][rows]
+    return stored.read(rows)
+
+
 def batches_of(x, index_chunks: Iterable) -> Iterator:
     """x[chunk] for each chunk in turn: StoredImages read the next batch
     while this one computes; a tensor is simply indexed."""

@@ -41,10 +41,10 @@ from pathlib import Path
 
 import numpy as np
 
-from kdflow import KdflowError
 from kdflow.core import atomic, hashing, provenance
 from kdflow.data.arrays import channel_stats
 from kdflow.data.datasets import preprocessing_of
+from kdflow.data.store import read_rows
 from kdflow.deploy import timing
 from kdflow.models.inference import inference_batch
 from kdflow.deploy.onnx_export import (accuracy, agreement, check_against_pytorch, export_onnx,
@@ -95,8 +95,9 @@ def export_model(model_path: str | os.PathLike, dataset: str | os.PathLike,
         mean, std = channel_stats(d)
         preprocessing = preprocessing_of(d)
         val_idx = s["val_idx"]
-        x_val, y_val = d["x_train"][val_idx], d["y_train"][val_idx]
-        x_train = d["x_train"] if int8 else None
+        y_val = d["y_train"][val_idx]
+    # Only the training images used are read, not the whole training set.
+    x_val = read_rows(dataset, "x_train", val_idx)
     image_shape = tuple(int(n) for n in x_test.shape[1:])
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -127,7 +128,8 @@ def export_model(model_path: str | os.PathLike, dataset: str | os.PathLike,
         record["int8"] = None
         if int8:
             paths["int8"] = Path(tmp) / FILES["int8"]
-            quantization = quantize_int8(paths["fp32"], paths["int8"], x_train[idx])
+            quantization = quantize_int8(paths["fp32"], paths["int8"],
+                                         read_rows(dataset, "x_train", idx))
             q_logits = onnx_logits(open_session(paths["int8"], scoring_threads), x_test, batch)
             acc = accuracy(q_logits, y_test)
             drop = record["check"]["onnxruntime"]["accuracy"] - acc["accuracy"]
