@@ -22,10 +22,12 @@ rests on (kdflow.core.device).
     python bench/bf16.py --source cifar-10-python.tar.gz
     python bench/bf16.py            # synthetic data (bench/gpu_check.py's)
 
-The training rate is the job's own (images x epochs / seconds of its epochs,
-each epoch's validation pass included), so it is the speed a training job
-sees, not a kernel's. The fp32 and bf16 runs of a seed run back to back so
-that other load on the machine falls on both alike.
+Two speeds: first the engine's training steps (kdflow.train.engine.fit),
+fp32 and bf16 alternating, median of --speed-repeats: the ratio to quote,
+since other load on a shared machine falls on both alike (`--speed-only`
+stops there, about a minute); then each job's own rate (images x epochs /
+seconds of its epochs, validation included), one run each, which such load
+can move several-fold.
 """
 
 from __future__ import annotations
