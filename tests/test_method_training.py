@@ -117,6 +117,7 @@ def test_sgd_with_milestones_steps_the_learning_rate_per_epoch():
 
 def test_shared_teacher_logits_equal_the_in_job_computation(tmp_path, tiny_archive):
     """The teacher_logits job's file gives the very logits a job computes itself."""
+    from kdflow.core.device import autocast_dtype
     from kdflow.models import checkpoint
     from kdflow.data.arrays import Splits, write_split
     from kdflow.data.datasets import convert
@@ -135,7 +136,9 @@ def test_shared_teacher_logits_equal_the_in_job_computation(tmp_path, tiny_archi
                         engine=validate({})["engine"], placement={})
     data = Splits(dataset, split)
     model, _ = checkpoint.load_model(teacher)
-    direct = predict_logits(model, data.train_x, Normalizer("cpu", data.mean, data.std))
+    # In the job's own precision: auto is bf16 on a CPU with native bf16.
+    direct = predict_logits(model, data.train_x, Normalizer("cpu", data.mean, data.std),
+                            amp_dtype=autocast_dtype(torch.device("cpu"), "auto"))
     assert torch.equal(load_teacher_logits(str(out), str(teacher), str(split), "cpu"), direct)
     write_split(dataset, split, val_size=60, seed=0)  # another split: refused
     with pytest.raises(KdflowError, match="another teacher or split"):

@@ -326,6 +326,10 @@ def _provenance(prov: pd.DataFrame, experiment: dict) -> dict:
         "Python": first.get("python"), "torch": first.get("torch"),
         "torchvision": first.get("torchvision"), "Snakemake": first.get("snakemake"),
         "training devices": ", ".join(sorted(set(prov["device_name"].astype(str)))),
+        # What engine.precision (auto by default) gave on those machines;
+        # checkpoints from before the record existed have no column.
+        "training precision": ", ".join(sorted(set(prov["precision"].dropna().astype(str))))
+        if "precision" in prov else None,
         "trained": f"{prov['date'].min()} – {prov['date'].max()}",
         "config hash (sha256, first 12)": config_hash(experiment),
         "dataset archive md5": experiment.get("data", {}).get("md5"),

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from kdflow.core import gpu
+from kdflow.core.device import Precision, cpu_bf16_support
 
 _REPO = Path(__file__).resolve().parents[2]
 
@@ -48,8 +49,10 @@ def config_hash(cfg: dict) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def collect(device: torch.device | str | None = None) -> dict:
-    """A JSON-serialisable provenance record (only str, bool, None values)."""
+def collect(device: torch.device | str | None = None,
+            precision: Precision | None = None) -> dict:
+    """A JSON-serialisable provenance record (only str, bool, None values);
+    with `precision`, the precision the job ran in and why."""
     status = _git("status", "--porcelain", "--untracked-files=no")
     record = {
         "kdflow_commit": _git("rev-parse", "HEAD"),
@@ -70,4 +73,13 @@ def collect(device: torch.device | str | None = None) -> dict:
     record["gpu"] = os.environ.get(gpu.GPU_ENV)
     record["gpu_slot"] = os.environ.get(gpu.SLOT_ENV)
     record["cuda_visible_devices"] = os.environ.get("CUDA_VISIBLE_DEVICES")
+    # The host CPU's bf16 capability as detected at run time: what
+    # `precision: auto` chose from on a CPU (kdflow.core.device).
+    cpu = cpu_bf16_support()
+    record["cpu_model"] = cpu.model
+    record["cpu_bf16_flags"] = " ".join(cpu.flags)
+    record["cpu_bf16_native"] = cpu.native
+    if precision is not None:
+        record["precision"] = precision.name
+        record["precision_reason"] = precision.reason
     return record

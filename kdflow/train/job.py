@@ -19,7 +19,7 @@ from kdflow.train import resume
 from kdflow.core import streams
 from kdflow.study import planner
 from kdflow.data.arrays import Normalizer, Splits
-from kdflow.core.device import EngineOptions, autocast_dtype, setup
+from kdflow.core.device import EngineOptions, precision_for, setup
 from kdflow.models.inference import features_and_logits, predict_logits
 from kdflow.train.engine import TeacherFn, TrainConfig, fit
 from kdflow.models.zoo import build_model, count_parameters
@@ -75,9 +75,11 @@ def train(
     dev, options = setup(device, engine, threads)
     cfg = TrainConfig.from_config(model_cfg, engine)
     aug = cfg.augment
-    amp = autocast_dtype(dev, options.precision)
+    precision = precision_for(dev, options.precision)
+    amp = precision.dtype
     log.info("%s, seed %d, on %s (%s), %s, augmentation %s", arm["path"], seed, dev,
-             provenance.device_name(dev), amp or "fp32", aug if aug.enabled else "off")
+             provenance.device_name(dev), precision.name, aug if aug.enabled else "off")
+    log.info("precision %s: %s", precision.name, precision.reason)
     data = Splits(dataset, split, dev, placement)
     normalize = Normalizer(dev, data.mean, data.std)
     log.info("data: %d train, %d validation images, %d classes",
@@ -141,7 +143,8 @@ def train(
 
     # Resumable state beside the outputs, not one of them (kdflow.train.resume).
     state_path = str(Path(out_model).with_name("resume.pt"))
-    job = job_identity(arm, options, seed, dev.type, dataset, split, teacher, init)
+    job = job_identity(arm, options, seed, dev.type, dataset, split, teacher, init,
+                       precision=precision.name)
     result = fit(model, data.train_x, data.train_y, data.val_x, data.val_y, cfg, seed=seed,
                  loss_fn=method.loss if method else None, teacher=teacher_fn,
                  teacher_val_logits=teacher_val, features=bool(method and method.features),
@@ -177,24 +180,27 @@ def train(
         train_seconds=sum(r["seconds"] for r in result.history),
         teacher=teacher_record,
         init=started_from,
-        provenance=provenance.collect(dev),
+        provenance=provenance.collect(dev, precision),
     )
     resume.remove(state_path)  # outputs complete: nothing left to resume
 
 
 def job_identity(arm: dict, options: EngineOptions, seed: int, device_type: str,
                  dataset: str, split: str, teacher: Optional[str],
-                 init: Optional[str] = None) -> str:
+                 init: Optional[str] = None, precision: Optional[str] = None) -> str:
     """What a saved training state must match to be resumed: the plan
     record, the seed, the inputs' contents, the device type (a CUDA
-    generator state cannot be restored on a CPU node, nor the reverse) and
-    the library's code (kdflow.train.resume.library_digest)."""
+    generator state cannot be restored on a CPU node, nor the reverse), the
+    precision `auto` chose (an fp32 state resumed on a bf16 CPU would train
+    in neither precision, and its checkpoint could record only one) and the
+    library's code (kdflow.train.resume.library_digest)."""
     return resume.fingerprint(
         arm=arm, engine=options, seed=seed, device=device_type,
         library=resume.library_digest(),
         split=hashing.file_digest(split), dataset=hashing.file_digest(dataset),
         teacher=hashing.file_digest(teacher) if teacher else None,
-        **({"init": hashing.file_digest(init)} if init else {}))
+        **({"init": hashing.file_digest(init)} if init else {}),
+        **({"precision": precision} if precision else {}))
 
 
 def teacher_signal(t_model, *, features: bool,
@@ -230,10 +236,12 @@ def save_teacher_logits(teacher: str, dataset: str, split: str, out: str, *,
     """The teacher's logits on the training split, once, for every
     logit-based student of its seed (same computation as `teacher_signal`)."""
     dev, options = setup(device, engine, threads)
+    precision = precision_for(dev, options.precision)
+    log.info("precision %s: %s", precision.name, precision.reason)
     data = Splits(dataset, split, dev, placement)
     t_model, _ = checkpoint.load_model(teacher, dev)
     logits = predict_logits(t_model, data.train_x, Normalizer(dev, data.mean, data.std),
-                            amp_dtype=autocast_dtype(dev, options.precision))
+                            amp_dtype=precision.dtype)
     record = {"logits": logits.cpu(), "teacher": hashing.file_digest(teacher),
               "split": hashing.file_digest(split)}
     atomic.save_torch(out, record)

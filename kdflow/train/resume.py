@@ -83,7 +83,7 @@ def load(path: Optional[str | os.PathLike], job: str) -> Optional[dict]:
         library = isinstance(state, dict) and state.get("library")
         set_aside(path, "it was saved by other kdflow library code (the library changed since)"
                   if library and library != library_digest() else
-                  "it belongs to a different config, input or device type")
+                  "it belongs to a different config, input, device type or precision")
         return None
     return state
 

@@ -24,7 +24,7 @@ from kdflow import KdflowError
 from kdflow.core import provenance
 from kdflow.data.arrays import Normalizer, Splits
 from kdflow.models import checkpoint, weights
-from kdflow.core.device import autocast_dtype, setup
+from kdflow.core.device import precision_for, setup
 from kdflow.models.inference import predict_logits
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,8 @@ def import_teacher(arm: dict, *, source: str, source_record: dict, dataset: str,
     measured."""
     name = arm["training"]["model"]
     dev, options = setup(device, engine, threads)
+    precision = precision_for(dev, options.precision)
+    log.info("precision %s: %s", precision.name, precision.reason)
     data = Splits(dataset, split, dev, placement)
     image_size = int(data.train_x.shape[-1])
     normalisation = checkpoint.normalisation(data.mean, data.std)
@@ -58,7 +60,7 @@ def import_teacher(arm: dict, *, source: str, source_record: dict, dataset: str,
     model.to(dev).to(memory_format=torch.channels_last).eval()
     normalize = Normalizer(dev, data.mean, data.std)
     logits = predict_logits(model, data.val_x, normalize,
-                            amp_dtype=autocast_dtype(dev, options.precision))
+                            amp_dtype=precision.dtype)
     correct = int((logits.argmax(1) == data.val_y).sum())
     images = len(data.val_y)
     log.info("imported teacher %s (%s, md5 %s): %d of %d validation images right (%.2f%%)",
@@ -88,6 +90,6 @@ def import_teacher(arm: dict, *, source: str, source_record: dict, dataset: str,
         # {url, md5, kind, (a kdflow file's model, num_classes, image_size),
         # checked, unchecked}.
         source={"url": source_record["url"], "md5": source_record["md5"].lower(), **loaded},
-        provenance=provenance.collect(dev),
+        provenance=provenance.collect(dev, precision),
     )
     return {"val_correct": correct, "val_images": images}
